@@ -1,0 +1,56 @@
+# vaelab's commands (see README). Every target builds on `setup`, which is idempotent.
+SHELL := /bin/bash
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+SYSTEM_PYTHON ?= python3
+# DVC stages run `python`: it must be the venv's, so the venv comes first on PATH.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup repro test test-slow ui params lock lint clean
+
+setup: $(VENV)/.installed
+	@if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] \
+	    && command -v apt-get >/dev/null; then \
+	  echo "vaelab: installing Debian's dataset-fashion-mnist"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+	  || echo "vaelab: apt could not install dataset-fashion-mnist; prepare falls back to torchvision's download"; \
+	fi
+	@if [ ! -d .dvc ]; then \
+	  if git rev-parse --git-dir >/dev/null 2>&1; then dvc init -q; else dvc init -q --no-scm; fi; fi
+	@dvc config core.analytics false
+
+$(VENV)/.installed: pyproject.toml requirements/constraints.txt
+	@test -x $(PYTHON) || $(SYSTEM_PYTHON) -m venv $(VENV)
+	@# pip.conf's local indexes hold only some packages; pip warns once per missing one. Drop that noise.
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[dev]' 2>&1 \
+	  | grep -v "^WARNING: Location 'file://"; test $${PIPESTATUS[0]} -eq 0
+	@touch $@
+
+repro: setup
+	dvc repro
+	@echo; dvc metrics show
+	@echo; echo "Compare runs in the MLflow UI: make ui  (then open http://127.0.0.1:5000)"
+
+test: setup
+	$(PYTHON) -m pytest -m "not slow"
+
+test-slow: setup
+	$(PYTHON) -m pytest -m slow
+
+ui: setup
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# Recompose params.yaml (DVC's copy of the config) after editing conf/.
+params: setup
+	$(PYTHON) -m vaelab.params
+
+# Refresh the exact pins after changing dependency ranges in pyproject.toml.
+lock: setup
+	{ sed -n '1,2p' requirements/constraints.txt; $(PYTHON) -m pip freeze --exclude-editable; } > requirements/constraints.tmp
+	mv requirements/constraints.tmp requirements/constraints.txt
+
+lint: setup
+	$(VENV)/bin/ruff check src pipelines tests
+
+clean:
+	rm -rf outputs mlartifacts mlflow.db mlflow.db.lock data/raw

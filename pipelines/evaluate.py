@@ -1,0 +1,35 @@
+"""Evaluate stage: test ELBO, importance-weighted NLL, bits/dim, active units and figures for a checkpoint.
+
+python pipelines/evaluate.py                     # models/latest/
+python pipelines/evaluate.py ckpt=path/to.ckpt   # or run_id=<mlflow run id>
+"""
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("VAELAB_ROOT", str(Path(__file__).resolve().parents[1]))
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from vaelab.config import validate
+    from vaelab.errors import exit_on_user_error
+
+    with exit_on_user_error():
+        validate(cfg)
+        from vaelab.evaluation import evaluate
+
+        summary = evaluate(cfg)
+    print(
+        f"test (k={cfg.eval.iw_k}, {summary['eval/n_images']} images): "
+        f"elbo {summary['test/elbo']:.2f}  nll_iw {summary['test/nll_iw']:.2f} nats  "
+        f"bpd {summary['test/bpd']:.4f}  inference_gap {summary['test/inference_gap']:.2f}  "
+        f"active_units {summary['test/active_units']:.0f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Prepare stage: raw dataset -> checksummed, split uint8 tensors + manifest in data/processed/<name>/.
+
+python pipelines/prepare.py data=fashion_mnist
+"""
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("VAELAB_ROOT", str(Path(__file__).resolve().parents[1]))
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from vaelab.config import validate
+    from vaelab.errors import exit_on_user_error
+
+    with exit_on_user_error():
+        validate(cfg)
+        from vaelab.datasets import Settings, prepare
+
+        manifest = prepare(Settings.from_config(cfg.data))
+    counts = ", ".join(f"{name} {split['count']}" for name, split in manifest["splits"].items())
+    print(f"prepared {manifest['dataset']} from {manifest['source']}: {counts}; data hash {manifest['data_hash'][:12]}")
+
+
+if __name__ == "__main__":
+    main()

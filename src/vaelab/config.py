@@ -1,0 +1,124 @@
+"""Check a composed config before anything runs: every problem names the key, the value and what is allowed.
+
+Entry points call `validate(cfg)` first, before data preparation and before any MLflow run exists,
+so a typo costs a second, not a half-trained model and a dangling run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from vaelab.errors import ConfigError
+
+DATASETS = ("fashion_mnist", "digits")
+NAN_POLICIES = ("fail", "skip")
+SCHEDULERS = (None, "cosine")
+TRACKING_SCHEMES = ("sqlite:///", "http://", "https://", "file:", "postgresql", "mysql", "databricks")
+
+_MISSING = object()
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+# key -> (is it valid?, description of what is allowed)
+Rule = tuple[Callable[[object], bool], str]
+
+
+def _int_at_least(low: int) -> Rule:
+    return (lambda v: _is_int(v) and v >= low), f"an integer >= {low}"
+
+
+def _number_at_least(low: float) -> Rule:
+    return (lambda v: _is_number(v) and v >= low), f"a number >= {low}"
+
+
+def _optional(rule: Rule) -> Rule:
+    check, text = rule
+    return (lambda v: v is None or check(v)), f"null or {text}"
+
+
+def _one_of(options: tuple) -> Rule:
+    return (lambda v: v in options), f"one of {list(options)}"
+
+
+POSITIVE_NUMBER: Rule = ((lambda v: _is_number(v) and v > 0), "a number > 0")
+
+RULES: dict[str, Rule] = {
+    "data.name": _one_of(DATASETS),
+    "data.batch_size": _int_at_least(1),
+    "data.limit_train": _optional(_int_at_least(1)),
+    "data.val_size": _int_at_least(1),
+    "data.test_size": _int_at_least(0),
+    "data.split_seed": _int_at_least(0),
+    "data.binarize_seed": _int_at_least(0),
+    "data.num_workers": _int_at_least(0),
+    "data.root": ((lambda v: v is None or Path(str(v)).is_dir()), "null or an existing directory"),
+    "model.latent_dim": _int_at_least(1),
+    "model.beta": _number_at_least(0),
+    "model.kl_warmup_epochs": _int_at_least(0),
+    "model.free_bits": _number_at_least(0),
+    "model.iw_samples": _int_at_least(1),
+    "optim.lr": POSITIVE_NUMBER,
+    "optim.weight_decay": _number_at_least(0),
+    "optim.grad_clip": ((lambda v: v is None or (_is_number(v) and v > 0)), "null or a number > 0"),
+    "optim.scheduler": _one_of(SCHEDULERS),
+    "trainer.max_epochs": _int_at_least(1),
+    "eval.iw_k": _int_at_least(1),
+    "eval.val_iw_k": _int_at_least(1),
+    "eval.val_limit": _optional(_int_at_least(1)),
+    "eval.limit": _optional(_int_at_least(1)),
+    "nan_policy": _one_of(NAN_POLICIES),
+    "compile": ((lambda v: isinstance(v, bool)), "true or false"),
+    "seed": _int_at_least(0),
+    "tracking.experiment": ((lambda v: isinstance(v, str) and v.strip() != ""), "a non-empty string"),
+    "tracking.uri": (
+        (lambda v: v is None or (isinstance(v, str) and v.startswith(TRACKING_SCHEMES))),
+        f"null or an MLflow tracking URI starting with one of {list(TRACKING_SCHEMES)}",
+    ),
+}
+
+
+def problems(cfg: DictConfig) -> list[tuple[str, object, str]]:
+    """All rule violations of `cfg` as (key, value, allowed) triples; empty when the config is valid."""
+    found: list[tuple[str, object, str]] = []
+    for key, (check, allowed) in RULES.items():
+        value = OmegaConf.select(cfg, key, default=_MISSING)
+        if value is _MISSING:
+            found.append((key, "<missing>", allowed))
+        elif not check(value):
+            found.append((key, value, allowed))
+
+    # Combinations. The IWAE bound has no separate KL term for beta, warm-up or free bits to act on.
+    model = cfg.get("model", {})
+    if _is_int(model.get("iw_samples")) and model.iw_samples > 1:
+        if model.get("beta") != 1:
+            found.append(("model.beta", model.get("beta"), "1 when model.iw_samples > 1 (IWAE objective)"))
+        if model.get("free_bits") not in (0, 0.0):
+            found.append(("model.free_bits", model.get("free_bits"), "0 when model.iw_samples > 1 (IWAE objective)"))
+        if model.get("kl_warmup_epochs") not in (0, None):
+            found.append(
+                (
+                    "model.kl_warmup_epochs",
+                    model.get("kl_warmup_epochs"),
+                    "0 when model.iw_samples > 1 (IWAE objective)",
+                )
+            )
+    if cfg.get("resume") is not None:
+        found.append(("resume", cfg.resume, "null (resuming a run is not available yet)"))
+    return found
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError listing every invalid key, or return silently."""
+    found = problems(cfg)
+    if found:
+        raise ConfigError(found)

@@ -1,0 +1,145 @@
+"""Prepared tensors -> batches for Lightning, in the representation the likelihood models.
+
+Batches come straight from in-memory uint8 tensors: no per-sample Python Dataset, no workers. The
+loader shards by rank itself (Lightning's automatic DistributedSampler only applies to DataLoader).
+
+Representation `binary` (Bernoulli likelihood):
+    train   grey uint8 batch -> binarized afresh on the device at every use (dynamic binarization)
+    val/test the fixed binary images stored by the prepare stage, identical for every model
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+
+from vaelab.datasets import Settings, binarize, ensure_prepared, load_split
+
+REPRESENTATIONS = ("binary",)
+
+
+def fixed_images(split: dict[str, torch.Tensor], representation: str, limit: int | None = None) -> torch.Tensor:
+    """A val or test split's fixed evaluation images, float32 [N, C, H, W] in the given representation."""
+    if representation != "binary":
+        raise ValueError(f"representation {representation!r} not in {REPRESENTATIONS}")
+    images = split["binary"]
+    return (images[:limit] if limit else images).float()
+
+
+class TensorBatches:
+    """Iterate over an in-memory tensor in batches; reshuffled per epoch, sharded by rank.
+
+    Shuffling is seeded by (seed, epoch), so a resumed run sees the same order. Under DDP each rank
+    takes every `world_size`-th index of the permutation, truncated to equal length, so shards never overlap.
+    """
+
+    def __init__(
+        self,
+        tensor: torch.Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.tensor = tensor
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        # Lightning calls `loader.sampler.set_epoch(epoch)` at each epoch start; we are our own sampler.
+        # (Having a `sampler`, Lightning treats us like a DataLoader and also asks for `batch_sampler`.)
+        self.sampler = self
+        self.batch_sampler = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> torch.Tensor:
+        n = len(self.tensor)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        else:
+            order = torch.arange(n)
+        per_rank = n // self.world_size
+        return order[self.rank :: self.world_size][:per_rank]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.tensor) // self.world_size / self.batch_size)
+
+    def __iter__(self):
+        idx = self.indices()
+        for start in range(0, len(idx), self.batch_size):
+            yield self.tensor[idx[start : start + self.batch_size]]
+
+
+class ImageData(pl.LightningDataModule):
+    """Fashion-MNIST, digits, ... as in-memory tensors: prepared on demand, batched without copies."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        batch_size: int,
+        limit_train: int | None = None,
+        eval_batch_size: int = 1000,
+        representation: str = "binary",
+        seed: int = 0,
+    ):
+        super().__init__()
+        if representation not in REPRESENTATIONS:
+            raise ValueError(f"representation {representation!r} not in {REPRESENTATIONS}")
+        self.settings = settings
+        self.batch_size = batch_size
+        self.limit_train = limit_train
+        self.eval_batch_size = eval_batch_size
+        self.representation = representation
+        self.seed = seed
+        self.folder, self.manifest = ensure_prepared(settings)
+        self._splits: dict[str, dict[str, torch.Tensor]] = {}
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.manifest["image_shape"])
+
+    @property
+    def grey_levels(self) -> int:
+        return int(self.manifest["grey_levels"])
+
+    @property
+    def data_hash(self) -> str:
+        return self.manifest["data_hash"]
+
+    def split(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self._splits:
+            tensors = load_split(self.folder, name)
+            if name == "train" and self.limit_train:
+                tensors = {k: v[: self.limit_train] for k, v in tensors.items()}
+            self._splits[name] = tensors
+        return self._splits[name]
+
+    def eval_images(self, name: str, limit: int | None = None) -> torch.Tensor:
+        return fixed_images(self.split(name), self.representation, limit)
+
+    def _loader(self, tensor: torch.Tensor, batch_size: int, shuffle: bool) -> TensorBatches:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return TensorBatches(tensor, batch_size, shuffle=shuffle, seed=self.seed, rank=rank, world_size=world)
+
+    def train_dataloader(self) -> TensorBatches:
+        return self._loader(self.split("train")["images"], self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> TensorBatches:
+        return self._loader(self.split("val")["binary"], self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> TensorBatches:
+        return self._loader(self.split("test")["binary"], self.eval_batch_size, shuffle=False)
+
+    def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
+        # Runs on the device, so dynamic binarization costs no host work and no extra copy.
+        if self.trainer is not None and self.trainer.training:
+            return binarize(batch, self.grey_levels).float()
+        return batch.float()

@@ -1,0 +1,187 @@
+r"""Held-out evaluation of a trained VAE, in nats per image unless the name says bits.
+
+    elbo           E_q[log p(x|z)] - KL(q(z|x) || p(z))           lower bound on log p(x)
+    nll_iw         -log (1/k) sum_i p(x, z_i) / q(z_i|x)            upper bound on -log p(x); tightens with k
+    inference_gap  -elbo - nll_iw                                   lower bound on E KL(q(z|x) || p(z|x))
+    bpd            nll_iw / (C H W ln 2)                            bits per dimension
+    active_units   #{d : Var_x(E_q[z_d]) > 0.01}                    Burda et al. (2016)
+
+Every quantity of one image uses the same (fixed, binarized once) image and the same k latents.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from rich.progress import Progress
+
+from vaelab import paths
+from vaelab.data import fixed_images
+from vaelab.datasets import Settings, ensure_prepared, load_split
+from vaelab.errors import DataError, VaelabError
+from vaelab.files import write_json_atomic
+from vaelab.objectives import bits_per_dim
+
+# Latents decoded at once (k-chunk x images): bounds memory at about rows x pixels x a few floats.
+# On a CPU, 4096 rows keep the working set in cache and ran 2x faster than 32768 (784 pixels, 2 cores).
+ROWS = {"cpu": 1 << 12, "cuda": 1 << 18}
+ACTIVE_UNIT_THRESHOLD = 0.01
+
+
+@dataclass
+class Evaluation:
+    n_images: int
+    k: int
+    dims: int
+    elbo: float
+    rec: float
+    kl: float
+    nll_iw: float
+    active_units: int
+    kl_per_dim: list[float]
+
+    @property
+    def inference_gap(self) -> float:
+        return -self.elbo - self.nll_iw
+
+    @property
+    def bpd(self) -> float:
+        return bits_per_dim(self.nll_iw, self.dims)
+
+    def metrics(self, prefix: str = "test") -> dict[str, float]:
+        return {
+            f"{prefix}/elbo": self.elbo,
+            f"{prefix}/rec": self.rec,
+            f"{prefix}/kl": self.kl,
+            f"{prefix}/nll_iw": self.nll_iw,
+            f"{prefix}/bpd": self.bpd,
+            f"{prefix}/inference_gap": self.inference_gap,
+            f"{prefix}/active_units": float(self.active_units),
+        }
+
+
+@torch.inference_mode()
+def iw_batch(vae, x: torch.Tensor, k: int, rows: int) -> dict[str, torch.Tensor]:
+    """Importance-weighted log p(x) and ELBO terms for one batch, streaming log-sum-exp over chunks of k."""
+    mean, logvar = vae.encode(x)  # [B, D], encoded once for all k samples
+    chunk = max(1, rows // len(x))
+    log_sum_w = torch.full((len(x),), -math.inf, device=x.device)  # log sum_i w_i, [B]
+    sum_log_px_z = torch.zeros(len(x), device=x.device)
+    for start in range(0, k, chunk):
+        out = vae.decode_pass(x, mean, logvar, k=min(chunk, k - start))
+        log_w = out.log_weights.float()  # [c, B]
+        log_sum_w = torch.logaddexp(log_sum_w, torch.logsumexp(log_w, dim=0))
+        sum_log_px_z += out.log_px_z.float().sum(0)
+    kl_per_dim = out.kl_per_dim.float()
+    return {
+        "log_px": log_sum_w - math.log(k),
+        "rec": -sum_log_px_z / k,
+        "kl_per_dim": kl_per_dim,
+        "mean": mean.float(),
+    }
+
+
+def evaluate_images(vae, images: torch.Tensor, k: int, description: str = "evaluating") -> Evaluation:
+    """Evaluate on fixed images [N, C, H, W] (already in the likelihood's representation)."""
+    device = next(vae.parameters()).device
+    rows = ROWS.get(device.type, ROWS["cpu"])
+    batch = max(1, min(512, rows // k))
+    sums = {"log_px": 0.0, "rec": 0.0}
+    kl_sum = None
+    means = []
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"{description} (k={k})", total=len(images))
+        for start in range(0, len(images), batch):
+            x = images[start : start + batch].to(device, non_blocking=True)
+            out = iw_batch(vae, x, k, rows)
+            sums["log_px"] += out["log_px"].sum().item()
+            sums["rec"] += out["rec"].sum().item()
+            kl_dims = out["kl_per_dim"].sum(0)
+            kl_sum = kl_dims if kl_sum is None else kl_sum + kl_dims
+            means.append(out["mean"].cpu())
+            progress.advance(task, len(x))
+    n = len(images)
+    kl_per_dim = (kl_sum / n).cpu()
+    rec = sums["rec"] / n
+    posterior_means = torch.cat(means)
+    return Evaluation(
+        n_images=n,
+        k=k,
+        dims=math.prod(images.shape[1:]),
+        elbo=-rec - kl_per_dim.sum().item(),
+        rec=rec,
+        kl=kl_per_dim.sum().item(),
+        nll_iw=-sums["log_px"] / n,
+        active_units=int((posterior_means.var(0) > ACTIVE_UNIT_THRESHOLD).sum()),
+        kl_per_dim=kl_per_dim.tolist(),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluate stage
+
+
+def write_kl_per_dim(kl_per_dim: list[float], path: Path) -> None:
+    """test/kl_per_dim as CSV (dim, kl in nats): which latent dimensions carry information."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = "".join(f"{d},{kl:.6f}\n" for d, kl in enumerate(kl_per_dim))
+    path.write_text("dim,kl\n" + rows)
+
+
+def resolve_checkpoint(cfg: DictConfig) -> Path:
+    """`ckpt=<path>`, else the best checkpoint of `run_id=<id>`, else models/latest/model.ckpt."""
+    if cfg.get("ckpt"):
+        path = Path(cfg.ckpt)
+    elif cfg.get("run_id"):
+        path = paths.run_dir(cfg.run_id) / "checkpoints" / "best.ckpt"
+    else:
+        path = paths.latest_model_dir() / "model.ckpt"
+    if not path.is_file():
+        raise VaelabError(f"checkpoint not found: {path} (train a model first, or pass ckpt=<path>)")
+    return path
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate a checkpoint on the test split; write metrics/eval.json and plots/eval/; log into its run."""
+    from vaelab.figures import save_kl_per_dim, save_prior_samples, save_reconstructions
+    from vaelab.module import load_trained
+    from vaelab.tracking import Run
+
+    path = resolve_checkpoint(cfg)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    module = load_trained(path, map_location=device)
+    lineage = module.lineage
+    folder, manifest = ensure_prepared(Settings(**lineage["data"]))
+    if manifest["data_hash"] != lineage["data_hash"]:
+        raise DataError(
+            f"{folder} holds data {manifest['data_hash'][:12]}, but {path} was trained on "
+            f"{lineage['data_hash'][:12]}; re-run prepare with the checkpoint's data settings"
+        )
+    images = fixed_images(load_split(folder, "test"), lineage["representation"], cfg.eval.limit)
+
+    result = evaluate_images(module.vae, images, k=cfg.eval.iw_k, description="test NLL")
+    metrics = result.metrics("test")
+
+    plots = paths.plots_dir() / "eval"
+    save_reconstructions(module.vae, images[:32].to(device), plots / "test_reconstructions.png")
+    save_prior_samples(module.vae, plots / "prior_samples.png")
+    save_kl_per_dim(result.kl_per_dim, plots / "kl_per_dim.png")
+    write_kl_per_dim(result.kl_per_dim, plots / "kl_per_dim.csv")
+    summary = {**metrics, "eval/iw_k": cfg.eval.iw_k, "eval/n_images": result.n_images}
+    write_json_atomic(paths.metrics_dir() / "eval.json", {**summary, "run_id": lineage.get("run_id")})
+
+    run_id = lineage.get("run_id")
+    if cfg.get("logger") is not None and run_id:
+        try:
+            run = Run.attach(cfg.tracking.uri, run_id)
+        except Exception as error:  # noqa: BLE001 - a missing run must not lose the evaluation
+            print(f"vaelab: results not logged to MLflow (run {run_id}: {error})")
+        else:
+            run.log_metrics(summary, step=0)
+            run.log_artifact(plots, "evaluation")
+            run.set_tags({"vaelab.eval.checkpoint": str(path), "vaelab.eval.iw_k": str(cfg.eval.iw_k)})
+    return summary

@@ -1,0 +1,84 @@
+"""The VAE: encoder q(z|x) (diagonal Gaussian), decoder p(x|z) (a likelihood), prior p(z) = N(0, I)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vaelab.objectives import gaussian_kl, gaussian_log_prob, iw_bound, standard_normal_log_prob
+
+
+@dataclass
+class Pass:
+    """One encode -> sample k latents -> decode pass: the pieces every bound is made of. All in nats."""
+
+    mean: torch.Tensor  # [B, D]
+    logvar: torch.Tensor  # [B, D]
+    z: torch.Tensor  # [k, B, D]
+    log_px_z: torch.Tensor  # [k, B]   log p(x|z_i)
+
+    @property
+    def kl_per_dim(self) -> torch.Tensor:
+        """KL(q(z_d|x) || p(z_d)) in closed form, [B, D]."""
+        return gaussian_kl(self.mean, self.logvar)
+
+    @property
+    def rec(self) -> torch.Tensor:
+        """-E_q[log p(x|z)], estimated with the k samples, [B]."""
+        return -self.log_px_z.mean(0)
+
+    @property
+    def kl(self) -> torch.Tensor:
+        return self.kl_per_dim.sum(-1)
+
+    @property
+    def elbo(self) -> torch.Tensor:
+        """E_q[log p(x|z)] - KL(q(z|x) || p(z)), [B]."""
+        return -self.rec - self.kl
+
+    @property
+    def log_weights(self) -> torch.Tensor:
+        """log p(x, z_i) - log q(z_i|x), [k, B]."""
+        return self.log_px_z + standard_normal_log_prob(self.z) - gaussian_log_prob(self.z, self.mean, self.logvar)
+
+    @property
+    def iw_bound(self) -> torch.Tensor:
+        """log (1/k) sum_i p(x, z_i) / q(z_i|x), [B]."""
+        return iw_bound(self.log_weights)
+
+
+class VAE(nn.Module):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: nn.Module, latent_dim: int):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.likelihood = likelihood
+        self.latent_dim = latent_dim
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(x)
+
+    def decode_pass(self, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, k: int = 1) -> Pass:
+        """Draw k reparameterized latents z = mean + std * eps from q(z|x) and score x under each."""
+        eps = torch.randn((k, *mean.shape), device=mean.device, dtype=mean.dtype)  # [k, B, D]
+        z = mean + torch.exp(0.5 * logvar) * eps
+        log_px_z = self.likelihood.log_prob(x, self.decoder(z))  # [k, B]
+        return Pass(mean=mean, logvar=logvar, z=z, log_px_z=log_px_z)
+
+    def forward(self, x: torch.Tensor, k: int = 1) -> Pass:
+        return self.decode_pass(x, *self.encode(x), k=k)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """E[x | z = posterior mean]: the deterministic reconstruction, for pictures."""
+        mean, _ = self.encode(x)
+        return self.likelihood.mean(self.decoder(mean))
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """E[x|z] for z ~ p(z): images from the prior, [n, C, H, W]."""
+        device = next(self.parameters()).device
+        z = torch.randn((n, self.latent_dim), generator=generator).to(device)  # seeded on the CPU
+        return self.likelihood.mean(self.decoder(z))

@@ -1,0 +1,144 @@
+"""The LightningModule: a VAE, its training objective, and the metrics of SPEC.md.
+
+Logged, in nats per image (signs as in SPEC.md):
+    train/loss   minus the training objective (beta, warm-up, free bits or IWAE included)
+    */elbo       the plain bound, beta = 1, so runs with different objectives stay comparable
+    */rec, */kl  -E_q[log p(x|z)] and KL(q(z|x) || p(z)), both >= 0
+    val/bpd      -val/elbo in bits per dimension (an upper bound on the NLL in bits/dim)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import get_class, instantiate
+
+from vaelab.model import VAE
+from vaelab.objectives import beta_vae_loss, bits_per_dim, kl_weight
+
+NAN_POLICIES = ("fail", "skip")
+SCHEDULERS = (None, "cosine")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite and `nan_policy=fail`."""
+
+
+def build_vae(image_shape: list[int], arch: dict, likelihood: dict, latent_dim: int) -> VAE:
+    """Instantiate `arch` and `likelihood` (plain dicts with `_target_`) into a VAE for this image shape."""
+    p_x_z = instantiate(likelihood)
+    encoder, decoder = instantiate(
+        arch,
+        image_shape=tuple(image_shape),
+        latent_dim=latent_dim,
+        params_per_channel=p_x_z.params_per_channel,
+        _convert_="all",
+    )
+    return VAE(encoder, decoder, p_x_z, latent_dim)
+
+
+class VAEModule(pl.LightningModule):
+    """Every argument is a plain Python value, so checkpoints load with `weights_only=True`."""
+
+    def __init__(
+        self,
+        image_shape: list[int],
+        arch: dict,
+        likelihood: dict,
+        latent_dim: int,
+        beta: float = 1.0,
+        kl_warmup_epochs: int = 0,
+        free_bits: float = 0.0,
+        iw_samples: int = 1,
+        optimizer: str = "torch.optim.Adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        scheduler: str | None = None,
+        nan_policy: str = "fail",
+    ):
+        super().__init__()
+        # logger=False: tracking logs the whole composed config once; Lightning must not log it again.
+        self.save_hyperparameters(logger=False)
+        self.vae = build_vae(image_shape, arch, likelihood, latent_dim)
+        self.dims = math.prod(image_shape)
+        # Provenance written into every checkpoint: run id, data hash, composed config (set by training).
+        self.lineage: dict[str, Any] = {}
+
+    # -- training -------------------------------------------------------------------------------
+
+    def current_kl_weight(self, batch_idx: int) -> float:
+        progress = self.current_epoch + batch_idx / max(1, self.trainer.num_training_batches)
+        return kl_weight(self.hparams.beta, self.hparams.kl_warmup_epochs, progress)
+
+    def training_step(self, x: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
+        hp = self.hparams
+        out = self.vae(x, k=hp.iw_samples)
+        if hp.iw_samples > 1:
+            loss = -out.iw_bound.mean()
+        else:
+            loss = beta_vae_loss(out.rec, out.kl_per_dim, self.current_kl_weight(batch_idx), hp.free_bits)
+
+        if not torch.isfinite(loss):
+            if hp.nan_policy == "skip":
+                self.log("train/skipped_steps", 1.0, on_step=False, on_epoch=True, reduce_fx="sum")
+                return None  # Lightning skips backward and the optimizer step
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, batch {batch_idx}"
+            )
+
+        n = len(x)
+        self.log("loss", loss, prog_bar=True, logger=False, batch_size=n)  # live value for the progress bar
+        self.log_dict(
+            {
+                "train/loss": loss,
+                "train/elbo": out.elbo.mean(),
+                "train/rec": out.rec.mean(),
+                "train/kl": out.kl.mean(),
+            },
+            on_step=False,
+            on_epoch=True,
+            batch_size=n,
+            sync_dist=True,
+        )
+        return loss
+
+    def validation_step(self, x: torch.Tensor, batch_idx: int) -> None:
+        out = self.vae(x)
+        elbo = out.elbo.mean()
+        self.log_dict(
+            {
+                "val/elbo": elbo,
+                "val/rec": out.rec.mean(),
+                "val/kl": out.kl.mean(),
+                "val/bpd": bits_per_dim(-elbo, self.dims),
+            },
+            on_epoch=True,
+            batch_size=len(x),
+            sync_dist=True,
+        )
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = get_class(hp.optimizer)(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.scheduler == "cosine":
+            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.trainer.max_epochs)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+        return optimizer
+
+    # -- provenance in checkpoints --------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["vaelab"] = self.lineage
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.lineage = checkpoint.get("vaelab", {})
+
+
+def load_trained(path: str | Path, map_location: str | torch.device = "cpu") -> VAEModule:
+    """A trained module from a checkpoint, read with `weights_only=True`: a checkpoint never runs code."""
+    module = VAEModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    return module.eval()

@@ -1,0 +1,173 @@
+"""MLflow tracking: the store, the run, its lineage. One run id links output folder, checkpoint and evaluation.
+
+vaelab creates the run itself, before training, so the run id can name `outputs/<run_id>/`; Lightning's
+MLFlowLogger then attaches to it. vaelab also owns the run's end: FINISHED only after the checkpoint,
+figures and metrics are logged, FAILED (with the reason as a tag) when anything raised, KILLED on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from lightning.pytorch.loggers import MLFlowLogger
+from omegaconf import DictConfig, OmegaConf
+
+from vaelab import paths
+
+PARAM_BATCH = 100  # MLflow's limit on params per log_batch call
+TAG_PREFIX = "vaelab."
+
+
+def default_uri() -> str:
+    return f"sqlite:///{paths.store_root() / 'mlflow.db'}"
+
+
+def resolve_uri(uri: str | None) -> str:
+    return uri or default_uri()
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """An absolute artifact folder beside a sqlite store (MLflow defaults to ./mlruns); a server picks its own."""
+    db = _sqlite_path(uri)
+    return (db.parent / "mlartifacts" / experiment).as_uri() if db else None
+
+
+def ensure_experiment(uri: str, experiment: str) -> str:
+    """The experiment's id, creating the store and the experiment on first use.
+
+    A fresh sqlite store races when several processes create its schema at once, so first use is
+    serialized with a file lock beside the database.
+    """
+    from mlflow import MlflowClient
+
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock") if db else nullcontext():
+        client = MlflowClient(uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is not None:
+            return found.experiment_id
+        return client.create_experiment(experiment, artifact_location=artifact_location(uri, experiment))
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, str]:
+    """{'model': {'beta': 1.0}} -> {'model.beta': '1.0'}: the composed config as MLflow params."""
+    if isinstance(node, dict):
+        flat: dict[str, str] = {}
+        for key, value in node.items():
+            flat.update(flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: str(node)}
+
+
+def _git(*args: str) -> str | None:
+    """Ask git about the checkout the running vaelab code comes from (the code is what needs a commit)."""
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10, check=True
+        )
+        return done.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def lineage_tags(cfg: DictConfig, stage: str, overrides: list[str], extra: dict[str, str]) -> dict[str, str]:
+    """Tags that let a person get from the run back to code, data and the command that made it."""
+    commit = _git("rev-parse", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    tags = {
+        f"{TAG_PREFIX}stage": stage,
+        f"{TAG_PREFIX}git_commit": commit or "unknown",
+        f"{TAG_PREFIX}git_dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
+        f"{TAG_PREFIX}overrides": " ".join(overrides),
+        f"{TAG_PREFIX}command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        **{f"{TAG_PREFIX}{k}": v for k, v in extra.items()},
+    }
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+class Run:
+    """An MLflow run that vaelab created and will end. `log_*` methods are thin, explicit client calls."""
+
+    def __init__(self, uri: str, run_id: str, experiment: str):
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        self.run_id = run_id
+        self.experiment = experiment
+        self.client = MlflowClient(uri)
+
+    @classmethod
+    def create(cls, cfg: DictConfig, stage: str, overrides: list[str], tags: dict[str, str]) -> Run:
+        """Create the run with its params (the flattened composed config) and lineage tags."""
+        from mlflow.entities import Param
+
+        uri = resolve_uri(cfg.tracking.uri)
+        experiment_id = ensure_experiment(uri, cfg.tracking.experiment)
+        run = cls(uri, "", cfg.tracking.experiment)
+        info = run.client.create_run(
+            experiment_id, run_name=cfg.tracking.run_name, tags=lineage_tags(cfg, stage, overrides, tags)
+        ).info
+        run.run_id = info.run_id
+        params = flatten(OmegaConf.to_container(cfg, resolve=True))
+        items = [Param(k, v) for k, v in sorted(params.items())]
+        for start in range(0, len(items), PARAM_BATCH):
+            run.client.log_batch(run.run_id, params=items[start : start + PARAM_BATCH])
+        return run
+
+    @classmethod
+    def attach(cls, uri: str | None, run_id: str) -> Run:
+        """An existing run (e.g. to log evaluation results into the training run)."""
+        uri = resolve_uri(uri)
+        run = cls(uri, run_id, "")
+        run.experiment = run.client.get_experiment(run.client.get_run(run_id).info.experiment_id).name
+        return run
+
+    def lightning_logger(self, logger_cfg: DictConfig) -> MLFlowLogger:
+        from hydra.utils import instantiate
+
+        return instantiate(logger_cfg, experiment_name=self.experiment, tracking_uri=self.uri, run_id=self.run_id)
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), folder)
+        else:
+            self.client.log_artifact(self.run_id, str(path), folder)
+
+    def end(self, status: str, reason: str | None = None) -> None:
+        """Mark the run FINISHED, FAILED or KILLED; a failure reason goes into the `vaelab.failure` tag."""
+        if reason:
+            self.client.set_tag(self.run_id, f"{TAG_PREFIX}failure", reason[:5000])
+        self.client.set_terminated(self.run_id, status)
+
+
+class RunLogger(MLFlowLogger):
+    """Lightning's MLflow logger, minus ending the run: vaelab ends it after its own post-fit logging."""
+
+    def finalize(self, status: str = "success") -> None:
+        pass

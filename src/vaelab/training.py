@@ -1,0 +1,216 @@
+"""train(cfg): one VAE, from composed config to tracked, checkpointed, published model.
+
+Used by the train stage, by every multirun job and by every search trial (which only adds callbacks).
+Order matters: validate, prepare data, build the model (all may fail cheaply) and only then create
+the MLflow run, so a bad config never leaves a dangling run.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import shutil
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from vaelab import paths
+from vaelab.callbacks import EpochHistory
+from vaelab.config import validate
+from vaelab.data import ImageData
+from vaelab.datasets import Settings
+from vaelab.evaluation import evaluate_images
+from vaelab.figures import save_prior_samples, save_reconstructions, save_training_curves
+from vaelab.files import replace_dir, staging_dir, write_json_atomic, write_text_atomic
+from vaelab.module import VAEModule
+from vaelab.tracking import Run
+
+CURVE_COLUMNS = (
+    "epoch",
+    "train/elbo",
+    "val/elbo",
+    "train/rec",
+    "val/rec",
+    "train/kl",
+    "val/kl",
+    "train/loss",
+)
+
+
+def hydra_overrides() -> list[str]:
+    """The command line's overrides when running under Hydra, else none (e.g. compose API in tests)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def build_module(cfg: DictConfig, image_shape: tuple[int, ...]) -> VAEModule:
+    container = OmegaConf.to_container(cfg, resolve=True)
+    model, optim = container["model"], container["optim"]
+    return VAEModule(
+        image_shape=list(image_shape),
+        arch=container["arch"],
+        likelihood=container["likelihood"],
+        latent_dim=model["latent_dim"],
+        beta=float(model["beta"]),
+        kl_warmup_epochs=model["kl_warmup_epochs"],
+        free_bits=float(model["free_bits"]),
+        iw_samples=model["iw_samples"],
+        optimizer=optim["_target_"],
+        lr=float(optim["lr"]),
+        weight_decay=float(optim["weight_decay"]),
+        scheduler=optim["scheduler"],
+        nan_policy=cfg.nan_policy,
+    )
+
+
+def build_data(cfg: DictConfig) -> ImageData:
+    return ImageData(
+        Settings.from_config(cfg.data),
+        batch_size=cfg.data.batch_size,
+        limit_train=cfg.data.limit_train,
+        representation=get_class(cfg.likelihood._target_).representation,
+        seed=cfg.seed,
+    )
+
+
+def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
+    """Train one VAE as configured; return the summary metrics (also written to metrics/train.json)."""
+    validate(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = build_data(cfg)
+    module = build_module(cfg, data.image_shape)
+    if cfg.compile:
+        module.vae.encoder.compile()
+        module.vae.decoder.compile()
+
+    representation = module.vae.likelihood.representation
+    run = None
+    if cfg.get("logger") is not None:
+        run = Run.create(
+            cfg,
+            stage="train",
+            overrides=hydra_overrides(),
+            tags={
+                "data_hash": data.data_hash,
+                "representation": representation,
+                "dataset": data.settings.name,
+            },
+        )
+    run_id = run.run_id if run else uuid.uuid4().hex
+    out_dir = paths.run_dir(run_id)
+    config_file = write_text_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    module.lineage = {
+        "run_id": run_id,
+        "data": dataclasses.asdict(data.settings),
+        "data_hash": data.data_hash,
+        "representation": representation,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+    checkpoint = ModelCheckpoint(
+        dirpath=out_dir / "checkpoints", filename="best", monitor="val/elbo", mode="max", save_last=True
+    )
+    history = EpochHistory()
+    extra = [instantiate(spec) for spec in cfg.get("callbacks", {}).values()]
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        logger=run.lightning_logger(cfg.logger) if run else False,
+        callbacks=[checkpoint, history, RichProgressBar(), *extra, *callbacks],
+        default_root_dir=str(out_dir),
+        gradient_clip_val=cfg.optim.grad_clip,
+    )
+    try:
+        trainer.fit(module, datamodule=data)
+        summary = finish(cfg, trainer, module, data, checkpoint, history, run, config_file)
+    except BaseException as error:
+        if run:
+            # Lightning turns Ctrl-C into a graceful shutdown followed by SystemExit.
+            killed = isinstance(error, KeyboardInterrupt | SystemExit)
+            run.end("KILLED" if killed else "FAILED", reason=f"{type(error).__name__}: {error}")
+        raise
+    if run:
+        run.end("FINISHED")
+    return summary
+
+
+def finish(
+    cfg: DictConfig,
+    trainer: pl.Trainer,
+    module: VAEModule,
+    data: ImageData,
+    checkpoint: ModelCheckpoint,
+    history: EpochHistory,
+    run: Run | None,
+    config_file: Path,
+) -> dict[str, float]:
+    """After fit: reload the best weights, estimate val/nll_iw, draw figures, log artifacts, publish."""
+    best = Path(checkpoint.best_model_path)
+    state = torch.load(best, map_location=module.device, weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    module.eval()
+
+    val_images = data.eval_images("val", cfg.eval.val_limit)
+    val_iw = evaluate_images(module.vae, val_images, k=cfg.eval.val_iw_k, description="val NLL")
+    out_dir = config_file.parent
+    figures = out_dir / "figures"
+    save_reconstructions(module.vae, val_images[:32].to(module.device), figures / "reconstructions.png")
+    save_prior_samples(module.vae, figures / "samples.png", seed=cfg.seed)
+    save_training_curves(history.rows, figures / "training_curves.png")
+
+    best_row = max(history.rows, key=lambda row: row.get("val/elbo", float("-inf")))
+    summary = {
+        **{k: v for k, v in best_row.items() if k.startswith(("train/", "val/"))},
+        "val/nll_iw": val_iw.nll_iw,
+        "val/inference_gap": val_iw.inference_gap,
+        "best_epoch": float(best_row["epoch"]),
+        "epochs": float(len(history.rows)),
+        "train/images_per_sec": sum(r["train/images_per_sec"] for r in history.rows) / len(history.rows),
+    }
+    if run:
+        # val/nll_iw and val/inference_gap use the first eval.val_limit val images, not all of them.
+        run.log_metrics(
+            {
+                "val/nll_iw": val_iw.nll_iw,
+                "val/inference_gap": val_iw.inference_gap,
+                "val/iw_k": float(cfg.eval.val_iw_k),
+            },
+            step=trainer.global_step,
+        )
+        run.log_artifact(config_file, "config")
+        run.log_artifact(best, "checkpoints")
+        run.log_artifact(figures, "figures")
+
+    publish_latest(best, module.lineage["run_id"], config_file)
+    write_json_atomic(paths.metrics_dir() / "train.json", {**summary, "run_id": module.lineage["run_id"]})
+    write_curve(history.rows, paths.plots_dir() / "train" / "curve.csv")
+    return summary
+
+
+def publish_latest(checkpoint: Path, run_id: str, config_file: Path) -> Path:
+    """Make models/latest/ a real copy (not a link) of this run's best checkpoint: DVC tracks it."""
+    target = paths.latest_model_dir()
+    staging = staging_dir(target)
+    try:
+        shutil.copy2(checkpoint, staging / "model.ckpt")
+        shutil.copy2(config_file, staging / "config.yaml")
+        (staging / "run_id").write_text(run_id + "\n")
+        replace_dir(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def write_curve(rows: list[dict[str, float]], path: Path) -> None:
+    """Per-epoch curve as CSV for `dvc plots` (column names without '/')."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([c.replace("/", "_") for c in CURVE_COLUMNS])
+        for row in rows:
+            writer.writerow([row.get(c, "") for c in CURVE_COLUMNS])

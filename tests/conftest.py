@@ -1,0 +1,109 @@
+"""Shared fixtures. Every test gets its own project root (VAELAB_ROOT) and MLflow store under tmp_path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+# Small but real: scikit-learn's digits, one or two epochs, few importance samples.
+TINY = [
+    "data=digits",
+    "trainer.max_epochs=2",
+    "trainer.accelerator=cpu",
+    "eval.iw_k=20",
+    "eval.val_iw_k=4",
+    "arch.hidden=[64]",
+    "model.latent_dim=4",
+]
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not (DEBIAN_FASHION / "train-images-idx3-ubyte.gz").exists(),
+    reason="Debian's dataset-fashion-mnist is not installed (make setup installs it as root)",
+)
+
+
+def make_config(*overrides: str):
+    """Compose conf/train.yaml the way the entry points do."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty project root: data, outputs, models, metrics and mlflow.db all land here."""
+    root = tmp_path / "project"
+    root.mkdir()
+    monkeypatch.setenv("VAELAB_ROOT", str(root))
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fashion_processed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fashion-MNIST prepared once per session (about 5 s), shared read-only by tests that need it."""
+    if not (DEBIAN_FASHION / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    root = tmp_path_factory.mktemp("fashion")
+    run_entry("prepare.py", "data=fashion_mnist", root=root)
+    return root / "data" / "processed" / "fashion_mnist"
+
+
+def copy_processed(project: Path, processed: Path) -> None:
+    target = project / "data" / "processed" / processed.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(processed, target)
+
+
+def entry_env(root: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DVC_ROOT", "MLFLOW_TRACKING_URI")}
+    env["VAELAB_ROOT"] = str(root)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def run_entry(script: str, *overrides: str, root: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a pipelines/ entry point as a user would, in a subprocess, against project `root`."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "pipelines" / script), *overrides],
+        cwd=root,
+        env=entry_env(root),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"{script} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+def mlflow_client(root: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+
+
+def all_runs(root: Path):
+    client = mlflow_client(root)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, order_by=["attributes.start_time DESC"])
+
+
+def artifact_paths(client, run_id: str, folder: str | None = None) -> set[str]:
+    found: set[str] = set()
+    for item in client.list_artifacts(run_id, folder):
+        if item.is_dir:
+            found |= artifact_paths(client, run_id, item.path)
+        else:
+            found.add(item.path)
+    return found

@@ -1,0 +1,107 @@
+"""Training end to end on small real data: an MLflow run with metrics, lineage and artifacts; NaN handling."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, all_runs, artifact_paths, copy_processed, make_config, mlflow_client, run_entry
+from lightning.pytorch.callbacks import Callback
+
+from vaelab.module import NonFiniteLossError, load_trained
+from vaelab.training import train
+
+
+def test_one_short_training_makes_a_finished_run_linked_to_its_checkpoint(project: Path):
+    summary = train(make_config(*TINY))
+
+    [run] = all_runs(project)
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    for name in (
+        "train/loss",
+        "train/elbo",
+        "train/rec",
+        "train/kl",
+        "val/elbo",
+        "val/rec",
+        "val/kl",
+        "val/bpd",
+        "val/nll_iw",
+        "val/inference_gap",
+    ):
+        assert name in metrics, name
+    assert metrics["val/elbo"] < 0 and metrics["val/rec"] > 0 and metrics["val/kl"] >= 0
+    assert metrics["train/loss"] == pytest.approx(-metrics["train/elbo"], rel=1e-5)  # beta = 1, no warm-up
+    assert summary["val/elbo"] == pytest.approx(metrics["val/elbo"])
+
+    assert run.data.params["model.latent_dim"] == "4"
+    assert run.data.params["data.name"] == "digits"
+    tags = run.data.tags
+    assert tags["vaelab.stage"] == "train" and tags["vaelab.representation"] == "binary"
+    assert len(tags["vaelab.data_hash"]) == 64 and tags["vaelab.git_commit"]
+
+    artifacts = artifact_paths(mlflow_client(project), run_id)
+    assert {
+        "config/config.yaml",
+        "checkpoints/best.ckpt",
+        "figures/reconstructions.png",
+        "figures/samples.png",
+        "figures/training_curves.png",
+    } <= artifacts
+
+    # one run id links the output folder, the published model and the checkpoint's own record
+    assert (project / "outputs" / run_id / "checkpoints" / "best.ckpt").is_file()
+    assert (project / "models" / "latest" / "run_id").read_text().strip() == run_id
+    module = load_trained(project / "models" / "latest" / "model.ckpt")  # weights_only=True
+    assert module.lineage["run_id"] == run_id
+    assert module.hparams.latent_dim == 4
+    assert (project / "metrics" / "train.json").is_file()
+
+
+class PoisonBatch(Callback):
+    """Turns one training batch into NaNs, so that step's loss is NaN."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 0 and batch_idx == 2:
+            batch.fill_(float("nan"))
+
+
+def test_a_nan_loss_fails_the_run_with_the_reason(project: Path):
+    with pytest.raises(NonFiniteLossError):
+        train(make_config(*TINY, "nan_policy=fail"), callbacks=[PoisonBatch()])
+    [run] = all_runs(project)
+    assert run.info.status == "FAILED"
+    assert "NonFiniteLossError" in run.data.tags["vaelab.failure"]
+    assert not (project / "models" / "latest").exists()  # a failed run publishes nothing
+
+
+def test_nan_policy_skip_drops_the_step_and_finishes(project: Path):
+    train(make_config(*TINY, "nan_policy=skip"), callbacks=[PoisonBatch()])
+    [run] = all_runs(project)
+    assert run.info.status == "FINISHED"
+    history = mlflow_client(project).get_metric_history(run.info.run_id, "train/skipped_steps")
+    assert [m.value for m in history] == [1.0]  # logged in the epoch that skipped, once
+    for parameter in load_trained(project / "models" / "latest" / "model.ckpt").parameters():
+        assert torch.isfinite(parameter).all()
+
+
+def test_train_then_evaluate_on_fashion_mnist_log_into_one_run(project: Path, fashion_processed: Path):
+    copy_processed(project, fashion_processed)
+    run_entry("train.py", "data.limit_train=2000", "trainer.max_epochs=1", "eval.val_limit=200", root=project)
+    done = run_entry("evaluate.py", "eval.iw_k=50", "eval.limit=300", root=project)
+    assert "nll_iw" in done.stdout
+
+    [run] = all_runs(project)
+    metrics = run.data.metrics
+    assert run.info.status == "FINISHED"
+    assert metrics["test/nll_iw"] <= -metrics["test/elbo"]  # the IW bound is the tighter one
+    assert metrics["test/inference_gap"] == pytest.approx(-metrics["test/elbo"] - metrics["test/nll_iw"], abs=1e-3)
+    assert 0 < metrics["test/bpd"] < 1
+    assert 0 < metrics["test/active_units"] <= 16
+    assert {
+        "evaluation/test_reconstructions.png",
+        "evaluation/prior_samples.png",
+        "evaluation/kl_per_dim.csv",
+    } <= (artifact_paths(mlflow_client(project), run.info.run_id))
+    assert (project / "metrics" / "eval.json").is_file()
