@@ -65,11 +65,11 @@ def copy_processed(project: Path, processed: Path) -> None:
     shutil.copytree(processed, target)
 
 
-def entry_env(root: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("DVC_ROOT", "MLFLOW_TRACKING_URI")}
-    env["VAELAB_ROOT"] = str(root)
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment minus vaelab/DVC/MLflow locations, with the venv's python first on PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VAELAB_ROOT", "DVC_ROOT", "MLFLOW_TRACKING_URI")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
+    return {**env, **extra}
 
 
 def run_entry(script: str, *overrides: str, root: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -77,7 +77,7 @@ def run_entry(script: str, *overrides: str, root: Path, check: bool = True) -> s
     done = subprocess.run(
         [sys.executable, str(REPO / "pipelines" / script), *overrides],
         cwd=root,
-        env=entry_env(root),
+        env=subprocess_env(VAELAB_ROOT=str(root)),
         capture_output=True,
         text=True,
         timeout=600,
@@ -107,3 +107,38 @@ def artifact_paths(client, run_id: str, folder: str | None = None) -> set[str]:
         else:
             found.add(item.path)
     return found
+
+
+def sh(*args: str, cwd: Path, env: dict | None = None) -> str:
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    return done.stdout + done.stderr
+
+
+def copy_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: list[str]) -> tuple[Path, dict]:
+    """The project's files (as git sees them) in a fresh git repository, params.yaml composed with `overrides`.
+
+    Returns the copy and the environment to run DVC in (the venv's python first on PATH).
+    """
+    from vaelab.params import compose_params
+
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    root = tmp_path / "repo"
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    monkeypatch.setenv("VAELAB_ROOT", str(root))
+    compose_params(overrides, root / "params.yaml")
+    env = subprocess_env(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    sh("git", "init", "-q", cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "copy", cwd=root, env=env)
+    return root, env

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 import pytest
-from conftest import CONF, make_config, run_entry
 
+from conftest import CONF, make_config, run_entry
 from vaelab.config import problems
 
 

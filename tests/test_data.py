@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEBIAN_FASHION, make_config, needs_fashion_mnist
 
+from conftest import DEBIAN_FASHION, make_config, needs_fashion_mnist
 from vaelab.data import ImageData, TensorBatches
 from vaelab.datasets import FASHION_MNIST_MD5, Settings, ensure_prepared, prepare
 from vaelab.errors import DataError
@@ -108,6 +108,20 @@ def test_a_truncated_archive_is_named_in_the_error(project: Path, tmp_path: Path
     settings = Settings.from_config(make_config(f"data.root={root}").data)
     with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz: cannot be read"):
         prepare(settings)
+
+
+def test_without_debian_data_torchvision_downloads_and_a_failure_is_explained(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from torchvision.datasets import FashionMNIST
+
+    from vaelab import datasets
+
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", tmp_path / "not-installed")
+    monkeypatch.setattr(FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])  # nothing listens on port 9
+    with pytest.raises(DataError, match="torchvision could not download it") as error:
+        prepare(Settings.from_config(make_config().data))
+    assert "apt-get install dataset-fashion-mnist" in str(error.value) and "data.root" in str(error.value)
 
 
 def test_real_fashion_mnist_is_split_55k_5k_10k(fashion_processed: Path):

@@ -2,53 +2,21 @@
 a changed parameter reruns only what depends on it; `dvc exp run -S` really reaches the training code."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, TINY, all_runs
 
+from conftest import REPO, TINY, all_runs, copy_repo, sh
 from vaelab.module import load_trained
 from vaelab.params import compose_params
 
 TINY_EVAL = [*TINY, "trainer.max_epochs=1", "eval.val_limit=100"]
 
 
-def sh(*args: str, cwd: Path, env: dict | None = None) -> str:
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
-    return done.stdout + done.stderr
-
-
 @pytest.fixture
 def repo_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, dict]:
-    """The project's files (as git sees them) in a fresh git repository, with params.yaml made tiny."""
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\0")
-    root = tmp_path / "repo"
-    for name in filter(None, files):
-        if (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
-    monkeypatch.setenv("VAELAB_ROOT", str(root))
-    compose_params(TINY_EVAL, root / "params.yaml")
-    env = {k: v for k, v in os.environ.items() if k not in ("VAELAB_ROOT", "DVC_ROOT", "MLFLOW_TRACKING_URI")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # stages must find the venv's python
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    sh("git", "init", "-q", cwd=root)
-    sh("git", "add", "-A", cwd=root)
-    sh("git", "commit", "-qm", "copy", cwd=root, env=env)
-    return root, env
+    return copy_repo(tmp_path, monkeypatch, TINY_EVAL)
 
 
 def changed_stages(root: Path, env: dict) -> set[str]:

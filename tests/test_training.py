@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, all_runs, artifact_paths, copy_processed, make_config, mlflow_client, run_entry
 from lightning.pytorch.callbacks import Callback
 
+from conftest import TINY, all_runs, artifact_paths, copy_processed, make_config, mlflow_client, run_entry
 from vaelab.module import NonFiniteLossError, load_trained
 from vaelab.training import train
 
