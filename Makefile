@@ -28,7 +28,9 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 
 repro: setup
 	dvc repro
-	@echo; dvc metrics show
+	@echo; echo "Test metrics (metrics/eval.json; 'dvc metrics show' has them all):"
+	@$(PYTHON) -c 'import json; m = json.load(open("metrics/eval.json")); \
+	  print("\n".join(f"  {k:<20} {v:.4f}" if isinstance(v, float) else f"  {k:<20} {v}" for k, v in sorted(m.items())))'
 	@echo; echo "Compare runs in the MLflow UI: make ui  (then open http://127.0.0.1:5000)"
 
 test: setup

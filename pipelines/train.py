@@ -23,8 +23,9 @@ def main(cfg: DictConfig) -> float:
 
         summary = train(cfg)
     print(
-        f"trained: val/elbo {summary['val/elbo']:.2f} nats, val/nll_iw {summary['val/nll_iw']:.2f} nats "
-        f"(best epoch {summary['best_epoch']:.0f}), {summary['train/images_per_sec']:.0f} images/s"
+        f"trained (best epoch {summary['best_epoch']:.0f}): val/elbo {summary['val/elbo']:.2f}, "
+        f"val/nll_iw {summary['val/nll_iw']:.2f} nats (k={cfg.eval.val_iw_k}, "
+        f"gap {summary['val/inference_gap']:.2f}); {summary['train/images_per_sec']:.0f} training images/s"
     )
     return summary["val/elbo"]
 

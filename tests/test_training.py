@@ -59,6 +59,14 @@ def test_one_short_training_makes_a_finished_run_linked_to_its_checkpoint(projec
     assert (project / "metrics" / "train.json").is_file()
 
 
+def test_a_failure_after_the_run_exists_marks_it_failed_not_running(project: Path):
+    with pytest.raises(Exception, match="[Pp]recision"):
+        train(make_config(*TINY, "trainer.precision=bogus"))  # Lightning rejects it when building the Trainer
+    [run] = all_runs(project)
+    assert run.info.status == "FAILED"
+    assert "bogus" in run.data.tags["vaelab.failure"]
+
+
 class PoisonBatch(Callback):
     """Turns one training batch into NaNs, so that step's loss is NaN."""
 

@@ -13,10 +13,11 @@ class _DropAdverts(logging.Filter):
 
 
 # Lightning prints through its own handler *and* propagates to the root logger that Hydra configures,
-# so every line appeared twice; keep Lightning's handler only, and drop its advert for a hosted service.
-_lightning = logging.getLogger("lightning")
-_lightning.propagate = False
-for _handler in _lightning.handlers:
-    _handler.addFilter(_DropAdverts())
+# so every line appeared twice; keep Lightning's handler only. Its rank-zero messages also carry an
+# advert for a hosted service at every fit; drop that. (Loggers are configured before lightning is
+# imported: getLogger returns the same objects lightning will use.)
+logging.getLogger("lightning").propagate = False
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_DropAdverts())
 
 __version__ = "0.1.0"

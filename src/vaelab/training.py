@@ -89,7 +89,6 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
         module.vae.encoder.compile()
         module.vae.decoder.compile()
 
-    representation = module.vae.likelihood.representation
     run = None
     if cfg.get("logger") is not None:
         run = Run.create(
@@ -98,10 +97,27 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
             overrides=hydra_overrides(),
             tags={
                 "data_hash": data.data_hash,
-                "representation": representation,
+                "representation": module.vae.likelihood.representation,
                 "dataset": data.settings.name,
             },
         )
+    try:
+        summary = fit_and_publish(cfg, module, data, run, callbacks)
+    except BaseException as error:
+        if run:
+            # Lightning turns Ctrl-C into a graceful shutdown followed by SystemExit.
+            killed = isinstance(error, KeyboardInterrupt | SystemExit)
+            run.end("KILLED" if killed else "FAILED", reason=f"{type(error).__name__}: {error}")
+        raise
+    if run:
+        run.end("FINISHED")
+    return summary
+
+
+def fit_and_publish(
+    cfg: DictConfig, module: VAEModule, data: ImageData, run: Run | None, callbacks: Sequence[Callback]
+) -> dict[str, float]:
+    """Everything that happens inside the run: any failure here marks the run FAILED or KILLED."""
     run_id = run.run_id if run else uuid.uuid4().hex
     out_dir = paths.run_dir(run_id)
     config_file = write_text_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -109,10 +125,9 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
         "run_id": run_id,
         "data": dataclasses.asdict(data.settings),
         "data_hash": data.data_hash,
-        "representation": representation,
+        "representation": module.vae.likelihood.representation,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-
     checkpoint = ModelCheckpoint(
         dirpath=out_dir / "checkpoints", filename="best", monitor="val/elbo", mode="max", save_last=True
     )
@@ -125,18 +140,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
         default_root_dir=str(out_dir),
         gradient_clip_val=cfg.optim.grad_clip,
     )
-    try:
-        trainer.fit(module, datamodule=data)
-        summary = finish(cfg, trainer, module, data, checkpoint, history, run, config_file)
-    except BaseException as error:
-        if run:
-            # Lightning turns Ctrl-C into a graceful shutdown followed by SystemExit.
-            killed = isinstance(error, KeyboardInterrupt | SystemExit)
-            run.end("KILLED" if killed else "FAILED", reason=f"{type(error).__name__}: {error}")
-        raise
-    if run:
-        run.end("FINISHED")
-    return summary
+    trainer.fit(module, datamodule=data)
+    return finish(cfg, trainer, module, data, checkpoint, history, run, config_file)
 
 
 def finish(
