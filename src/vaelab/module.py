@@ -20,9 +20,6 @@ from hydra.utils import get_class, instantiate
 from vaelab.model import VAE
 from vaelab.objectives import beta_vae_loss, bits_per_dim, kl_weight
 
-NAN_POLICIES = ("fail", "skip")
-SCHEDULERS = (None, "cosine")
-
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite and `nan_policy=fail`."""
