@@ -113,3 +113,10 @@ def test_train_then_evaluate_on_fashion_mnist_log_into_one_run(project: Path, fa
         "evaluation/kl_per_dim.csv",
     } <= (artifact_paths(mlflow_client(project), run.info.run_id))
     assert (project / "metrics" / "eval.json").is_file()
+
+
+def test_evaluation_is_reproducible(project: Path):
+    train(make_config(*TINY))
+    first = run_entry("evaluate.py", "data=digits", "eval.iw_k=20", root=project)
+    second = run_entry("evaluate.py", "data=digits", "eval.iw_k=20", root=project)
+    assert first.stdout.splitlines()[-1] == second.stdout.splitlines()[-1]

@@ -152,6 +152,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from vaelab.tracking import Run
 
     path = resolve_checkpoint(cfg)
+    torch.manual_seed(cfg.seed)  # the importance samples too: the same checkpoint gives the same numbers
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module = load_trained(path, map_location=device)
     lineage = module.lineage
