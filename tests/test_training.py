@@ -106,6 +106,7 @@ def test_train_then_evaluate_on_fashion_mnist_log_into_one_run(project: Path, fa
     assert metrics["test/nll_iw"] <= -metrics["test/elbo"]  # the IW bound is the tighter one
     assert metrics["test/inference_gap"] == pytest.approx(-metrics["test/elbo"] - metrics["test/nll_iw"], abs=1e-3)
     assert 0 < metrics["test/bpd"] < 1
+    assert 0 < metrics["test/nll_iw_se"] < 5 and 1 <= metrics["test/iw_ess"] <= 50
     assert 0 < metrics["test/active_units"] <= 16
     assert {
         "evaluation/test_reconstructions.png",

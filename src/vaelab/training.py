@@ -32,6 +32,7 @@ from vaelab.files import replace_dir, staging_dir, write_json_atomic, write_text
 from vaelab.module import VAEModule
 from vaelab.tracking import Run
 
+VAL_ESTIMATES = ("val/nll_iw", "val/nll_iw_se", "val/inference_gap", "val/iw_ess")
 CURVE_COLUMNS = (
     "epoch",
     "train/elbo",
@@ -169,24 +170,22 @@ def finish(
     save_training_curves(history.rows, figures / "training_curves.png")
 
     best_row = max(history.rows, key=lambda row: row.get("val/elbo", float("-inf")))
+    # The end-of-training IW estimates use the first eval.val_limit val images (all by default).
+    val_estimates = {k: v for k, v in val_iw.metrics("val").items() if k in VAL_ESTIMATES}
     summary = {
         **{k: v for k, v in best_row.items() if k.startswith(("train/", "val/"))},
-        "val/nll_iw": val_iw.nll_iw,
-        "val/inference_gap": val_iw.inference_gap,
+        **val_estimates,
         "best_epoch": float(best_row["epoch"]),
         "epochs": float(len(history.rows)),
         "train/images_per_sec": sum(r["train/images_per_sec"] for r in history.rows) / len(history.rows),
     }
+    warning = val_iw.collapse_warning()
+    if warning:
+        print(f"vaelab: warning: {warning}")
     if run:
-        # val/nll_iw and val/inference_gap use the first eval.val_limit val images, not all of them.
-        run.log_metrics(
-            {
-                "val/nll_iw": val_iw.nll_iw,
-                "val/inference_gap": val_iw.inference_gap,
-                "val/iw_k": float(cfg.eval.val_iw_k),
-            },
-            step=trainer.global_step,
-        )
+        run.log_metrics({**val_estimates, "val/iw_k": float(cfg.eval.val_iw_k)}, step=trainer.global_step)
+        if warning:
+            run.set_tags({"vaelab.warning": warning})
         run.log_artifact(config_file, "config")
         run.log_artifact(best, "checkpoints")
         run.log_artifact(figures, "figures")

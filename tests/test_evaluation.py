@@ -1,0 +1,77 @@
+"""Held-out estimators: the IW bound, its chunking, ESS, standard errors, active units, collapse warnings."""
+
+import math
+
+import pytest
+import torch
+
+from vaelab.evaluation import active_units, evaluate_images, iw_batch
+from vaelab.likelihoods import Bernoulli
+from vaelab.model import VAE
+from vaelab.networks import build_mlp
+from vaelab.objectives import gaussian_log_prob, standard_normal_log_prob
+
+
+def digits_vae(seed: int = 0, latent_dim: int = 4) -> VAE:
+    torch.manual_seed(seed)
+    encoder, decoder = build_mlp((1, 8, 8), latent_dim=latent_dim, params_per_channel=1, hidden=[32])
+    return VAE(encoder, decoder, Bernoulli(), latent_dim=latent_dim).eval()
+
+
+def binary_images(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.bernoulli(torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_iwae_with_one_sample_equals_the_elbo_with_a_monte_carlo_kl_on_the_same_noise():
+    vae, x = digits_vae(), binary_images(50)
+    out = vae(x, k=1)
+    z = out.z[0]
+    mc_kl = gaussian_log_prob(z, out.mean, out.logvar) - standard_normal_log_prob(z)
+    torch.testing.assert_close(out.iw_bound, out.log_px_z[0] - mc_kl)
+
+
+def test_the_nll_estimate_does_not_depend_on_the_chunk_size():
+    """Chunking changes which noise each sample gets, so the two agree within Monte-Carlo error:
+    the mean per-image difference is within 4 standard errors of that difference."""
+    vae, x = digits_vae(), binary_images(300)
+    torch.manual_seed(2)
+    one_at_a_time = iw_batch(vae, x, k=64, rows=len(x))  # chunks of 1 sample
+    torch.manual_seed(3)
+    all_at_once = iw_batch(vae, x, k=64, rows=64 * len(x))
+    diff = one_at_a_time["log_px"] - all_at_once["log_px"]
+    assert diff.abs().max() > 0  # different noise really was used
+    assert diff.mean().abs() < 4 * diff.std() / math.sqrt(len(diff))
+    torch.testing.assert_close(one_at_a_time["kl_per_dim"], all_at_once["kl_per_dim"])  # closed form
+
+
+def test_with_the_exact_posterior_the_bound_is_tight_and_every_weight_counts():
+    """All weights zero: q(z|x) = N(0, I) = p(z) = p(z|x), since the decoder ignores z. Then every
+    importance weight is the same, log p(x) is exact for any k, the gap is 0 and the ESS is k."""
+    vae = digits_vae()
+    with torch.no_grad():
+        for parameter in vae.parameters():
+            parameter.zero_()
+    result = evaluate_images(vae, binary_images(40), k=16)
+    assert result.nll_iw == pytest.approx(64 * math.log(2), rel=1e-5)  # each pixel: Bernoulli(1/2)
+    assert result.inference_gap == pytest.approx(0.0, abs=1e-4)
+    assert result.iw_ess == pytest.approx(16.0, rel=1e-5)
+    assert result.active_units == 0
+    assert "posterior collapse: only 0 of 4" in result.collapse_warning()
+
+
+def test_a_trained_looking_model_reports_standard_errors_and_an_ess_below_k():
+    result = evaluate_images(digits_vae(), binary_images(200), k=32)
+    assert result.nll_iw_se > 0 and result.elbo_se > 0
+    assert 1.0 <= result.iw_ess < 32.0
+    assert result.nll_iw <= -result.elbo + 1e-6
+    metrics = result.metrics("test")
+    assert {"test/nll_iw_se", "test/elbo_se", "test/iw_ess", "test/inference_gap"} <= set(metrics)
+
+
+def test_active_units_count_dimensions_whose_posterior_mean_varies_across_images():
+    torch.manual_seed(3)
+    means = torch.stack(
+        [torch.randn(5000), 0.05 * torch.randn(5000), 0.2 * torch.randn(5000), torch.full((5000,), 3.0)], dim=1
+    )  # variances: 1, 0.0025, 0.04, 0
+    assert active_units(means) == 2
+    assert active_units(means, threshold=0.001) == 3
