@@ -47,6 +47,10 @@ def test_one_short_training_makes_a_finished_run_linked_to_its_checkpoint(projec
         "checkpoints/best.ckpt",
         "figures/reconstructions.png",
         "figures/samples.png",
+        "figures/traversals.png",
+        "figures/interpolations.png",
+        "figures/latent_scatter.png",
+        "figures/kl_per_dim.png",
         "figures/training_curves.png",
     } <= artifacts
 
@@ -109,8 +113,11 @@ def test_train_then_evaluate_on_fashion_mnist_log_into_one_run(project: Path, fa
     assert 0 < metrics["test/nll_iw_se"] < 5 and 1 <= metrics["test/iw_ess"] <= 50
     assert 0 < metrics["test/active_units"] <= 16
     assert {
-        "evaluation/test_reconstructions.png",
-        "evaluation/prior_samples.png",
+        "evaluation/reconstructions.png",
+        "evaluation/samples.png",
+        "evaluation/traversals.png",
+        "evaluation/interpolations.png",
+        "evaluation/latent_scatter.png",
         "evaluation/kl_per_dim.csv",
     } <= (artifact_paths(mlflow_client(project), run.info.run_id))
     assert (project / "metrics" / "eval.json").is_file()

@@ -25,7 +25,7 @@ from vaelab import paths
 from vaelab.data import fixed_images
 from vaelab.datasets import Settings, ensure_prepared, load_split
 from vaelab.errors import DataError, VaelabError
-from vaelab.files import write_json_atomic
+from vaelab.files import replacing_dir, write_json_atomic
 from vaelab.objectives import bits_per_dim
 
 # Latents decoded at once (k-chunk x images): bounds memory at about rows x pixels x a few floats.
@@ -186,7 +186,7 @@ def resolve_checkpoint(cfg: DictConfig) -> Path:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate a checkpoint on the test split; write metrics/eval.json and plots/eval/; log into its run."""
-    from vaelab.figures import save_kl_per_dim, save_prior_samples, save_reconstructions
+    from vaelab.figures import save_figures
     from vaelab.module import load_trained
     from vaelab.tracking import Run
 
@@ -201,7 +201,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             f"{folder} holds data {manifest['data_hash'][:12]}, but {path} was trained on "
             f"{lineage['data_hash'][:12]}; re-run prepare with the checkpoint's data settings"
         )
-    images = fixed_images(load_split(folder, "test"), lineage["representation"], cfg.eval.limit)
+    test = load_split(folder, "test")
+    images = fixed_images(test, lineage["representation"], cfg.eval.limit)
 
     result = evaluate_images(module.vae, images, k=cfg.eval.iw_k, description="test NLL")
     metrics = result.metrics("test")
@@ -210,10 +211,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         print(f"vaelab: warning: {warning}")
 
     plots = paths.plots_dir() / "eval"
-    save_reconstructions(module.vae, images[:32].to(device), plots / "test_reconstructions.png")
-    save_prior_samples(module.vae, plots / "prior_samples.png")
-    save_kl_per_dim(result.kl_per_dim, plots / "kl_per_dim.png")
-    write_kl_per_dim(result.kl_per_dim, plots / "kl_per_dim.csv")
+    with replacing_dir(plots) as fresh:  # no figure of an earlier evaluation survives
+        save_figures(module.vae, images, test["labels"][: len(images)], result.kl_per_dim, fresh, seed=cfg.seed)
+        write_kl_per_dim(result.kl_per_dim, fresh / "kl_per_dim.csv")
     summary = {**metrics, "eval/iw_k": cfg.eval.iw_k, "eval/n_images": result.n_images}
     write_json_atomic(paths.metrics_dir() / "eval.json", {**summary, "run_id": lineage.get("run_id")})
 

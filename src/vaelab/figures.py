@@ -59,7 +59,8 @@ def save_training_curves(history: list[dict[str, float]], path: Path) -> Path:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -79,3 +80,73 @@ def save_kl_per_dim(kl_per_dim: list[float], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+@torch.no_grad()
+def traversal_grid(vae, x: torch.Tensor, kl_per_dim: list[float], dims: int = 8, steps: int = 9, span: float = 3.0):
+    """One row per latent dimension (the `dims` with the largest KL): decode the posterior mean of image
+    `x` [1, C, H, W] with that one coordinate swept over [-span, span] prior standard deviations."""
+    order = sorted(range(len(kl_per_dim)), key=lambda d: -kl_per_dim[d])[:dims]
+    mean, _ = vae.encode(x)  # [1, D]
+    values = torch.linspace(-span, span, steps, device=mean.device)
+    z = mean.repeat(len(order) * steps, 1)  # [rows * steps, D]
+    for row, d in enumerate(order):
+        z[row * steps : (row + 1) * steps, d] = values
+    return vae.likelihood.mean(vae.decoder(z)), steps
+
+
+@torch.no_grad()
+def interpolation_grid(vae, x_from: torch.Tensor, x_to: torch.Tensor, steps: int = 10):
+    """One row per pair: decode straight lines between the posterior means of x_from[i] and x_to[i]."""
+    start, _ = vae.encode(x_from)  # [n, D]
+    end, _ = vae.encode(x_to)
+    t = torch.linspace(0, 1, steps, device=start.device)[None, :, None]  # [1, steps, 1]
+    z = (1 - t) * start[:, None] + t * end[:, None]  # [n, steps, D]
+    return vae.likelihood.mean(vae.decoder(z.flatten(0, 1))), steps
+
+
+def latent_projection(means: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """The latents themselves when 2-D, otherwise their first two principal components."""
+    if means.shape[1] == 2:
+        return means, "z"
+    centred = means - means.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    return centred @ v[:2].T, "PCA of z"
+
+
+def save_latent_scatter(means: torch.Tensor, labels: torch.Tensor, path: Path) -> Path:
+    """Posterior means in 2-D, coloured by class label: the learned manifold at a glance."""
+    points, axis = latent_projection(means.detach().float().cpu())
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels.cpu(), cmap="tab10", s=3, alpha=0.6)
+    ax.legend(*scatter.legend_elements(), title="label", fontsize=7, loc="best", markerscale=0.8)
+    ax.set_xlabel(f"{axis} 1")
+    ax.set_ylabel(f"{axis} 2")
+    ax.set_title(f"posterior means E[z|x] ({axis})", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def save_figures(
+    vae, images: torch.Tensor, labels: torch.Tensor, kl_per_dim: list[float], folder: Path, seed: int = 0
+) -> list[Path]:
+    """Every picture of a trained model on held-out `images` (already in the likelihood's representation)."""
+    device = next(vae.parameters()).device
+    x = images[:64].to(device)
+    means, _ = vae.encode(images[:5000].to(device))
+    traversals, steps = traversal_grid(vae, x[:1], kl_per_dim)
+    paths = [
+        save_reconstructions(vae, x[:32], folder / "reconstructions.png"),
+        save_prior_samples(vae, folder / "samples.png", seed=seed),
+        save_grid(traversals, folder / "traversals.png", nrow=steps),
+    ]
+    pairs = min(8, len(x) // 2)
+    interpolations, steps = interpolation_grid(vae, x[:pairs], x[pairs : 2 * pairs])
+    paths.append(save_grid(interpolations, folder / "interpolations.png", nrow=steps))
+    paths.append(save_latent_scatter(means, labels[:5000], folder / "latent_scatter.png"))
+    paths.append(save_kl_per_dim(kl_per_dim, folder / "kl_per_dim.png"))
+    return paths

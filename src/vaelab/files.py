@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -54,3 +56,14 @@ def staging_dir(target: Path) -> Path:
     folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     _usual_mode(folder, is_dir=True)
     return folder
+
+
+@contextmanager
+def replacing_dir(target: Path) -> Iterator[Path]:
+    """Yield an empty folder to fill; when the block succeeds it replaces `target` whole, else it is removed."""
+    staging = staging_dir(target)
+    try:
+        yield staging
+        replace_dir(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

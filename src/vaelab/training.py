@@ -27,8 +27,8 @@ from vaelab.config import validate
 from vaelab.data import ImageData
 from vaelab.datasets import Settings
 from vaelab.evaluation import evaluate_images
-from vaelab.figures import save_prior_samples, save_reconstructions, save_training_curves
-from vaelab.files import replace_dir, staging_dir, write_json_atomic, write_text_atomic
+from vaelab.figures import save_figures, save_training_curves
+from vaelab.files import replacing_dir, write_json_atomic, write_text_atomic
 from vaelab.module import VAEModule
 from vaelab.tracking import Run
 
@@ -165,8 +165,8 @@ def finish(
     val_iw = evaluate_images(module.vae, val_images, k=cfg.eval.val_iw_k, description="val NLL")
     out_dir = config_file.parent
     figures = out_dir / "figures"
-    save_reconstructions(module.vae, val_images[:32].to(module.device), figures / "reconstructions.png")
-    save_prior_samples(module.vae, figures / "samples.png", seed=cfg.seed)
+    val_labels = data.split("val")["labels"][: len(val_images)]
+    save_figures(module.vae, val_images, val_labels, val_iw.kl_per_dim, figures, seed=cfg.seed)
     save_training_curves(history.rows, figures / "training_curves.png")
 
     best_row = max(history.rows, key=lambda row: row.get("val/elbo", float("-inf")))
@@ -199,14 +199,10 @@ def finish(
 def publish_latest(checkpoint: Path, run_id: str, config_file: Path) -> Path:
     """Make models/latest/ a real copy (not a link) of this run's best checkpoint: DVC tracks it."""
     target = paths.latest_model_dir()
-    staging = staging_dir(target)
-    try:
-        shutil.copy2(checkpoint, staging / "model.ckpt")
-        shutil.copy2(config_file, staging / "config.yaml")
-        (staging / "run_id").write_text(run_id + "\n")
-        replace_dir(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with replacing_dir(target) as fresh:
+        shutil.copy2(checkpoint, fresh / "model.ckpt")
+        shutil.copy2(config_file, fresh / "config.yaml")
+        (fresh / "run_id").write_text(run_id + "\n")
     return target
 
 

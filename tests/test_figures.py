@@ -1,0 +1,52 @@
+"""Every figure is written, and is a valid PNG of the expected size."""
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from vaelab.figures import MIN_SIDE, save_figures, save_training_curves
+from vaelab.likelihoods import Bernoulli
+from vaelab.model import VAE
+from vaelab.networks import build_mlp
+
+
+def grid_side(cells: int, image: int, padding: int = 2) -> int:
+    return cells * (image + padding) + padding
+
+
+def test_every_figure_is_a_png_of_the_expected_size(tmp_path: Path):
+    torch.manual_seed(0)
+    encoder, decoder = build_mlp((1, 8, 8), latent_dim=3, params_per_channel=1, hidden=[16])
+    vae = VAE(encoder, decoder, Bernoulli(), latent_dim=3).eval()
+    images = torch.bernoulli(torch.rand(100, 1, 8, 8))
+    labels = torch.arange(100) % 10
+    paths = save_figures(vae, images, labels, kl_per_dim=[0.5, 2.0, 1.0], folder=tmp_path)
+    paths.append(save_training_curves([{"epoch": 0, "train/elbo": -40.0, "val/elbo": -39.0}], tmp_path / "c.png"))
+
+    names = {p.name for p in paths}
+    assert names == {
+        "reconstructions.png",
+        "samples.png",
+        "traversals.png",
+        "interpolations.png",
+        "latent_scatter.png",
+        "kl_per_dim.png",
+        "c.png",
+    }
+    side = (MIN_SIDE // 8) * 8  # 8x8 digits are upscaled for readability
+    expected = {
+        "reconstructions.png": (grid_side(8, side), grid_side(8, side)),  # 4 rows of inputs + 4 of reconstructions
+        "samples.png": (grid_side(8, side), grid_side(8, side)),
+        "traversals.png": (grid_side(9, side), grid_side(3, side)),  # 9 steps x all 3 latent dims
+        "interpolations.png": (grid_side(10, side), grid_side(8, side)),  # 10 steps x 8 pairs
+    }
+    for path in paths:
+        with Image.open(path) as picture:
+            picture.verify()
+        with Image.open(path) as picture:
+            assert picture.format == "PNG"
+            if path.name in expected:
+                assert picture.size == expected[path.name], path.name
+            else:
+                assert picture.size[0] > 300 and picture.size[1] > 200, path.name
