@@ -1,11 +1,12 @@
-"""Prepared tensors -> batches for Lightning, in the representation the likelihood models.
+"""Prepared tensors -> batches for Lightning, observed the way the likelihood models them.
 
 Batches come straight from in-memory uint8 tensors: no per-sample Python Dataset, no workers. The
 loader shards by rank itself (Lightning's automatic DistributedSampler only applies to DataLoader).
 
-Representation `binary` (Bernoulli likelihood):
-    train   grey uint8 batch -> binarized afresh on the device at every use (dynamic binarization)
-    val/test the fixed binary images stored by the prepare stage, identical for every model
+The likelihood class decides what the model sees (likelihoods.py, `observe`):
+    train    uint8 batch -> observed afresh on the device at every use (e.g. dynamic binarization,
+             fresh dequantization noise)
+    val/test observed once with the manifest's seed, identical for every model and every evaluation
 """
 
 from __future__ import annotations
@@ -15,17 +16,19 @@ import math
 import lightning.pytorch as pl
 import torch
 
-from vaelab.datasets import Settings, binarize, ensure_prepared, load_split
+from vaelab.datasets import Settings, ensure_prepared, load_split
+from vaelab.likelihoods import Bernoulli, Likelihood
 
-REPRESENTATIONS = ("binary",)
+EVAL_SEED_OFFSET = {"val": 1, "test": 2}  # seed = binarize_seed + offset, as the prepare stage uses
 
 
-def fixed_images(split: dict[str, torch.Tensor], representation: str, limit: int | None = None) -> torch.Tensor:
-    """A val or test split's fixed evaluation images, float32 [N, C, H, W] in the given representation."""
-    if representation != "binary":
-        raise ValueError(f"representation {representation!r} not in {REPRESENTATIONS}")
-    images = split["binary"]
-    return (images[:limit] if limit else images).float()
+def fixed_observations(
+    split: dict[str, torch.Tensor], name: str, likelihood: type[Likelihood], manifest: dict, limit: int | None = None
+) -> torch.Tensor:
+    """Split `name` (val or test) as the model sees it at evaluation, float32 [N, C, H, W], fixed by seed."""
+    split = {k: v[:limit] for k, v in split.items()} if limit else split
+    seed = manifest["binarize_seed"] + EVAL_SEED_OFFSET[name]
+    return likelihood.observe_fixed(split, manifest["grey_levels"], seed)
 
 
 class TensorBatches:
@@ -86,20 +89,19 @@ class ImageData(pl.LightningDataModule):
         batch_size: int,
         limit_train: int | None = None,
         eval_batch_size: int = 1000,
-        representation: str = "binary",
+        likelihood: type[Likelihood] = Bernoulli,
         seed: int = 0,
     ):
         super().__init__()
-        if representation not in REPRESENTATIONS:
-            raise ValueError(f"representation {representation!r} not in {REPRESENTATIONS}")
         self.settings = settings
         self.batch_size = batch_size
         self.limit_train = limit_train
         self.eval_batch_size = eval_batch_size
-        self.representation = representation
+        self.likelihood = likelihood
         self.seed = seed
         self.folder, self.manifest = ensure_prepared(settings)
         self._splits: dict[str, dict[str, torch.Tensor]] = {}
+        self._fixed: dict[str, torch.Tensor] = {}
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -122,7 +124,10 @@ class ImageData(pl.LightningDataModule):
         return self._splits[name]
 
     def eval_images(self, name: str, limit: int | None = None) -> torch.Tensor:
-        return fixed_images(self.split(name), self.representation, limit)
+        """The fixed observation of the val or test split (cached), optionally its first `limit` images."""
+        if name not in self._fixed:
+            self._fixed[name] = fixed_observations(self.split(name), name, self.likelihood, self.manifest)
+        return self._fixed[name][:limit] if limit else self._fixed[name]
 
     def _loader(self, tensor: torch.Tensor, batch_size: int, shuffle: bool) -> TensorBatches:
         trainer = self.trainer
@@ -133,13 +138,13 @@ class ImageData(pl.LightningDataModule):
         return self._loader(self.split("train")["images"], self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> TensorBatches:
-        return self._loader(self.split("val")["binary"], self.eval_batch_size, shuffle=False)
+        return self._loader(self.eval_images("val"), self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> TensorBatches:
-        return self._loader(self.split("test")["binary"], self.eval_batch_size, shuffle=False)
+        return self._loader(self.eval_images("test"), self.eval_batch_size, shuffle=False)
 
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
-        # Runs on the device, so dynamic binarization costs no host work and no extra copy.
+        # Runs on the device, so observing (binarizing, dequantizing) costs no host work and no extra copy.
         if self.trainer is not None and self.trainer.training:
-            return binarize(batch, self.grey_levels).float()
-        return batch.float()
+            return self.likelihood.observe(batch, self.grey_levels)
+        return batch  # val/test batches are already the fixed observation

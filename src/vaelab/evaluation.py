@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig
 from rich.progress import Progress
 
 from vaelab import paths
-from vaelab.data import fixed_images
+from vaelab.data import fixed_observations
 from vaelab.datasets import Settings, ensure_prepared, load_split
 from vaelab.errors import DataError, VaelabError
 from vaelab.files import replacing_dir, write_json_atomic
@@ -202,7 +203,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             f"{lineage['data_hash'][:12]}; re-run prepare with the checkpoint's data settings"
         )
     test = load_split(folder, "test")
-    images = fixed_images(test, lineage["representation"], cfg.eval.limit)
+    likelihood = get_class(lineage["config"]["likelihood"]["_target_"])
+    images = fixed_observations(test, "test", likelihood, manifest, cfg.eval.limit)
 
     result = evaluate_images(module.vae, images, k=cfg.eval.iw_k, description="test NLL")
     metrics = result.metrics("test")

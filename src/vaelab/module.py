@@ -25,9 +25,9 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite and `nan_policy=fail`."""
 
 
-def build_vae(image_shape: list[int], arch: dict, likelihood: dict, latent_dim: int) -> VAE:
+def build_vae(image_shape: list[int], arch: dict, likelihood: dict, latent_dim: int, grey_levels: int = 256) -> VAE:
     """Instantiate `arch` and `likelihood` (plain dicts with `_target_`) into a VAE for this image shape."""
-    p_x_z = instantiate(likelihood)
+    p_x_z = instantiate(likelihood, grey_levels=grey_levels)
     encoder, decoder = instantiate(
         arch,
         image_shape=tuple(image_shape),
@@ -56,11 +56,12 @@ class VAEModule(pl.LightningModule):
         weight_decay: float = 0.0,
         scheduler: str | None = None,
         nan_policy: str = "fail",
+        grey_levels: int = 256,
     ):
         super().__init__()
         # logger=False: tracking logs the whole composed config once; Lightning must not log it again.
         self.save_hyperparameters(logger=False)
-        self.vae = build_vae(image_shape, arch, likelihood, latent_dim)
+        self.vae = build_vae(image_shape, arch, likelihood, latent_dim, grey_levels)
         self.dims = math.prod(image_shape)
         # Provenance written into every checkpoint: run id, data hash, composed config (set by training).
         self.lineage: dict[str, Any] = {}

@@ -50,7 +50,7 @@ def hydra_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def build_module(cfg: DictConfig, image_shape: tuple[int, ...]) -> VAEModule:
+def build_module(cfg: DictConfig, image_shape: tuple[int, ...], grey_levels: int) -> VAEModule:
     container = OmegaConf.to_container(cfg, resolve=True)
     model, optim = container["model"], container["optim"]
     return VAEModule(
@@ -67,6 +67,7 @@ def build_module(cfg: DictConfig, image_shape: tuple[int, ...]) -> VAEModule:
         weight_decay=float(optim["weight_decay"]),
         scheduler=optim["scheduler"],
         nan_policy=cfg.nan_policy,
+        grey_levels=grey_levels,
     )
 
 
@@ -75,7 +76,7 @@ def build_data(cfg: DictConfig) -> ImageData:
         Settings.from_config(cfg.data),
         batch_size=cfg.data.batch_size,
         limit_train=cfg.data.limit_train,
-        representation=get_class(cfg.likelihood._target_).representation,
+        likelihood=get_class(cfg.likelihood._target_),
         seed=cfg.seed,
     )
 
@@ -85,7 +86,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
     validate(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = build_data(cfg)
-    module = build_module(cfg, data.image_shape)
+    module = build_module(cfg, data.image_shape, data.grey_levels)
     if cfg.compile:
         module.vae.encoder.compile()
         module.vae.decoder.compile()
