@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vaelab.errors import ConfigError
 
-DATASETS = ("fashion_mnist", "digits")
+DATASETS = ("fashion_mnist", "mnist", "digits", "image_folder")
 NAN_POLICIES = ("fail", "skip")
 SCHEDULERS = (None, "cosine")
 TRACKING_SCHEMES = ("sqlite:///", "http://", "https://", "file:", "postgresql", "mysql", "databricks")
@@ -41,6 +41,14 @@ def _number_at_least(low: float) -> Rule:
     return (lambda v: _is_number(v) and v >= low), f"a number >= {low}"
 
 
+def _count_or_fraction(low: int) -> Rule:
+    """A hold-out size: a count of images, or a fraction of them (what suits a folder of unknown size)."""
+    return (
+        (lambda v: (_is_int(v) and v >= low) or (isinstance(v, float) and 0 < v < 1)),
+        f"an integer >= {low} or a fraction in (0, 1)",
+    )
+
+
 def _optional(rule: Rule) -> Rule:
     check, text = rule
     return (lambda v: v is None or check(v)), f"null or {text}"
@@ -56,8 +64,8 @@ RULES: dict[str, Rule] = {
     "data.name": _one_of(DATASETS),
     "data.batch_size": _int_at_least(1),
     "data.limit_train": _optional(_int_at_least(1)),
-    "data.val_size": _int_at_least(1),
-    "data.test_size": _int_at_least(0),
+    "data.val_size": _count_or_fraction(1),
+    "data.test_size": _count_or_fraction(0),
     "data.split_seed": _int_at_least(0),
     "data.binarize_seed": _int_at_least(0),
     "data.num_workers": _int_at_least(0),
@@ -87,15 +95,28 @@ RULES: dict[str, Rule] = {
 }
 
 
+# Keys only some configs have (data=image_folder's): checked where present, fine where absent.
+OPTIONAL_RULES: dict[str, Rule] = {
+    "data.image_size": _int_at_least(4),
+    "data.channels": ((lambda v: v is None or (_is_int(v) and v in (1, 3))), "null (auto), 1 or 3"),
+}
+
+
 def problems(cfg: DictConfig) -> list[tuple[str, object, str]]:
     """All rule violations of `cfg` as (key, value, allowed) triples; empty when the config is valid."""
     found: list[tuple[str, object, str]] = []
-    for key, (check, allowed) in RULES.items():
+    for key, (check, allowed) in {**RULES, **OPTIONAL_RULES}.items():
         value = OmegaConf.select(cfg, key, default=_MISSING)
         if value is _MISSING:
-            found.append((key, "<missing>", allowed))
+            if key not in OPTIONAL_RULES:
+                found.append((key, "<missing>", allowed))
         elif not check(value):
             found.append((key, value, allowed))
+
+    # image_folder has no default source to fall back on: its images are wherever data.root points.
+    data = cfg.get("data", {})
+    if data.get("name") == "image_folder" and data.get("root") is None:
+        found.append(("data.root", None, "an existing directory of images (data=image_folder reads data.root)"))
 
     # Combinations. The IWAE bound has no separate KL term for beta, warm-up or free bits to act on.
     model = cfg.get("model", {})

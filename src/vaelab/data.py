@@ -16,10 +16,8 @@ import math
 import lightning.pytorch as pl
 import torch
 
-from vaelab.datasets import Settings, ensure_prepared, load_split
+from vaelab.datasets import EVAL_SEED_OFFSET, Settings, ensure_prepared, load_split
 from vaelab.likelihoods import Bernoulli, Likelihood
-
-EVAL_SEED_OFFSET = {"val": 1, "test": 2}  # seed = binarize_seed + offset, as the prepare stage uses
 
 
 def fixed_observations(

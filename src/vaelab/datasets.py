@@ -15,9 +15,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import shutil
+import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +28,19 @@ from filelock import FileLock
 
 from vaelab import __version__, paths
 from vaelab.errors import DataError
-from vaelab.files import replace_dir, staging_dir
+from vaelab.files import replacing_dir
+from vaelab.likelihoods import binarize
 
 SPLITS = ("train", "val", "test")
+# val and test are observed once (binarized here; dequantized in data.py) with seed binarize_seed + offset.
+EVAL_SEED_OFFSET = {"val": 1, "test": 2}
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+# The four files of an MNIST-format dataset, as torchvision names them once decompressed.
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+# The IDX header's magic number: 0x08 (unsigned bytes), then the number of dimensions (3 or 1).
+IDX_MAGIC = {"images": 2051, "labels": 2049}
+MNIST_IMAGE_SHAPE = [28, 28]
 
 # MD5 of the *decompressed* IDX files: Debian recompressed the .gz files, so only the content
 # is comparable between Debian's copy and torchvision's download (ENVIRONMENT.md).
@@ -41,6 +52,8 @@ FASHION_MNIST_MD5 = {
 }
 # MD5 of scikit-learn's bundled 8x8 digits, as uint8 images and int64 labels.
 DIGITS_MD5 = {"images": "fa70cba135d4cdd4cde65da70dbffde2", "labels": "1041ea9b393a866c07fc3ca1c2bb06cd"}
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 @dataclass
@@ -54,6 +67,7 @@ class RawDataset:
     grey_levels: int
     source: str
     raw_md5: dict[str, str]
+    details: dict = field(default_factory=dict)  # more about the source for the manifest, e.g. a folder's classes
 
 
 @dataclass(frozen=True)
@@ -62,30 +76,50 @@ class Settings:
 
     name: str
     root: str | None
-    val_size: int
-    test_size: int
+    val_size: int | float  # an int is a count, a float in (0, 1) a fraction of the images split
+    test_size: int | float
     split_seed: int
     binarize_seed: int
+    # Only data=image_folder has these keys; None elsewhere, so the other datasets' settings stay as they were.
+    image_size: int | None = None
+    channels: int | None = None  # None: 1 if every image is grey, else 3
 
     @classmethod
     def from_config(cls, data_cfg) -> Settings:
         return cls(
             name=str(data_cfg.name),
             root=None if data_cfg.get("root") is None else str(data_cfg.root),
-            val_size=int(data_cfg.val_size),
-            test_size=int(data_cfg.get("test_size") or 0),
+            val_size=_hold_out_size(data_cfg.val_size),
+            test_size=_hold_out_size(data_cfg.get("test_size")),
             split_seed=int(data_cfg.split_seed),
             binarize_seed=int(data_cfg.binarize_seed),
+            image_size=_optional_int(data_cfg.get("image_size")),
+            channels=_optional_int(data_cfg.get("channels")),
         )
 
     def manifest_keys(self) -> dict:
+        # `root` belongs here because for image_folder (and MNIST from data.root) the folder *is* the data:
+        # pointing data.root elsewhere must re-prepare. A manifest written before a key existed reads it as
+        # None (ensure_prepared uses .get), so adding keys does not invalidate prepared data.
         return {
             "dataset": self.name,
+            "root": self.root,
             "val_size": self.val_size,
             "test_size": self.test_size,
             "split_seed": self.split_seed,
             "binarize_seed": self.binarize_seed,
+            "image_size": self.image_size,
+            "channels": self.channels,
         }
+
+
+def _hold_out_size(value) -> int | float:
+    """A configured val/test size: a float stays a fraction, anything else (null included) is a count."""
+    return float(value) if isinstance(value, float) else int(value or 0)
+
+
+def _optional_int(value) -> int | None:
+    return None if value is None else int(value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,31 +134,102 @@ def md5_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _find_idx(source: Path, name: str) -> Path | None:
-    """A raw IDX file in `source`, plain or gzipped, flat (Debian) or in torchvision's layout."""
-    for folder in (source, source / "FashionMNIST" / "raw"):
+@dataclass(frozen=True)
+class IdxDataset:
+    """An MNIST-format dataset as torchvision keeps it: the four IDX files in `data/raw/<torchvision_name>/raw/`."""
+
+    title: str  # for messages
+    torchvision_name: str  # the torchvision.datasets class, which also names its folder
+    md5: dict[str, str] | None  # of the decompressed files; None where unknown: the IDX structure is checked instead
+
+    def torchvision_class(self):
+        import torchvision.datasets
+
+        return getattr(torchvision.datasets, self.torchvision_name)
+
+
+FASHION_MNIST = IdxDataset("Fashion-MNIST", "FashionMNIST", FASHION_MNIST_MD5)
+# MNIST's decompressed md5s could not be measured offline, and a made-up checksum would reject the real data.
+MNIST = IdxDataset("MNIST", "MNIST", None)
+
+
+def _find_idx(source: Path, name: str, layout: str) -> Path | None:
+    """A raw IDX file in `source`, plain or gzipped, flat (Debian) or in torchvision's `<layout>/raw/` folder."""
+    for folder in (source, source / layout / "raw"):
         for candidate in (folder / name, folder / f"{name}.gz"):
             if candidate.is_file():
                 return candidate
     return None
 
 
-def _stage_idx(source: Path, target: Path, files: dict[str, str]) -> None:
-    """Copy (decompressing if needed) the IDX files from `source` into torchvision's raw folder."""
+def _decompress(source: Path, target: Path) -> None:
+    try:
+        opener = gzip.open if source.suffix == ".gz" else open
+        with opener(source, "rb") as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    except (OSError, EOFError) as error:
+        raise DataError(f"{source}: cannot be read ({error}); the file is truncated or not gzip/IDX") from error
+
+
+def _stage_idx(source: Path, target: Path, dataset: IdxDataset) -> None:
+    """Copy (decompressing if needed) the four IDX files from `source` into torchvision's raw folder.
+
+    The copies are checked before any of them replaces what is there, so a bad source never shadows
+    a good earlier copy.
+    """
+    found = {name: _find_idx(source, name, dataset.torchvision_name) for name in IDX_FILES}
+    missing = [f"{name}(.gz)" for name, path in found.items() if path is None]
+    if missing:
+        raise DataError(f"{source}: missing {', '.join(missing)}; expected the {dataset.title} IDX files")
     target.mkdir(parents=True, exist_ok=True)
-    for name in files:
-        found = _find_idx(source, name)
-        if found is None:
-            raise DataError(f"{source}: missing {name} (or {name}.gz); expected the Fashion-MNIST IDX files")
-        partial = target / f".{name}.partial"
-        try:
-            opener = gzip.open if found.suffix == ".gz" else open
-            with opener(found, "rb") as src, open(partial, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        except (OSError, EOFError) as error:
+    partials = {name: target / f".{name}.partial" for name in IDX_FILES}
+    try:
+        for name, partial in partials.items():
+            _decompress(found[name], partial)
+        check_idx_structure(partials, shown=found)
+        for name, partial in partials.items():
+            partial.replace(target / name)
+    finally:
+        for partial in partials.values():
             partial.unlink(missing_ok=True)
-            raise DataError(f"{found}: cannot be read ({error}); the file is truncated or not gzip/IDX") from error
-        partial.replace(target / name)
+
+
+def _idx_count(path: Path, kind: str, shown: Path) -> int:
+    """The number of items in one IDX file of `kind` ("images" or "labels"), after checking its header and length."""
+    magic = IDX_MAGIC[kind]
+    header_size = 4 * (1 + (magic & 0xFF))  # the magic number, then one 4-byte size per dimension
+    with open(path, "rb") as f:
+        header = f.read(header_size)
+    if len(header) < header_size:
+        raise DataError(f"{shown}: {len(header)} bytes, too short for an IDX {kind} header")
+    found_magic, count, *shape = struct.unpack(f">{header_size // 4}I", header)
+    if found_magic != magic:
+        raise DataError(f"{shown}: magic number {found_magic}, expected {magic}; not an IDX {kind} file")
+    if kind == "images" and shape != MNIST_IMAGE_SHAPE:
+        raise DataError(f"{shown}: images are {shape[0]}x{shape[1]}, expected 28x28")
+    expected_size = header_size + count * math.prod(shape)
+    size = path.stat().st_size
+    if size != expected_size:
+        raise DataError(
+            f"{shown}: {size} bytes, but its header announces {count} {kind} ({expected_size} bytes); "
+            "the file is truncated or corrupted"
+        )
+    return count
+
+
+def check_idx_structure(files: dict[str, Path], shown: dict[str, Path] | None = None) -> None:
+    """Check the four decompressed IDX files as MNIST-format data; errors name `shown[name]` (default: the file).
+
+    Without a known checksum this is what stands between a wrong file and torchvision's reader,
+    which would fail with a bare assertion or read garbage.
+    """
+    shown = shown or files
+    for prefix in ("train", "t10k"):
+        images, labels = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+        n_images = _idx_count(files[images], "images", shown[images])
+        n_labels = _idx_count(files[labels], "labels", shown[labels])
+        if n_images != n_labels:
+            raise DataError(f"{shown[labels]}: {n_labels} labels, but {shown[images]} holds {n_images} images")
 
 
 def verify_md5(folder: Path, expected: dict[str, str]) -> dict[str, str]:
@@ -141,32 +246,54 @@ def verify_md5(folder: Path, expected: dict[str, str]) -> dict[str, str]:
     return dict(expected)
 
 
-def load_fashion_mnist(root: str | None) -> RawDataset:
-    """Fashion-MNIST from `root`, else Debian's package, else torchvision's downloader."""
-    from torchvision.datasets import FashionMNIST
+def _download_idx(dataset: IdxDataset, tv_root: Path, not_found: str | None) -> str:
+    """The files from an earlier prepare, else torchvision's download (which checks each .gz file's md5).
 
-    tv_root = paths.project_root() / "data" / "raw"
-    staged = tv_root / "FashionMNIST" / "raw"
-    if root is not None:
-        source = Path(root)
-        _stage_idx(source, staged, FASHION_MNIST_MD5)
-        origin = f"data.root: {source}"
-    elif _find_idx(DEBIAN_FASHION_MNIST, "train-images-idx3-ubyte"):
-        _stage_idx(DEBIAN_FASHION_MNIST, staged, FASHION_MNIST_MD5)
-        origin = f"debian package dataset-fashion-mnist: {DEBIAN_FASHION_MNIST}"
+    Returns where the files came from, for the manifest.
+    """
+    staged = tv_root / dataset.torchvision_name / "raw"
+    files = {name: staged / name for name in IDX_FILES}
+    if all(path.is_file() for path in files.values()):
+        origin = f"{staged}, staged by an earlier prepare"
     else:
+        not_found = not_found or f"{dataset.title} not found in {staged}"
+        try:
+            dataset.torchvision_class()(tv_root, download=True)
+        except Exception as error:  # noqa: BLE001 - any network failure means the same to the user
+            raise DataError(
+                f"{not_found} and torchvision could not download it into {tv_root} (no internet access?). "
+                f"Set data.root to a folder holding the four {dataset.title} IDX files (plain or .gz). "
+                f"torchvision said: {str(error).strip()}"
+            ) from error
         origin = "torchvision download"
-        if not all((staged / name).is_file() for name in FASHION_MNIST_MD5):
-            try:
-                FashionMNIST(tv_root, download=True)
-            except Exception as error:  # noqa: BLE001 - any network failure means the same to the user
-                raise DataError(
-                    f"Fashion-MNIST not found in {DEBIAN_FASHION_MNIST} (apt-get install dataset-fashion-mnist) "
-                    f"and torchvision could not download it into {tv_root}: {error}. "
-                    "Set data.root to a folder holding the IDX files."
-                ) from error
-    raw_md5 = verify_md5(staged, FASHION_MNIST_MD5)
-    train, test = FashionMNIST(tv_root, train=True), FashionMNIST(tv_root, train=False)
+    check_idx_structure(files)
+    return origin
+
+
+def _load_idx_dataset(
+    dataset: IdxDataset, root: str | None, local_copy: tuple[Path, str] | None = None, not_found: str | None = None
+) -> RawDataset:
+    """An MNIST-format dataset from data.root, else `local_copy` (folder, description), else torchvision's download.
+
+    Every route ends in torchvision's folder layout, so torchvision's own reader loads the tensors.
+    """
+    tv_root = paths.project_root() / "data" / "raw"
+    staged = tv_root / dataset.torchvision_name / "raw"
+    if root is not None:
+        _stage_idx(Path(root), staged, dataset)
+        origin = f"data.root: {root}"
+    elif local_copy is not None:
+        _stage_idx(local_copy[0], staged, dataset)
+        origin = local_copy[1]
+    else:
+        origin = _download_idx(dataset, tv_root, not_found)
+    if dataset.md5 is not None:
+        raw_md5 = verify_md5(staged, dataset.md5)
+    else:
+        # No checksum to compare with, but recorded all the same: the manifest then still tells datasets apart.
+        raw_md5 = {name: md5_of(staged / name) for name in IDX_FILES}
+    tv_class = dataset.torchvision_class()
+    train, test = tv_class(tv_root, train=True), tv_class(tv_root, train=False)
     return RawDataset(
         train_images=train.data.unsqueeze(1).contiguous(),  # [N, 1, 28, 28]
         train_labels=train.targets.long(),
@@ -178,7 +305,21 @@ def load_fashion_mnist(root: str | None) -> RawDataset:
     )
 
 
-def load_digits(root: str | None) -> RawDataset:
+def load_fashion_mnist(settings: Settings) -> RawDataset:
+    """Fashion-MNIST from data.root, else Debian's package, else torchvision's downloader."""
+    debian = DEBIAN_FASHION_MNIST  # read at call time: tests point it elsewhere
+    installed = _find_idx(debian, IDX_FILES[0], FASHION_MNIST.torchvision_name) is not None
+    local_copy = (debian, f"debian package dataset-fashion-mnist: {debian}") if installed else None
+    not_found = f"Fashion-MNIST not found in {debian} (apt-get install dataset-fashion-mnist)"
+    return _load_idx_dataset(FASHION_MNIST, settings.root, local_copy, not_found)
+
+
+def load_mnist(settings: Settings) -> RawDataset:
+    """MNIST from data.root (the four IDX files, plain or .gz), else torchvision's downloader."""
+    return _load_idx_dataset(MNIST, settings.root)
+
+
+def load_digits(settings: Settings) -> RawDataset:
     """scikit-learn's bundled 8x8 digits: 1,797 images with 17 grey levels (0..16), no official test split."""
     from sklearn.datasets import load_digits as sklearn_digits
 
@@ -202,14 +343,113 @@ def load_digits(root: str | None) -> RawDataset:
     )
 
 
-LOADERS: dict[str, Callable[[str | None], RawDataset]] = {
+def _image_files(folder: Path) -> list[Path]:
+    """Every image under `folder`, as relative paths in sorted order, which is the same on every machine.
+
+    Hidden files and folders are skipped: they hold things like macOS's `._name.jpg` metadata, not images.
+    """
+    found = []
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder)
+        hidden = any(part.startswith(".") for part in relative.parts)
+        if path.suffix.lower() in IMAGE_EXTENSIONS and not hidden and path.is_file():
+            found.append(relative)
+    return sorted(found, key=Path.as_posix)
+
+
+def _folder_labels(files: list[Path]) -> tuple[torch.Tensor, list[str]]:
+    """Labels from class subfolders (their sorted names, as ImageFolder numbers them), or all 0 without classes.
+
+    The root has classes when every image lies in a subfolder of it; one image directly in the root
+    means the subfolders are just how the images are stored.
+    """
+    if any(len(relative.parts) == 1 for relative in files):
+        return torch.zeros(len(files), dtype=torch.int64), []
+    classes = sorted({relative.parts[0] for relative in files})
+    index = {name: i for i, name in enumerate(classes)}
+    return torch.tensor([index[relative.parts[0]] for relative in files], dtype=torch.int64), classes
+
+
+def _read_image(path: Path, transform: Callable) -> torch.Tensor:
+    """One image as uint8 RGB [3, S, S]. A grey image gets three equal channels; an alpha channel is dropped."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            # Phone and camera JPEGs store their rotation in EXIF; apply it so faces are upright.
+            rgb = ImageOps.exif_transpose(image).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"{path}: cannot be read as an image ({error})") from error
+    return transform(rgb)
+
+
+def _to_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
+    """[N, 3, S, S] RGB as `channels` (1 or 3); None picks 1 when every image is grey (equal channels), else 3."""
+    grey = bool((images[:, 0] == images[:, 1]).all() and (images[:, 1] == images[:, 2]).all())
+    if channels is None:
+        channels = 1 if grey else 3
+    if channels == 3:
+        return images
+    if grey:
+        return images[:, :1].contiguous()  # exact: the three channels are equal
+    # ITU-R 601-2 luma in PIL's integer arithmetic (as Image.convert("L")): exact, and the same on every machine.
+    weights = torch.tensor([19595, 38470, 7471], dtype=torch.int32).view(1, 3, 1, 1)
+    return ((images.int() * weights).sum(1, keepdim=True) + 0x8000).bitwise_right_shift(16).to(torch.uint8)
+
+
+def load_image_folder(settings: Settings) -> RawDataset:
+    """Every image under data.root, resized (shorter side) to data.image_size and centre-cropped square.
+
+    There is no official test split: val and test are carved out of all the images.
+    """
+    from torchvision.transforms import v2
+
+    if settings.root is None or settings.image_size is None:
+        raise DataError("data=image_folder needs data.root (the folder of images) and data.image_size")
+    folder = Path(settings.root).resolve()
+    files = _image_files(folder)
+    if not files:
+        raise DataError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) found in it or its subfolders")
+    # Resizing the PIL image (not a tensor) uses Pillow's integer resampling: the same bytes on every machine,
+    # so the data hash does not depend on the CPU that prepared the data.
+    size = settings.image_size
+    transform = v2.Compose([v2.Resize(size), v2.CenterCrop(size), v2.PILToTensor()])
+    rgb = torch.stack([_read_image(folder / relative, transform) for relative in files])
+    images = _to_channels(rgb, settings.channels)
+    labels, classes = _folder_labels(files)
+    return RawDataset(
+        train_images=images,
+        train_labels=labels,
+        test_images=None,
+        test_labels=None,
+        grey_levels=256,
+        source=f"image folder: {folder}",
+        # No published checksums for a user's folder: hash the decoded content, as for digits.
+        raw_md5={
+            "images": hashlib.md5(images.numpy().tobytes()).hexdigest(),
+            "labels": hashlib.md5(labels.numpy().tobytes()).hexdigest(),
+        },
+        details={"folder": str(folder), "images": len(files), "classes": classes},
+    )
+
+
+LOADERS: dict[str, Callable[[Settings], RawDataset]] = {
     "fashion_mnist": load_fashion_mnist,
+    "mnist": load_mnist,
     "digits": load_digits,
+    "image_folder": load_image_folder,
 }
 
 
 # ----------------------------------------------------------------------------------------------
 # Split, binarize once, store
+
+
+def hold_out_count(size: int | float, n: int) -> int:
+    """A val/test size as a count of images: an int is one already, a float in (0, 1) a fraction of `n` (at least 1)."""
+    if isinstance(size, float):
+        return max(1, round(size * n))
+    return size
 
 
 def split_indices(n: int, val_size: int, test_size: int, seed: int) -> dict[str, torch.Tensor]:
@@ -222,12 +462,6 @@ def split_indices(n: int, val_size: int, test_size: int, seed: int) -> dict[str,
         "test": perm[val_size : val_size + test_size].sort().values,
         "train": perm[val_size + test_size :].sort().values,
     }
-
-
-def binarize(images: torch.Tensor, grey_levels: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample x_bin ~ Bernoulli(x / (levels - 1)), as uint8 0/1. Without a generator: fresh each call."""
-    probs = images.float() / (grey_levels - 1)
-    return torch.bernoulli(probs, generator=generator).to(torch.uint8)
 
 
 def content_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -243,7 +477,9 @@ def build_splits(raw: RawDataset, settings: Settings) -> dict[str, dict[str, tor
     official_test = raw.test_images is not None
     if not official_test and settings.test_size <= 0:
         raise DataError(f"{settings.name} has no official test split: set data.test_size > 0")
-    idx = split_indices(n, settings.val_size, 0 if official_test else settings.test_size, settings.split_seed)
+    val_size = hold_out_count(settings.val_size, n)
+    test_size = 0 if official_test else hold_out_count(settings.test_size, n)
+    idx = split_indices(n, val_size, test_size, settings.split_seed)
     splits = {
         "train": {"images": raw.train_images[idx["train"]], "labels": raw.train_labels[idx["train"]]},
         "val": {"images": raw.train_images[idx["val"]], "labels": raw.train_labels[idx["val"]]},
@@ -252,8 +488,8 @@ def build_splits(raw: RawDataset, settings: Settings) -> dict[str, dict[str, tor
         splits["test"] = {"images": raw.test_images, "labels": raw.test_labels}
     else:
         splits["test"] = {"images": raw.train_images[idx["test"]], "labels": raw.train_labels[idx["test"]]}
-    for offset, split in enumerate(("val", "test"), start=1):
-        generator = torch.Generator().manual_seed(settings.binarize_seed + offset)
+    for split in ("val", "test"):
+        generator = torch.Generator().manual_seed(settings.binarize_seed + EVAL_SEED_OFFSET[split])
         splits[split]["binary"] = binarize(splits[split]["images"], raw.grey_levels, generator)
     return splits
 
@@ -263,7 +499,7 @@ def prepare(settings: Settings, out_dir: Path | None = None) -> dict:
     if settings.name not in LOADERS:
         raise DataError(f"unknown dataset {settings.name!r}; known: {sorted(LOADERS)}")
     out_dir = out_dir or paths.processed_dir(settings.name)
-    raw = LOADERS[settings.name](settings.root)
+    raw = LOADERS[settings.name](settings)
     splits = build_splits(raw, settings)
     manifest = {
         **settings.manifest_keys(),
@@ -271,6 +507,7 @@ def prepare(settings: Settings, out_dir: Path | None = None) -> dict:
         "image_shape": list(raw.train_images.shape[1:]),
         "grey_levels": raw.grey_levels,
         "raw_md5": raw.raw_md5,
+        **({"source_details": raw.details} if raw.details else {}),
         "splits": {name: {"count": len(t["images"]), "sha256": content_hash(t)} for name, t in splits.items()},
         "vaelab_version": __version__,
     }
@@ -278,14 +515,10 @@ def prepare(settings: Settings, out_dir: Path | None = None) -> dict:
         json.dumps({k: manifest[k] for k in ("splits", "grey_levels", "image_shape")}, sort_keys=True).encode()
     ).hexdigest()
 
-    staging = staging_dir(out_dir)
-    try:
+    with replacing_dir(out_dir) as fresh:
         for name, tensors in splits.items():
-            torch.save(tensors, staging / f"{name}.pt")
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_dir(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            torch.save(tensors, fresh / f"{name}.pt")
+        (fresh / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
