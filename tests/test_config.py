@@ -26,10 +26,12 @@ def test_the_default_config_and_every_experiment_are_valid():
         ("nan_policy=explode", "nan_policy"),
         ("data.root=/no/such/folder", "data.root"),
         ("tracking.uri=mlruns", "tracking.uri"),
+        ("likelihood=gaussian likelihood.variance=diagonal", "likelihood.variance"),
+        ("likelihood=gaussian likelihood.min_std=0", "likelihood.min_std"),
     ],
 )
 def test_a_bad_value_is_reported_by_key(override: str, key: str):
-    found = problems(make_config(override))
+    found = problems(make_config(*override.split()))
     assert [k for k, _, _ in found] == [key]
 
 

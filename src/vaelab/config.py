@@ -95,8 +95,10 @@ RULES: dict[str, Rule] = {
 }
 
 
-# Keys only some configs have (data=image_folder's): checked where present, fine where absent.
+# Keys only some configs have (data=image_folder's, likelihood=gaussian's): checked where present.
 OPTIONAL_RULES: dict[str, Rule] = {
+    "likelihood.variance": _one_of(("pixel", "global")),
+    "likelihood.min_std": POSITIVE_NUMBER,
     "data.image_size": _int_at_least(4),
     "data.channels": ((lambda v: v is None or (_is_int(v) and v in (1, 3))), "null (auto), 1 or 3"),
 }
