@@ -27,6 +27,9 @@ def test_the_default_config_and_every_experiment_are_valid():
         ("data.root=/no/such/folder", "data.root"),
         ("tracking.uri=mlruns", "tracking.uri"),
         ("likelihood=gaussian likelihood.variance=diagonal", "likelihood.variance"),
+        ("arch=conv arch.hidden=[]", "arch.hidden"),
+        ("arch.hidden=[512,0]", "arch.hidden"),
+        ("arch=resnet arch.blocks_per_stage=-1", "arch.blocks_per_stage"),
         ("likelihood=gaussian likelihood.min_std=0", "likelihood.min_std"),
     ],
 )

@@ -59,6 +59,10 @@ def _one_of(options: tuple) -> Rule:
 
 
 POSITIVE_NUMBER: Rule = ((lambda v: _is_number(v) and v > 0), "a number > 0")
+SIZES: Rule = (
+    (lambda v: OmegaConf.is_list(v) and len(v) > 0 and all(_is_int(n) and n > 0 for n in v)),
+    "a non-empty list of integers > 0 (layer sizes, or channels per stage)",
+)
 
 RULES: dict[str, Rule] = {
     "data.name": _one_of(DATASETS),
@@ -70,6 +74,7 @@ RULES: dict[str, Rule] = {
     "data.binarize_seed": _int_at_least(0),
     "data.num_workers": _int_at_least(0),
     "data.root": ((lambda v: v is None or Path(str(v)).is_dir()), "null or an existing directory"),
+    "arch.hidden": SIZES,
     "model.latent_dim": _int_at_least(1),
     "model.beta": _number_at_least(0),
     "model.kl_warmup_epochs": _int_at_least(0),
@@ -97,6 +102,7 @@ RULES: dict[str, Rule] = {
 
 # Keys only some configs have (data=image_folder's, likelihood=gaussian's): checked where present.
 OPTIONAL_RULES: dict[str, Rule] = {
+    "arch.blocks_per_stage": _int_at_least(0),
     "likelihood.variance": _one_of(("pixel", "global")),
     "likelihood.min_std": POSITIVE_NUMBER,
     "data.image_size": _int_at_least(4),
