@@ -15,6 +15,15 @@ from torchvision.utils import save_image  # noqa: E402
 MIN_SIDE = 28  # upscale tiny images (8x8 digits) so a grid is readable
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure as PNG and free it (figures are not garbage-collected while pyplot tracks them)."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
     """Save [N, C, H, W] images in [0, 1] as one PNG grid."""
     images = images.detach().float().cpu()
@@ -61,11 +70,7 @@ def save_training_curves(history: list[dict[str, float]], path: Path) -> Path:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_kl_per_dim(kl_per_dim: list[float], path: Path) -> Path:
@@ -75,11 +80,7 @@ def save_kl_per_dim(kl_per_dim: list[float], path: Path) -> Path:
     ax.set_xlabel("latent dimension")
     ax.set_ylabel("KL (nats)")
     ax.set_title("KL per latent dimension (test)", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -123,11 +124,7 @@ def save_latent_scatter(means: torch.Tensor, labels: torch.Tensor, path: Path) -
     ax.set_xlabel(f"{axis} 1")
     ax.set_ylabel(f"{axis} 2")
     ax.set_title(f"posterior means E[z|x] ({axis})", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 @torch.no_grad()
