@@ -8,7 +8,8 @@ r"""Held-out evaluation of a trained VAE, in nats per image unless the name says
     *_se           standard error across images                     is a difference between runs real?
     iw_ess         (sum_i w_i)^2 / sum_i w_i^2, mean over images     out of k: was k large enough?
 
-Every quantity of one image uses the same (fixed, binarized once) image and the same k latents.
+Every quantity of one image uses the same fixed observation of it (binarized or dequantized once, by seed)
+and the same k latents.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig
 from rich.progress import Progress
 
@@ -165,6 +165,15 @@ def standard_error(values: torch.Tensor) -> float:
 # The evaluate stage
 
 
+def warn_if_collapsed(result: Evaluation, run=None) -> None:
+    """Say so, on the console and as the run's `vaelab.warning` tag, when the posterior has collapsed."""
+    warning = result.collapse_warning()
+    if warning:
+        print(f"vaelab: warning: {warning}")
+        if run is not None:
+            run.set_tags({"vaelab.warning": warning})
+
+
 def write_kl_per_dim(kl_per_dim: list[float], path: Path) -> None:
     """test/kl_per_dim as CSV (dim, kl in nats): which latent dimensions carry information."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,14 +212,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             f"{lineage['data_hash'][:12]}; re-run prepare with the checkpoint's data settings"
         )
     test = load_split(folder, "test")
-    likelihood = get_class(lineage["config"]["likelihood"]["_target_"])
-    images = fixed_observations(test, "test", likelihood, manifest, cfg.eval.limit)
+    images = fixed_observations(test, "test", type(module.vae.likelihood), manifest, cfg.eval.limit)
 
     result = evaluate_images(module.vae, images, k=cfg.eval.iw_k, description="test NLL")
     metrics = result.metrics("test")
-    warning = result.collapse_warning()
-    if warning:
-        print(f"vaelab: warning: {warning}")
 
     plots = paths.plots_dir() / "eval"
     with replacing_dir(plots) as fresh:  # no figure of an earlier evaluation survives
@@ -219,7 +224,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     summary = {**metrics, "eval/iw_k": cfg.eval.iw_k, "eval/n_images": result.n_images}
     write_json_atomic(paths.metrics_dir() / "eval.json", {**summary, "run_id": lineage.get("run_id")})
 
-    run_id = lineage.get("run_id")
+    run_id, run = lineage.get("run_id"), None
     if cfg.get("logger") is not None and run_id:
         try:
             run = Run.attach(cfg.tracking.uri, run_id)
@@ -228,6 +233,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         else:
             run.log_metrics(summary, step=0)
             run.log_artifact(plots, "evaluation")
-            tags = {"vaelab.eval.checkpoint": str(path), "vaelab.eval.iw_k": str(cfg.eval.iw_k)}
-            run.set_tags({**tags, **({"vaelab.warning": warning} if warning else {})})
+            run.set_tags({"vaelab.eval.checkpoint": str(path), "vaelab.eval.iw_k": str(cfg.eval.iw_k)})
+    warn_if_collapsed(result, run)
     return summary

@@ -26,7 +26,7 @@ from vaelab.callbacks import EpochHistory
 from vaelab.config import validate
 from vaelab.data import ImageData
 from vaelab.datasets import Settings
-from vaelab.evaluation import evaluate_images
+from vaelab.evaluation import evaluate_images, warn_if_collapsed
 from vaelab.figures import save_figures, save_training_curves
 from vaelab.files import replacing_dir, write_json_atomic, write_text_atomic
 from vaelab.module import VAEModule
@@ -180,13 +180,9 @@ def finish(
         "epochs": float(len(history.rows)),
         "train/images_per_sec": sum(r["train/images_per_sec"] for r in history.rows) / len(history.rows),
     }
-    warning = val_iw.collapse_warning()
-    if warning:
-        print(f"vaelab: warning: {warning}")
+    warn_if_collapsed(val_iw, run)
     if run:
         run.log_metrics({**val_estimates, "val/iw_k": float(cfg.eval.val_iw_k)}, step=trainer.global_step)
-        if warning:
-            run.set_tags({"vaelab.warning": warning})
         run.log_artifact(config_file, "config")
         run.log_artifact(best, "checkpoints")
         run.log_artifact(figures, "figures")
