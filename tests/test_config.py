@@ -47,6 +47,16 @@ def test_iwae_rejects_beta_free_bits_and_warmup():
     assert problems(make_config("model.iw_samples=5")) == []
 
 
+def test_capacity_rejects_beta_and_iwae_and_dreg_needs_iwae():
+    found = problems(make_config("model.capacity.nats=25", "model.beta=4", "model.iw_samples=5"))
+    assert {k for k, _, _ in found} == {"model.beta", "model.capacity.nats"}
+    assert problems(make_config("model.capacity.nats=25")) == []
+    assert [(k, allowed) for k, _, allowed in problems(make_config("model.dreg=true"))] == [
+        ("model.dreg", "false unless model.iw_samples > 1 (DReG is a gradient for the IWAE bound)")
+    ]
+    assert problems(make_config("model.dreg=true", "model.iw_samples=5")) == []
+
+
 @pytest.mark.parametrize(
     ("override", "expected"),
     [

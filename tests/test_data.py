@@ -135,4 +135,3 @@ def test_real_fashion_mnist_is_split_55k_5k_10k(fashion_processed: Path):
     assert manifest["grey_levels"] == 256 and manifest["image_shape"] == [1, 28, 28]
     assert manifest["raw_md5"] == FASHION_MNIST_MD5
     assert "debian" in manifest["source"]
-

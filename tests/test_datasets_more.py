@@ -1,6 +1,5 @@
 """MNIST from IDX files (and torchvision's download), and any folder of images: the datasets tests write themselves."""
 
-import gzip
 import hashlib
 import json
 import struct
@@ -11,45 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, make_config
+from conftest import TINY, idx_bytes, make_config, mnist_arrays, mnist_files, write_mnist
 from vaelab.config import problems
 from vaelab.datasets import IDX_FILES, Settings, ensure_prepared, prepare
 from vaelab.errors import DataError
 from vaelab.training import train
 
 # ----------------------------------------------------------------------------------------------
-# MNIST: a tiny but well-formed set of IDX files
-
-
-def idx_bytes(array: np.ndarray, magic: int | None = None) -> bytes:
-    """An IDX file: big-endian magic number (0x08 = unsigned bytes, then the number of dimensions), sizes, data."""
-    magic = (0x0800 | array.ndim) if magic is None else magic
-    return struct.pack(f">{1 + array.ndim}I", magic, *array.shape) + array.astype(np.uint8).tobytes()
-
-
-def mnist_arrays(n_train: int = 120, n_test: int = 40) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return {
-        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        "train-labels-idx1-ubyte": np.arange(n_train, dtype=np.uint8) % 10,
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-        "t10k-labels-idx1-ubyte": np.arange(n_test, dtype=np.uint8) % 10,
-    }
-
-
-def write_mnist(folder: Path, files: dict[str, bytes], gzipped=("train-images-idx3-ubyte", "t10k-labels-idx1-ubyte")):
-    """The IDX files in `folder`, some gzipped (`<name>.gz`) and some plain, as users have them."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        if name in gzipped:
-            (folder / f"{name}.gz").write_bytes(gzip.compress(data))
-        else:
-            (folder / name).write_bytes(data)
-    return folder
-
-
-def mnist_files(**arrays: np.ndarray) -> dict[str, bytes]:
-    return {name: idx_bytes(array) for name, array in mnist_arrays(**arrays).items()}
+# MNIST: a tiny but well-formed set of IDX files (written by conftest's helpers)
 
 
 def mnist_settings(root: Path, *overrides: str) -> Settings:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vaelab.evaluation import active_units, evaluate_images, iw_batch
+from vaelab.evaluation import active_units, evaluate_images, iw_batch, mutual_information
 from vaelab.likelihoods import Bernoulli
 from vaelab.model import VAE
 from vaelab.networks import build_mlp
@@ -75,3 +75,26 @@ def test_active_units_count_dimensions_whose_posterior_mean_varies_across_images
     )  # variances: 1, 0.0025, 0.04, 0
     assert active_units(means) == 2
     assert active_units(means, threshold=0.001) == 3
+
+
+def test_mutual_information_is_zero_for_one_shared_posterior_and_log_n_for_separate_ones():
+    n, d = 50, 3
+    shared = mutual_information(torch.zeros(n, d), torch.zeros(n, d))
+    assert shared == pytest.approx(0.0, abs=1e-12)
+    apart = mutual_information(100.0 * torch.arange(n, dtype=torch.float64)[:, None].expand(n, d), torch.zeros(n, d))
+    assert apart == pytest.approx(math.log(n), abs=1e-9)
+    halves = torch.cat([torch.full((n // 2, d), -100.0), torch.full((n // 2, d), 100.0)])
+    assert mutual_information(halves, torch.zeros(n, d)) == pytest.approx(math.log(2), abs=1e-9)  # one bit
+    chunked = mutual_information(halves, torch.zeros(n, d), chunk=7)
+    assert chunked == pytest.approx(mutual_information(halves, torch.zeros(n, d)))
+
+
+def test_mutual_information_matches_the_pairwise_densities_computed_directly():
+    gen = torch.Generator().manual_seed(9)
+    mean, logvar = torch.randn(40, 3, generator=gen), 0.5 * torch.randn(40, 3, generator=gen) - 1
+    z = mean.double() + torch.exp(0.5 * logvar.double()) * torch.randn(
+        mean.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    pairs = gaussian_log_prob(z[:, None], mean.double()[None], logvar.double()[None])  # [n, m]
+    direct = (pairs.diagonal() - (torch.logsumexp(pairs, 1) - math.log(40))).mean().item()
+    assert mutual_information(mean, logvar, seed=0, chunk=16) == pytest.approx(direct, rel=1e-9)

@@ -9,8 +9,19 @@ from hydra.utils import instantiate
 from torch import nn
 
 from conftest import TINY, make_config
+from vaelab.errors import ConfigError
 from vaelab.module import load_trained
-from vaelab.networks import LOGVAR_MAX, LOGVAR_MIN, ResidualBlock, build_resnet, downsampling_plan
+from vaelab.networks import (
+    ACTIVATION_CLASSES,
+    ACTIVATIONS,
+    LOGVAR_MAX,
+    LOGVAR_MIN,
+    ResidualBlock,
+    build_conv,
+    build_mlp,
+    build_resnet,
+    downsampling_plan,
+)
 from vaelab.training import train
 
 ARCHS = ["mlp", "conv", "resnet"]
@@ -106,6 +117,46 @@ def test_resnet_puts_blocks_per_stage_residual_blocks_in_every_stage_and_conv_no
 def test_a_conv_arch_without_stages_is_rejected_naming_the_key():
     with pytest.raises(ValueError, match=r"arch\.hidden"):
         build_resnet((1, 8, 8), latent_dim=LATENT, params_per_channel=1, hidden=[])
+
+
+def activation_types(*modules: nn.Module) -> set[type]:
+    """Which of the selectable nonlinearities occur anywhere inside `modules`."""
+    selectable = tuple(ACTIVATION_CLASSES.values())
+    return {type(m) for module in modules for m in module.modules() if isinstance(m, selectable)}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_default_activation_is_silu_everywhere_as_before(arch):
+    assert make_config(f"arch={arch}").arch.activation == "silu"
+    encoder, decoder = build(arch, (1, 8, 8), "arch.hidden=[8,16]" if arch != "mlp" else "arch.hidden=[16]")
+    assert activation_types(encoder, decoder) == {nn.SiLU}
+    assert activation_types(*build_mlp((1, 8, 8), LATENT, 1, [16])) == {nn.SiLU}  # no argument: still SiLU
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_arch_activation_replaces_every_nonlinearity(arch):
+    hidden = "arch.hidden=[8,16]" if arch != "mlp" else "arch.hidden=[16,16]"
+    encoder, decoder = build(arch, (1, 8, 8), hidden, "arch.activation=tanh")
+    assert activation_types(encoder, decoder) == {nn.Tanh}
+    n_silu = sum(isinstance(m, nn.SiLU) for net in build(arch, (1, 8, 8), hidden) for m in net.modules())
+    n_tanh = sum(isinstance(m, nn.Tanh) for net in (encoder, decoder) for m in net.modules())
+    assert n_tanh == n_silu > 0  # the same places, another function
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_every_allowed_activation_builds_and_runs(name):
+    encoder, decoder = build("mlp", (1, 8, 8), "arch.hidden=[16]", f"arch.activation={name}")
+    mean, _ = encoder(torch.rand(2, 1, 8, 8))
+    assert torch.isfinite(decoder(mean)).all()
+
+
+@pytest.mark.parametrize("factory", [build_mlp, build_conv, build_resnet])
+def test_an_unknown_activation_is_a_config_error_naming_the_key_value_and_choices(factory):
+    with pytest.raises(ConfigError) as error:
+        factory((1, 8, 8), LATENT, 1, [8], activation="swish2")
+    message = str(error.value)
+    assert "arch.activation" in message and "swish2" in message
+    assert all(name in message for name in ACTIVATIONS)
 
 
 @pytest.mark.parametrize(

@@ -13,10 +13,11 @@ from vaelab.networks import build_mlp
 from vaelab.objectives import (
     beta_vae_loss,
     bits_per_dim,
+    capacity_loss,
     gaussian_kl,
     gaussian_log_prob,
     iw_bound,
-    kl_weight,
+    linear_ramp,
     standard_normal_log_prob,
 )
 
@@ -62,10 +63,18 @@ def test_free_bits_floor_each_dimensions_batch_mean_kl():
 
 
 def test_kl_warmup_ramps_linearly_to_beta():
-    assert kl_weight(2.0, 0, 0.0) == 2.0
-    assert kl_weight(2.0, 4, 0.0) == 0.0
-    assert kl_weight(2.0, 4, 1.0) == pytest.approx(0.5)
-    assert kl_weight(2.0, 4, 10.0) == 2.0
+    assert linear_ramp(2.0, 0, 0.0) == 2.0
+    assert linear_ramp(2.0, 4, 0.0) == 0.0
+    assert linear_ramp(2.0, 4, 1.0) == pytest.approx(0.5)
+    assert linear_ramp(2.0, 4, 10.0) == 2.0
+
+
+def test_capacity_loss_holds_the_kl_at_the_target_from_either_side():
+    rec, kl = torch.tensor([10.0, 20.0]), torch.tensor([4.0, 8.0])  # mean rec 15, mean KL 6
+    assert capacity_loss(rec, kl, gamma=100.0, capacity=6.0).item() == pytest.approx(15.0)
+    assert capacity_loss(rec, kl, gamma=100.0, capacity=2.0).item() == pytest.approx(15.0 + 400.0)
+    assert capacity_loss(rec, kl, gamma=100.0, capacity=10.0).item() == pytest.approx(15.0 + 400.0)
+    assert linear_ramp(25.0, 10, 5.0) == pytest.approx(12.5)  # C halfway up its ramp
 
 
 def test_bits_per_dim_converts_nats_per_image():
@@ -114,3 +123,49 @@ def test_iw_bound_is_above_the_elbo_and_tightens_as_k_grows(random_vae):
     for small, large in zip(ks[:-1], ks[1:], strict=True):
         assert bounds[large][0] > bounds[small][0] - 3 * (bounds[large][1] + bounds[small][1])
     assert bounds[1000][0] > elbo.mean().item()
+
+
+def encoder_and_decoder_grads(vae: VAE, x: torch.Tensor, k: int, dreg: bool, seed: int):
+    vae.zero_grad()
+    torch.manual_seed(seed)
+    out = vae(x, k=k)
+    bound = out.dreg_iw_bound if dreg else out.iw_bound
+    (-bound.mean()).backward()
+    flat = lambda module: torch.cat([p.grad.flatten() for p in module.parameters()])  # noqa: E731
+    return bound.detach(), flat(vae.encoder), flat(vae.decoder)
+
+
+def test_dreg_keeps_the_iwae_value_and_decoder_gradient_and_changes_only_the_encoders(random_vae):
+    x = torch.bernoulli(torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(5)))
+    value, enc, dec = encoder_and_decoder_grads(random_vae, x, k=8, dreg=False, seed=6)
+    dreg_value, dreg_enc, dreg_dec = encoder_and_decoder_grads(random_vae, x, k=8, dreg=True, seed=6)
+    torch.testing.assert_close(dreg_value, value)
+    torch.testing.assert_close(dreg_dec, dec)
+    assert not torch.allclose(dreg_enc, enc)
+
+
+def test_dreg_encoder_gradient_vanishes_at_the_exact_posterior(random_vae):
+    """Zero weights: q(z|x) = N(0, I) = p(z|x), since the decoder ignores z. log w is then constant in z,
+    so DReG's encoder gradient is exactly 0, while the standard IWAE estimator's score term is not."""
+    with torch.no_grad():
+        for parameter in random_vae.parameters():
+            parameter.zero_()
+    x = torch.bernoulli(torch.full((16, 1, 8, 8), 0.5))
+    _, enc, _ = encoder_and_decoder_grads(random_vae, x, k=8, dreg=False, seed=7)
+    _, dreg_enc, _ = encoder_and_decoder_grads(random_vae, x, k=8, dreg=True, seed=7)
+    assert enc.abs().max() > 1e-3
+    assert dreg_enc.abs().max() == 0
+
+
+def test_dreg_encoder_gradient_has_the_iwae_expectation(random_vae):
+    """Both estimators are unbiased for the same gradient: their means over repeats agree within MC error."""
+    x = torch.bernoulli(torch.rand(100, 1, 8, 8, generator=torch.Generator().manual_seed(8)))
+    draws = {
+        dreg: torch.stack([encoder_and_decoder_grads(random_vae, x, k=16, dreg=dreg, seed=s)[1] for s in range(40)])
+        for dreg in (False, True)
+    }
+    mean = {dreg: g.mean(0) for dreg, g in draws.items()}
+    se = {dreg: g.std(0) / math.sqrt(len(g)) for dreg, g in draws.items()}
+    z_scores = (mean[True] - mean[False]) / torch.sqrt(se[True] ** 2 + se[False] ** 2 + 1e-12)
+    assert z_scores.abs().max() < 5  # ~thousands of parameters: a 5-sigma bound holds for every one
+    assert (draws[True].var(0).sum() < draws[False].var(0).sum()).item()  # and with less noise

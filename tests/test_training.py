@@ -1,5 +1,6 @@
 """Training end to end on small real data: an MLflow run with metrics, lineage and artifacts; NaN handling."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from conftest import TINY, all_runs, artifact_paths, copy_processed, make_config, mlflow_client, run_entry
-from vaelab.module import NonFiniteLossError, load_trained
+from vaelab.module import SELECTION_METRIC, NonFiniteLossError, load_trained
 from vaelab.training import train
 
 
@@ -128,3 +129,26 @@ def test_evaluation_is_reproducible(project: Path):
     first = run_entry("evaluate.py", "data=digits", "eval.iw_k=20", root=project)
     second = run_entry("evaluate.py", "data=digits", "eval.iw_k=20", root=project)
     assert first.stdout.splitlines()[-1] == second.stdout.splitlines()[-1]
+
+
+class SelectionSpy(Callback):
+    """Records, per epoch, the value the best checkpoint is chosen by."""
+
+    def __init__(self):
+        self.values: list[float] = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.values.append(float(trainer.callback_metrics[SELECTION_METRIC]))
+
+
+def test_epochs_before_the_kl_warmup_ends_are_never_the_best_checkpoint(project: Path):
+    """During a warm-up the KL weight is below beta, which flatters val/elbo: those epochs are not candidates."""
+    spy = SelectionSpy()
+    overrides = ("trainer.max_epochs=4", "model.beta=4", "model.kl_warmup_epochs=3")
+    summary = train(make_config(*TINY, *overrides), callbacks=[spy])
+    assert spy.values[:2] == [float("-inf")] * 2  # the ramp ends within epoch 2 (0-based)
+    assert all(math.isfinite(v) for v in spy.values[2:])
+    assert summary["best_epoch"] >= 2
+    best = torch.load(project / "models" / "latest" / "model.ckpt", weights_only=True)
+    assert best["epoch"] == summary["best_epoch"]

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from vaelab.errors import ConfigError
 
 DATASETS = ("fashion_mnist", "mnist", "digits", "image_folder")
+ACTIVATIONS = ("silu", "relu", "leaky_relu", "elu", "gelu", "tanh", "softplus")  # vaelab.networks maps them
 NAN_POLICIES = ("fail", "skip")
 SCHEDULERS = (None, "cosine")
 TRACKING_SCHEMES = ("sqlite:///", "http://", "https://", "file:", "postgresql", "mysql", "databricks")
@@ -80,6 +81,10 @@ RULES: dict[str, Rule] = {
     "model.kl_warmup_epochs": _int_at_least(0),
     "model.free_bits": _number_at_least(0),
     "model.iw_samples": _int_at_least(1),
+    "model.dreg": ((lambda v: isinstance(v, bool)), "true or false"),
+    "model.capacity.nats": _optional(_number_at_least(0)),
+    "model.capacity.epochs": _int_at_least(0),
+    "model.capacity.gamma": POSITIVE_NUMBER,
     "optim.lr": POSITIVE_NUMBER,
     "optim.weight_decay": _number_at_least(0),
     "optim.grad_clip": ((lambda v: v is None or (_is_number(v) and v > 0)), "null or a number > 0"),
@@ -103,6 +108,7 @@ RULES: dict[str, Rule] = {
 # Keys only some configs have (data=image_folder's, likelihood=gaussian's): checked where present.
 OPTIONAL_RULES: dict[str, Rule] = {
     "arch.blocks_per_stage": _int_at_least(0),
+    "arch.activation": _one_of(ACTIVATIONS),
     "likelihood.variance": _one_of(("pixel", "global")),
     "likelihood.min_std": POSITIVE_NUMBER,
     "data.image_size": _int_at_least(4),
@@ -126,21 +132,21 @@ def problems(cfg: DictConfig) -> list[tuple[str, object, str]]:
     if data.get("name") == "image_folder" and data.get("root") is None:
         found.append(("data.root", None, "an existing directory of images (data=image_folder reads data.root)"))
 
-    # Combinations. The IWAE bound has no separate KL term for beta, warm-up or free bits to act on.
+    # Combinations. The IWAE bound has no separate KL term for beta, warm-up or free bits to act on, and
+    # the capacity objective replaces beta's weighting with its own gamma and target.
     model = cfg.get("model", {})
-    if _is_int(model.get("iw_samples")) and model.iw_samples > 1:
-        if model.get("beta") != 1:
-            found.append(("model.beta", model.get("beta"), "1 when model.iw_samples > 1 (IWAE objective)"))
-        if model.get("free_bits") not in (0, 0.0):
-            found.append(("model.free_bits", model.get("free_bits"), "0 when model.iw_samples > 1 (IWAE objective)"))
-        if model.get("kl_warmup_epochs") not in (0, None):
-            found.append(
-                (
-                    "model.kl_warmup_epochs",
-                    model.get("kl_warmup_epochs"),
-                    "0 when model.iw_samples > 1 (IWAE objective)",
-                )
-            )
+    iwae = _is_int(model.get("iw_samples")) and model.iw_samples > 1
+    capacity = OmegaConf.select(model, "capacity.nats") is not None
+    for active, name in ((iwae, "model.iw_samples > 1 (IWAE objective)"), (capacity, "model.capacity.nats is set")):
+        if not active:
+            continue
+        for key, neutral in (("beta", 1), ("free_bits", 0), ("kl_warmup_epochs", 0)):
+            if model.get(key) != neutral:
+                found.append((f"model.{key}", model.get(key), f"{neutral} when {name}"))
+    if iwae and capacity:
+        found.append(("model.capacity.nats", model.capacity.nats, "null when model.iw_samples > 1 (IWAE objective)"))
+    if model.get("dreg") is True and not iwae:
+        found.append(("model.dreg", True, "false unless model.iw_samples > 1 (DReG is a gradient for the IWAE bound)"))
     if cfg.get("resume") is not None:
         found.append(("resume", cfg.resume, "null (resuming a run is not available yet)"))
     return found

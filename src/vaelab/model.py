@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vaelab.objectives import gaussian_kl, gaussian_log_prob, iw_bound, standard_normal_log_prob
+from vaelab.objectives import dreg_iw_bound, gaussian_kl, gaussian_log_prob, iw_bound, standard_normal_log_prob
 
 
 @dataclass
@@ -47,6 +47,11 @@ class Pass:
     def iw_bound(self) -> torch.Tensor:
         """log (1/k) sum_i p(x, z_i) / q(z_i|x), [B]."""
         return iw_bound(self.log_weights)
+
+    @property
+    def dreg_iw_bound(self) -> torch.Tensor:
+        """The same bound, [B], with the doubly reparameterized encoder gradient (for training only)."""
+        return dreg_iw_bound(self.log_px_z, self.z, self.mean, self.logvar)
 
 
 class VAE(nn.Module):

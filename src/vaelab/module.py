@@ -18,7 +18,9 @@ import torch
 from hydra.utils import get_class, instantiate
 
 from vaelab.model import VAE
-from vaelab.objectives import beta_vae_loss, bits_per_dim, kl_weight
+from vaelab.objectives import beta_vae_loss, bits_per_dim, capacity_loss, linear_ramp
+
+SELECTION_METRIC = "select/val_elbo"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,6 +53,10 @@ class VAEModule(pl.LightningModule):
         kl_warmup_epochs: int = 0,
         free_bits: float = 0.0,
         iw_samples: int = 1,
+        dreg: bool = False,
+        capacity_nats: float | None = None,
+        capacity_epochs: int = 0,
+        capacity_gamma: float = 1000.0,
         optimizer: str = "torch.optim.Adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -68,17 +74,22 @@ class VAEModule(pl.LightningModule):
 
     # -- training -------------------------------------------------------------------------------
 
-    def current_kl_weight(self, batch_idx: int) -> float:
-        progress = self.current_epoch + batch_idx / max(1, self.trainer.num_training_batches)
-        return kl_weight(self.hparams.beta, self.hparams.kl_warmup_epochs, progress)
+    def progress(self, batch_idx: int) -> float:
+        """Training progress in fractional epochs, for the warm-up and capacity schedules."""
+        return self.current_epoch + batch_idx / max(1, self.trainer.num_training_batches)
 
     def training_step(self, x: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         hp = self.hparams
         out = self.vae(x, k=hp.iw_samples)
         if hp.iw_samples > 1:
-            loss = -out.iw_bound.mean()
+            loss = -(out.dreg_iw_bound if hp.dreg else out.iw_bound).mean()
+        elif hp.capacity_nats is not None:
+            capacity = linear_ramp(hp.capacity_nats, hp.capacity_epochs, self.progress(batch_idx))
+            self.log("train/capacity", capacity, on_step=False, on_epoch=True, reduce_fx="max")
+            loss = capacity_loss(out.rec, out.kl, hp.capacity_gamma, capacity)
         else:
-            loss = beta_vae_loss(out.rec, out.kl_per_dim, self.current_kl_weight(batch_idx), hp.free_bits)
+            weight = linear_ramp(hp.beta, hp.kl_warmup_epochs, self.progress(batch_idx))
+            loss = beta_vae_loss(out.rec, out.kl_per_dim, weight, hp.free_bits)
 
         if not torch.isfinite(loss):
             if hp.nan_policy == "skip":
@@ -104,9 +115,24 @@ class VAEModule(pl.LightningModule):
         )
         return loss
 
+    def ramp_epochs(self) -> int:
+        """Epochs until the objective stops changing: the KL warm-up's or the capacity ramp's."""
+        hp = self.hparams
+        return max(hp.kl_warmup_epochs, hp.capacity_epochs if hp.capacity_nats is not None else 0)
+
+    def selectable(self) -> bool:
+        """May this epoch's weights be chosen as the best? Only once the objective is the final one: during a
+        warm-up the KL weight is below beta, so those epochs would win on val/elbo without being the model asked
+        for. The last epoch is always a candidate, for runs shorter than their ramp."""
+        ramp_done_after = min(self.ramp_epochs(), self.trainer.max_epochs) - 1  # the ramp ends within this epoch
+        return self.current_epoch >= ramp_done_after
+
     def validation_step(self, x: torch.Tensor, batch_idx: int) -> None:
         out = self.vae(x)
         elbo = out.elbo.mean()
+        # What the best checkpoint is chosen by: val/elbo, or -inf while the objective is still ramping.
+        selection = elbo if self.selectable() else torch.full_like(elbo, -math.inf)
+        self.log(SELECTION_METRIC, selection, logger=False, on_epoch=True, batch_size=len(x), sync_dist=True)
         self.log_dict(
             {
                 "val/elbo": elbo,

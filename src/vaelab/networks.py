@@ -11,27 +11,51 @@ import math
 import torch
 from torch import nn
 
+from vaelab.config import ACTIVATIONS
+from vaelab.errors import ConfigError
+
 # q(z|x)'s log-variance is clamped: exp(logvar) overflows or its gradient explodes outside this range,
 # and a posterior std below e^-6 ~ 0.0025 only happens on the way to a numerical blow-up.
 LOGVAR_MIN, LOGVAR_MAX = -12.0, 8.0
 
+# `arch.activation`: the nonlinearity between layers, by name. SiLU is the default; Burda et al.'s MNIST
+# benchmark uses tanh.
+ACTIVATION_CLASSES: dict[str, type[nn.Module]] = {
+    "silu": nn.SiLU,
+    "relu": nn.ReLU,
+    "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "softplus": nn.Softplus,
+}
+assert tuple(ACTIVATION_CLASSES) == ACTIVATIONS, "vaelab.config.ACTIVATIONS lists what config validation allows"
 
-def mlp(sizes: list[int]) -> nn.Sequential:
-    """Linear layers with SiLU between them (none after the last)."""
+
+def activation_class(name: str) -> type[nn.Module]:
+    """The nn.Module class `arch.activation` names; a ConfigError listing the allowed names otherwise."""
+    if name not in ACTIVATION_CLASSES:
+        raise ConfigError([("arch.activation", name, f"one of {list(ACTIVATIONS)}")])
+    return ACTIVATION_CLASSES[name]
+
+
+def mlp(sizes: list[int], activation: str = "silu") -> nn.Sequential:
+    """Linear layers with `activation` between them (none after the last)."""
+    act = activation_class(activation)
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(nn.Linear(n_in, n_out))
         if i < len(sizes) - 2:
-            layers.append(nn.SiLU())
+            layers.append(act())
     return nn.Sequential(*layers)
 
 
 class MLPEncoder(nn.Module):
     """x [B, C, H, W] -> (mean, logvar), each [B, latent_dim]: a diagonal Gaussian q(z|x)."""
 
-    def __init__(self, image_shape: tuple[int, int, int], hidden: list[int], latent_dim: int):
+    def __init__(self, image_shape: tuple[int, int, int], hidden: list[int], latent_dim: int, activation: str = "silu"):
         super().__init__()
-        self.net = mlp([math.prod(image_shape), *hidden, 2 * latent_dim])
+        self.net = mlp([math.prod(image_shape), *hidden, 2 * latent_dim], activation)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, logvar = self.net(x.flatten(1)).chunk(2, dim=-1)
@@ -41,24 +65,35 @@ class MLPEncoder(nn.Module):
 class MLPDecoder(nn.Module):
     """z [..., latent_dim] -> likelihood parameters [..., P*C, H, W] (P parameters per channel)."""
 
-    def __init__(self, image_shape: tuple[int, int, int], hidden: list[int], latent_dim: int, params_per_channel: int):
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        hidden: list[int],
+        latent_dim: int,
+        params_per_channel: int,
+        activation: str = "silu",
+    ):
         super().__init__()
         c, h, w = image_shape
         self.out_shape = (params_per_channel * c, h, w)
-        self.net = mlp([latent_dim, *reversed(hidden), math.prod(self.out_shape)])
+        self.net = mlp([latent_dim, *reversed(hidden), math.prod(self.out_shape)], activation)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z).unflatten(-1, self.out_shape)
 
 
 def build_mlp(
-    image_shape: tuple[int, int, int], latent_dim: int, params_per_channel: int, hidden: list[int]
+    image_shape: tuple[int, int, int],
+    latent_dim: int,
+    params_per_channel: int,
+    hidden: list[int],
+    activation: str = "silu",
 ) -> tuple[nn.Module, nn.Module]:
     """The default architecture: fully connected, the decoder mirrors the encoder's hidden sizes."""
     hidden = list(hidden)
     return (
-        MLPEncoder(image_shape, hidden, latent_dim),
-        MLPDecoder(image_shape, hidden, latent_dim, params_per_channel),
+        MLPEncoder(image_shape, hidden, latent_dim, activation),
+        MLPDecoder(image_shape, hidden, latent_dim, params_per_channel, activation),
     )
 
 
@@ -114,16 +149,17 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 
 class ResidualBlock(nn.Module):
-    """x + f(x) with f = (GroupNorm, SiLU, 3x3 conv) twice: [B, C, H, W] -> [B, C, H, W]."""
+    """x + f(x) with f = (GroupNorm, activation, 3x3 conv) twice: [B, C, H, W] -> [B, C, H, W]."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, activation: str = "silu"):
         super().__init__()
+        act = activation_class(activation)
         self.residual = nn.Sequential(
             group_norm(channels),
-            nn.SiLU(),
+            act(),
             nn.Conv2d(channels, channels, 3, padding=1),
             group_norm(channels),
-            nn.SiLU(),
+            act(),
             nn.Conv2d(channels, channels, 3, padding=1),
         )
 
@@ -134,14 +170,22 @@ class ResidualBlock(nn.Module):
 class ConvEncoder(nn.Module):
     """x [B, C, H, W] -> (mean, logvar), each [B, latent_dim]: a diagonal Gaussian q(z|x)."""
 
-    def __init__(self, image_shape: tuple[int, int, int], hidden: list[int], latent_dim: int, blocks_per_stage: int):
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        hidden: list[int],
+        latent_dim: int,
+        blocks_per_stage: int,
+        activation: str = "silu",
+    ):
         super().__init__()
         c, h, w = image_shape
+        act = activation_class(activation)
         strides, sizes = downsampling_plan(h, w, len(hidden))
         stages: list[nn.Module] = []
         for n_in, n_out, stride in zip([c, *hidden[:-1]], hidden, strides, strict=True):
-            stages += [nn.Conv2d(n_in, n_out, 3, stride=stride, padding=1), nn.SiLU()]
-            stages += [ResidualBlock(n_out) for _ in range(blocks_per_stage)]
+            stages += [nn.Conv2d(n_in, n_out, 3, stride=stride, padding=1), act()]
+            stages += [ResidualBlock(n_out, activation) for _ in range(blocks_per_stage)]
         self.stages = nn.Sequential(*stages)
         self.head = nn.Linear(hidden[-1] * math.prod(sizes[-1]), 2 * latent_dim)
 
@@ -161,23 +205,25 @@ class ConvDecoder(nn.Module):
         latent_dim: int,
         params_per_channel: int,
         blocks_per_stage: int,
+        activation: str = "silu",
     ):
         super().__init__()
         c, h, w = image_shape
+        act = activation_class(activation)
         self.out_shape = (params_per_channel * c, h, w)
         strides, sizes = downsampling_plan(h, w, len(hidden))  # the encoder's; walked backwards here
         self.first_map = (hidden[-1], *sizes[-1])
-        self.project = nn.Sequential(nn.Linear(latent_dim, math.prod(self.first_map)), nn.SiLU())
+        self.project = nn.Sequential(nn.Linear(latent_dim, math.prod(self.first_map)), act())
 
         # Stage i undoes encoder stage i: hidden[i] channels at sizes[i + 1] -> hidden[i - 1] at sizes[i].
         # The last one (i = 0) outputs the likelihood parameters, so no activation follows it.
         out_channels = [self.out_shape[0], *hidden[:-1]]
         stages: list[nn.Module] = []
         for i in reversed(range(len(hidden))):
-            stages += [ResidualBlock(hidden[i]) for _ in range(blocks_per_stage)]
+            stages += [ResidualBlock(hidden[i], activation) for _ in range(blocks_per_stage)]
             stages.append(upsample(hidden[i], out_channels[i], strides[i], sizes[i + 1], sizes[i]))
             if i > 0:
-                stages.append(nn.SiLU())
+                stages.append(act())
         self.stages = nn.Sequential(*stages)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -188,10 +234,14 @@ class ConvDecoder(nn.Module):
 
 
 def build_conv(
-    image_shape: tuple[int, int, int], latent_dim: int, params_per_channel: int, hidden: list[int]
+    image_shape: tuple[int, int, int],
+    latent_dim: int,
+    params_per_channel: int,
+    hidden: list[int],
+    activation: str = "silu",
 ) -> tuple[nn.Module, nn.Module]:
     """Plain convolutional stages, the decoder mirroring the encoder; `hidden` lists each stage's channels."""
-    return build_resnet(image_shape, latent_dim, params_per_channel, hidden, blocks_per_stage=0)
+    return build_resnet(image_shape, latent_dim, params_per_channel, hidden, blocks_per_stage=0, activation=activation)
 
 
 def build_resnet(
@@ -200,6 +250,7 @@ def build_resnet(
     params_per_channel: int,
     hidden: list[int],
     blocks_per_stage: int = 1,
+    activation: str = "silu",
 ) -> tuple[nn.Module, nn.Module]:
     """Convolutional stages with `blocks_per_stage` residual blocks each (0 is `build_conv`)."""
     hidden = list(hidden)
@@ -208,6 +259,6 @@ def build_resnet(
     if blocks_per_stage < 0:
         raise ValueError(f"arch.blocks_per_stage: must be an int >= 0, got {blocks_per_stage}")
     return (
-        ConvEncoder(image_shape, hidden, latent_dim, blocks_per_stage),
-        ConvDecoder(image_shape, hidden, latent_dim, params_per_channel, blocks_per_stage),
+        ConvEncoder(image_shape, hidden, latent_dim, blocks_per_stage, activation),
+        ConvDecoder(image_shape, hidden, latent_dim, params_per_channel, blocks_per_stage, activation),
     )

@@ -29,7 +29,7 @@ from vaelab.datasets import Settings
 from vaelab.evaluation import evaluate_images, warn_if_collapsed
 from vaelab.figures import save_figures, save_training_curves
 from vaelab.files import replacing_dir, write_json_atomic, write_text_atomic
-from vaelab.module import VAEModule
+from vaelab.module import SELECTION_METRIC, VAEModule
 from vaelab.tracking import Run
 
 VAL_ESTIMATES = ("val/nll_iw", "val/nll_iw_se", "val/inference_gap", "val/iw_ess")
@@ -62,6 +62,10 @@ def build_module(cfg: DictConfig, image_shape: tuple[int, ...], grey_levels: int
         kl_warmup_epochs=model["kl_warmup_epochs"],
         free_bits=float(model["free_bits"]),
         iw_samples=model["iw_samples"],
+        dreg=model["dreg"],
+        capacity_nats=None if model["capacity"]["nats"] is None else float(model["capacity"]["nats"]),
+        capacity_epochs=model["capacity"]["epochs"],
+        capacity_gamma=float(model["capacity"]["gamma"]),
         optimizer=optim["_target_"],
         lr=float(optim["lr"]),
         weight_decay=float(optim["weight_decay"]),
@@ -131,7 +135,7 @@ def fit_and_publish(
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     checkpoint = ModelCheckpoint(
-        dirpath=out_dir / "checkpoints", filename="best", monitor="val/elbo", mode="max", save_last=True
+        dirpath=out_dir / "checkpoints", filename="best", monitor=SELECTION_METRIC, mode="max", save_last=True
     )
     history = EpochHistory()
     extra = [instantiate(spec) for spec in cfg.get("callbacks", {}).values()]
@@ -170,7 +174,7 @@ def finish(
     save_figures(module.vae, val_images, val_labels, val_iw.kl_per_dim, figures, seed=cfg.seed)
     save_training_curves(history.rows, figures / "training_curves.png")
 
-    best_row = max(history.rows, key=lambda row: row.get("val/elbo", float("-inf")))
+    best_row = next(row for row in history.rows if row["epoch"] == state["epoch"])
     # The end-of-training IW estimates use the first eval.val_limit val images (all by default).
     val_estimates = {k: v for k, v in val_iw.metrics("val").items() if k in VAL_ESTIMATES}
     summary = {
