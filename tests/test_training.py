@@ -9,7 +9,8 @@ from lightning.pytorch.callbacks import Callback
 
 from conftest import TINY, all_runs, artifact_paths, copy_processed, make_config, mlflow_client, run_entry
 from vaelab.module import SELECTION_METRIC, NonFiniteLossError, load_trained
-from vaelab.training import train
+from vaelab.tracking import PARENT_TAG, Run
+from vaelab.training import end_status, train
 
 
 def test_one_short_training_makes_a_finished_run_linked_to_its_checkpoint(project: Path):
@@ -152,3 +153,23 @@ def test_epochs_before_the_kl_warmup_ends_are_never_the_best_checkpoint(project:
     assert summary["best_epoch"] >= 2
     best = torch.load(project / "models" / "latest" / "model.ckpt", weights_only=True)
     assert best["epoch"] == summary["best_epoch"]
+
+
+def test_a_nested_run_sits_under_its_parent_and_publishes_nothing_shared(project: Path):
+    cfg = make_config(*TINY)
+    parent = Run.create(cfg, stage="sweep", overrides=[], tags={}, log_params=False)
+    summary = train(cfg, parent_run_id=parent.run_id)
+    child = mlflow_client(project).get_run(summary["run_id"])
+    assert child.data.tags[PARENT_TAG] == parent.run_id
+    assert child.info.status == "FINISHED"
+    assert mlflow_client(project).get_run(parent.run_id).data.params == {}
+    assert (project / "outputs" / summary["run_id"] / "checkpoints" / "best.ckpt").is_file()
+    assert not (project / "models").exists() and not (project / "metrics").exists()
+
+
+def test_a_pruned_trial_is_killed_and_tagged():
+    import optuna
+
+    assert end_status(optuna.TrialPruned("epoch 1")) == ("KILLED", {"optuna.state": "PRUNED"})
+    assert end_status(KeyboardInterrupt()) == ("KILLED", {})
+    assert end_status(ValueError("x")) == ("FAILED", {})

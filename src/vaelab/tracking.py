@@ -23,6 +23,7 @@ from vaelab import paths
 
 PARAM_BATCH = 100  # MLflow's limit on params per log_batch call
 TAG_PREFIX = "vaelab."
+PARENT_TAG = "mlflow.parentRunId"  # what makes the MLflow UI nest a run under another
 
 
 def default_uri() -> str:
@@ -112,17 +113,32 @@ class Run:
         self.client = MlflowClient(uri)
 
     @classmethod
-    def create(cls, cfg: DictConfig, stage: str, overrides: list[str], tags: dict[str, str]) -> Run:
-        """Create the run with its params (the flattened composed config) and lineage tags."""
+    def create(
+        cls,
+        cfg: DictConfig,
+        stage: str,
+        overrides: list[str],
+        tags: dict[str, str],
+        parent_run_id: str | None = None,
+        log_params: bool = True,
+    ) -> Run:
+        """Create the run with its params (the flattened composed config) and lineage tags.
+
+        With `parent_run_id` it is a nested child (a sweep's job, a search's trial): the MLflow UI groups it under
+        the parent. A parent itself usually logs no params (`log_params=False`): its children carry them.
+        """
         from mlflow.entities import Param
 
         uri = resolve_uri(cfg.tracking.uri)
         experiment_id = ensure_experiment(uri, cfg.tracking.experiment)
         run = cls(uri, "", cfg.tracking.experiment)
-        info = run.client.create_run(
-            experiment_id, run_name=cfg.tracking.run_name, tags=lineage_tags(cfg, stage, overrides, tags)
-        ).info
+        all_tags = lineage_tags(cfg, stage, overrides, tags)
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        info = run.client.create_run(experiment_id, run_name=cfg.tracking.run_name, tags=all_tags).info
         run.run_id = info.run_id
+        if not log_params:
+            return run
         params = flatten(OmegaConf.to_container(cfg, resolve=True))
         items = [Param(k, v) for k, v in sorted(params.items())]
         for start in range(0, len(items), PARAM_BATCH):

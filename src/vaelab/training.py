@@ -85,8 +85,15 @@ def build_data(cfg: DictConfig) -> ImageData:
     )
 
 
-def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
-    """Train one VAE as configured; return the summary metrics (also written to metrics/train.json)."""
+def train(
+    cfg: DictConfig, callbacks: Sequence[Callback] = (), parent_run_id: str | None = None
+) -> dict[str, float | str]:
+    """Train one VAE as configured; return the summary metrics plus its `run_id`.
+
+    A top-level run publishes models/latest/, metrics/train.json and plots/train/ for DVC. A nested run (a sweep's
+    job or a search's trial, `parent_run_id` set) publishes nothing shared: its checkpoint and figures stay in
+    outputs/<run_id>/ and its MLflow run, so parallel jobs never overwrite each other's results.
+    """
     validate(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = build_data(cfg)
@@ -106,23 +113,44 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
                 "representation": module.vae.likelihood.representation,
                 "dataset": data.settings.name,
             },
+            parent_run_id=parent_run_id,
         )
     try:
-        summary = fit_and_publish(cfg, module, data, run, callbacks)
+        summary = fit_and_publish(cfg, module, data, run, callbacks, publish=parent_run_id is None)
     except BaseException as error:
         if run:
-            # Lightning turns Ctrl-C into a graceful shutdown followed by SystemExit.
-            killed = isinstance(error, KeyboardInterrupt | SystemExit)
-            run.end("KILLED" if killed else "FAILED", reason=f"{type(error).__name__}: {error}")
+            status, tags = end_status(error)
+            run.set_tags(tags)
+            run.end(status, reason=f"{type(error).__name__}: {error}")
         raise
     if run:
         run.end("FINISHED")
     return summary
 
 
+def end_status(error: BaseException) -> tuple[str, dict[str, str]]:
+    """The MLflow status (and extra tags) of a run that `error` ended.
+
+    Ctrl-C (Lightning turns it into a graceful shutdown, then SystemExit) is KILLED. A pruned Optuna trial is
+    KILLED too, tagged `optuna.state=PRUNED`, since MLflow has no PRUNED status. Anything else FAILED.
+    """
+    if isinstance(error, KeyboardInterrupt | SystemExit):
+        return "KILLED", {}
+    from optuna import TrialPruned
+
+    if isinstance(error, TrialPruned):
+        return "KILLED", {"optuna.state": "PRUNED"}
+    return "FAILED", {}
+
+
 def fit_and_publish(
-    cfg: DictConfig, module: VAEModule, data: ImageData, run: Run | None, callbacks: Sequence[Callback]
-) -> dict[str, float]:
+    cfg: DictConfig,
+    module: VAEModule,
+    data: ImageData,
+    run: Run | None,
+    callbacks: Sequence[Callback],
+    publish: bool = True,
+) -> dict[str, float | str]:
     """Everything that happens inside the run: any failure here marks the run FAILED or KILLED."""
     run_id = run.run_id if run else uuid.uuid4().hex
     out_dir = paths.run_dir(run_id)
@@ -147,7 +175,7 @@ def fit_and_publish(
         gradient_clip_val=cfg.optim.grad_clip,
     )
     trainer.fit(module, datamodule=data)
-    return finish(cfg, trainer, module, data, checkpoint, history, run, config_file)
+    return finish(cfg, trainer, module, data, checkpoint, history, run, config_file, publish)
 
 
 def finish(
@@ -159,7 +187,8 @@ def finish(
     history: EpochHistory,
     run: Run | None,
     config_file: Path,
-) -> dict[str, float]:
+    publish: bool = True,
+) -> dict[str, float | str]:
     """After fit: reload the best weights, estimate val/nll_iw, draw figures, log artifacts, publish."""
     best = Path(checkpoint.best_model_path)
     state = torch.load(best, map_location=module.device, weights_only=True)
@@ -191,9 +220,11 @@ def finish(
         run.log_artifact(best, "checkpoints")
         run.log_artifact(figures, "figures")
 
-    publish_latest(best, module.lineage["run_id"], config_file)
-    write_json_atomic(paths.metrics_dir() / "train.json", {**summary, "run_id": module.lineage["run_id"]})
-    write_curve(history.rows, paths.plots_dir() / "train" / "curve.csv")
+    summary["run_id"] = module.lineage["run_id"]
+    if publish:
+        publish_latest(best, module.lineage["run_id"], config_file)
+        write_json_atomic(paths.metrics_dir() / "train.json", summary)
+        write_curve(history.rows, paths.plots_dir() / "train" / "curve.csv")
     return summary
 
 
