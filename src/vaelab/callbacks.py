@@ -1,11 +1,18 @@
-"""Lightning callbacks of vaelab's own. Everything else comes from Lightning itself."""
+"""Lightning callbacks and plugins of vaelab's own. Everything else comes from Lightning itself."""
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
 from time import perf_counter
+from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from vaelab.files import write_bytes_atomic
 
 
 class EpochHistory(Callback):
@@ -43,3 +50,37 @@ class EpochHistory(Callback):
             if key.startswith(("train/", "val/")):
                 row[key] = float(value)
         self.rows.append(row)
+
+    # The history travels in checkpoints, so a resumed run's curves and summary cover all its epochs.
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict["rows"])
+
+
+class RngState(Callback):
+    """Saves and restores the torch RNGs (CPU and CUDA) with each checkpoint, so a resumed run draws the
+    binarization noise and latent samples it would have drawn. Data order is seeded by epoch already."""
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["cpu"])
+        if "cuda" in state_dict and torch.cuda.is_available() and len(state_dict["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written beside their target, flushed, then renamed over it: a kill during a save leaves the
+    previous `last.ckpt` intact. (Lightning's own save goes through a temp file that may sit on another
+    filesystem, where the final move is a copy that a kill can cut short.)"""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        write_bytes_atomic(Path(path), buffer.getvalue())

@@ -6,6 +6,7 @@ so a typo costs a second, not a half-trained model and a dangling run.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,6 +98,10 @@ RULES: dict[str, Rule] = {
     "nan_policy": _one_of(NAN_POLICIES),
     "compile": ((lambda v: isinstance(v, bool)), "true or false"),
     "seed": _int_at_least(0),
+    "resume": (
+        (lambda v: v is None or v == "last" or (isinstance(v, str) and re.fullmatch(r"[0-9a-f]{32}", v) is not None)),
+        "null, `last`, or an MLflow run id (32 hex digits)",
+    ),
     "tracking.experiment": ((lambda v: isinstance(v, str) and v.strip() != ""), "a non-empty string"),
     "tracking.uri": (
         (lambda v: v is None or (isinstance(v, str) and v.startswith(TRACKING_SCHEMES))),
@@ -116,16 +121,22 @@ OPTIONAL_RULES: dict[str, Rule] = {
 }
 
 
-def problems(cfg: DictConfig) -> list[tuple[str, object, str]]:
-    """All rule violations of `cfg` as (key, value, allowed) triples; empty when the config is valid."""
+def _rule_problems(cfg: DictConfig, rules: dict[str, Rule], optional: dict[str, Rule]) -> list[tuple[str, object, str]]:
+    """Violations of `rules` (every key required) and `optional` (checked where present)."""
     found: list[tuple[str, object, str]] = []
-    for key, (check, allowed) in {**RULES, **OPTIONAL_RULES}.items():
+    for key, (check, allowed) in {**rules, **optional}.items():
         value = OmegaConf.select(cfg, key, default=_MISSING)
         if value is _MISSING:
-            if key not in OPTIONAL_RULES:
+            if key not in optional:
                 found.append((key, "<missing>", allowed))
         elif not check(value):
             found.append((key, value, allowed))
+    return found
+
+
+def problems(cfg: DictConfig) -> list[tuple[str, object, str]]:
+    """All rule violations of `cfg` as (key, value, allowed) triples; empty when the config is valid."""
+    found = _rule_problems(cfg, RULES, OPTIONAL_RULES)
 
     # image_folder has no default source to fall back on: its images are wherever data.root points.
     data = cfg.get("data", {})
@@ -147,13 +158,151 @@ def problems(cfg: DictConfig) -> list[tuple[str, object, str]]:
         found.append(("model.capacity.nats", model.capacity.nats, "null when model.iw_samples > 1 (IWAE objective)"))
     if model.get("dreg") is True and not iwae:
         found.append(("model.dreg", True, "false unless model.iw_samples > 1 (DReG is a gradient for the IWAE bound)"))
-    if cfg.get("resume") is not None:
-        found.append(("resume", cfg.resume, "null (resuming a run is not available yet)"))
     return found
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError listing every invalid key, or return silently."""
     found = problems(cfg)
+    if found:
+        raise ConfigError(found)
+
+
+# Search (conf/search/<name>.yaml, chosen with search=<name>): its keys exist only in a search's config, so
+# pipelines/search.py checks them with `validate_search` on top of `validate`.
+
+# What a search may optimize, with the direction that is better. All but val/nll_iw are logged every epoch, so
+# a pruner can watch them; val/nll_iw is estimated once, after training.
+SEARCH_METRICS = {"val/elbo": "maximize", "val/bpd": "minimize", "val/rec": "minimize", "val/nll_iw": "minimize"}
+END_OF_TRAINING_METRICS = ("val/nll_iw",)
+PRUNERS = ("median", "hyperband", "none")
+SAMPLERS = ("tpe", "random")
+PARAM_FIELDS = {  # a search-space parameter's type -> the fields it may have
+    "float": ("type", "low", "high", "log", "step"),
+    "int": ("type", "low", "high", "log", "step"),
+    "categorical": ("type", "choices"),
+}
+NON_SEARCHABLE = ("search", "hydra")  # top-level keys a trial cannot vary
+
+SEARCH_RULES: dict[str, Rule] = {
+    "search.study_name": ((lambda v: isinstance(v, str) and v.strip() != ""), "a non-empty string"),
+    "search.storage": (
+        (lambda v: v is None or (isinstance(v, str) and re.match(r"[a-z][a-z0-9+]*://", v) is not None)),
+        "null (optuna.db at the project root) or an SQLAlchemy URL (sqlite:///..., postgresql+psycopg://...)",
+    ),
+    "search.n_trials": _int_at_least(1),
+    "search.metric": _one_of(tuple(SEARCH_METRICS)),
+    "search.direction": _one_of(("maximize", "minimize")),
+    "search.pruner": _one_of(PRUNERS),
+    "search.sampler": _one_of(SAMPLERS),
+    "search.seed": _optional(_int_at_least(0)),
+    "search.space": ((lambda v: OmegaConf.is_dict(v) and len(v) > 0), "a non-empty mapping of parameters"),
+}
+SEARCH_OPTIONAL_RULES: dict[str, Rule] = {
+    "search.pruner_options.median.n_startup_trials": _int_at_least(0),
+    "search.pruner_options.median.n_warmup_steps": _int_at_least(0),
+    "search.pruner_options.median.interval_steps": _int_at_least(1),
+    "search.pruner_options.hyperband.min_resource": _int_at_least(1),
+    "search.pruner_options.hyperband.reduction_factor": _int_at_least(2),
+}
+
+
+def space_params(space: DictConfig) -> dict[str, object]:
+    """The search space's parameters by config key. A parameter is a mapping with a `type`; nested keys
+    (`model: {beta: {type: ...}}`, which command-line overrides can reach) and dotted ones (`model.beta: {...}`)
+    name the same parameter, `model.beta`. Anything else at a leaf is returned as is, for validation to report."""
+    found: dict[str, object] = {}
+    for key, value in space.items():
+        if OmegaConf.is_dict(value) and "type" not in value:
+            found.update({f"{key}.{name}": spec for name, spec in space_params(value).items()})
+        else:
+            found[str(key)] = value
+    return found
+
+
+def _param_problems(
+    cfg: DictConfig, name: str, spec: object, groups: dict[str, list[str]]
+) -> list[tuple[str, object, str]]:
+    """What is wrong with one parameter of the search space (`groups`: config group -> its options)."""
+    key = f"search.space.{name}"
+    is_group = name in groups
+    value = OmegaConf.select(cfg, name, default=_MISSING)
+    if name.split(".")[0] in NON_SEARCHABLE or (not is_group and (value is _MISSING or OmegaConf.is_dict(value))):
+        allowed = f"a key of the training config (e.g. model.latent_dim) or a config group ({', '.join(groups)})"
+        return [(key, "<not a config key>", allowed)]
+    if not OmegaConf.is_dict(spec):
+        return [(key, spec, "a mapping {type: float | int | categorical, low, high, log, step, choices}")]
+    kind = spec.get("type")
+    if kind not in PARAM_FIELDS:
+        return [(f"{key}.type", kind, f"one of {list(PARAM_FIELDS)}")]
+    if is_group and kind != "categorical":
+        return [(f"{key}.type", kind, f"categorical: {name} is a config group, its options are {groups[name]}")]
+    found = [
+        (f"{key}.{field}", spec[field], f"one of the fields {list(PARAM_FIELDS[kind])} of a {kind} parameter")
+        for field in spec
+        if field not in PARAM_FIELDS[kind]
+    ]
+    check, allowed = {**RULES, **OPTIONAL_RULES}.get(name, (lambda v: True, ""))
+    rule_text = f"{allowed} (what {name} allows)"
+
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not (OmegaConf.is_list(choices) and len(choices) > 0):
+            return [*found, (f"{key}.choices", choices, "a non-empty list")]
+        for choice in choices:
+            if is_group and choice not in groups[name]:
+                found.append((f"{key}.choices", choice, f"an option of the config group {name}: {groups[name]}"))
+            elif not is_group and not check(choice):
+                found.append((f"{key}.choices", choice, rule_text))
+        return found
+
+    is_kind = _is_int if kind == "int" else _is_number
+    low, high, log, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
+    for field, bound in (("low", low), ("high", high)):
+        if not is_kind(bound):
+            found.append((f"{key}.{field}", bound, "an integer" if kind == "int" else "a number"))
+    if not isinstance(log, bool):
+        found.append((f"{key}.log", log, "true or false"))
+    if step is not None and not (is_kind(step) and step > 0):
+        found.append((f"{key}.step", step, "null or " + ("an integer >= 1" if kind == "int" else "a number > 0")))
+    if found:
+        return found
+    if low > high:
+        found.append((f"{key}.low", low, f"a value <= high ({high})"))
+    if log and low <= 0:
+        found.append((f"{key}.low", low, "a value > 0 when log is true (a log scale starts above 0)"))
+    if log and step is not None and not (kind == "int" and step == 1):
+        found.append((f"{key}.step", step, "null when log is true"))
+    if kind == "float" and check(int(low)) and not check(float(low)):
+        return [*found, (f"{key}.type", kind, f"int: {name} takes {allowed}")]
+    for field, bound in (("low", low), ("high", high)):
+        if not check(float(bound) if kind == "float" else bound):
+            found.append((f"{key}.{field}", bound, rule_text))
+    return found
+
+
+def search_problems(cfg: DictConfig, groups: dict[str, list[str]] | None = None) -> list[tuple[str, object, str]]:
+    """Violations of the `search.*` keys, including every parameter of the space: it must name a key of the
+    training config (or, with categorical choices, a config group in `groups`), and its range must be one the
+    key allows, so a typo fails before the first trial rather than in every trial."""
+    groups = groups or {}
+    found = _rule_problems(cfg, SEARCH_RULES, SEARCH_OPTIONAL_RULES)
+    search = cfg.get("search") or {}
+    metric, direction, pruner = search.get("metric"), search.get("direction"), search.get("pruner")
+    if metric in SEARCH_METRICS and direction in ("maximize", "minimize") and direction != SEARCH_METRICS[metric]:
+        found.append(("search.direction", direction, f"{SEARCH_METRICS[metric]} for search.metric={metric}"))
+    if metric in END_OF_TRAINING_METRICS and pruner != "none":
+        found.append(("search.pruner", pruner, f"none for search.metric={metric} (it is estimated after training)"))
+    if cfg.get("resume") is not None:
+        found.append(("resume", cfg.resume, "null in a search (every trial is a new run)"))
+    if OmegaConf.is_dict(search.get("space")):
+        for name, spec in space_params(search.space).items():
+            found.extend(_param_problems(cfg, name, spec, groups))
+    return found
+
+
+def validate_search(cfg: DictConfig, groups: dict[str, list[str]] | None = None) -> None:
+    """`validate` for the training keys plus `search_problems`, all reported at once."""
+    found = problems(cfg) + search_problems(cfg, groups)
     if found:
         raise ConfigError(found)

@@ -221,7 +221,7 @@ def resolve_checkpoint(cfg: DictConfig) -> Path:
     return path
 
 
-def evaluate(cfg: DictConfig) -> dict[str, float]:
+def evaluate(cfg: DictConfig) -> dict[str, float | str | None]:
     """Evaluate a checkpoint on the test split; write metrics/eval.json and plots/eval/; log into its run."""
     from vaelab.figures import save_figures
     from vaelab.module import load_trained
@@ -262,4 +262,4 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             run.log_artifact(plots, "evaluation")
             run.set_tags({"vaelab.eval.checkpoint": str(path), "vaelab.eval.iw_k": str(cfg.eval.iw_k)})
     warn_if_collapsed(result, run)
-    return summary
+    return {**summary, "run_id": run_id}

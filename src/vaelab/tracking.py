@@ -153,6 +153,19 @@ class Run:
         run.experiment = run.client.get_experiment(run.client.get_run(run_id).info.experiment_id).name
         return run
 
+    @classmethod
+    def reopen(cls, uri: str | None, run_id: str) -> Run:
+        """A killed, failed or stopped run made RUNNING again, to resume it. Its params stay as first logged."""
+        run = cls.attach(uri, run_id)
+        tags = run.client.get_run(run_id).data.tags
+        failure = tags.get(f"{TAG_PREFIX}failure")
+        if failure:  # kept for the record, but no longer what the run ended with
+            run.client.set_tag(run_id, f"{TAG_PREFIX}previous_failure", failure)
+            run.client.delete_tag(run_id, f"{TAG_PREFIX}failure")
+        run.client.set_tag(run_id, f"{TAG_PREFIX}resumes", str(int(tags.get(f"{TAG_PREFIX}resumes", "0")) + 1))
+        run.client.update_run(run_id, status="RUNNING")
+        return run
+
     def lightning_logger(self, logger_cfg: DictConfig) -> MLFlowLogger:
         from hydra.utils import instantiate
 

@@ -22,14 +22,16 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressB
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab import paths
-from vaelab.callbacks import EpochHistory
+from vaelab.callbacks import AtomicCheckpointIO, EpochHistory, RngState
 from vaelab.config import validate
 from vaelab.data import ImageData
 from vaelab.datasets import Settings
+from vaelab.errors import VaelabError
 from vaelab.evaluation import evaluate_images, warn_if_collapsed
 from vaelab.figures import save_figures, save_training_curves
 from vaelab.files import replacing_dir, write_json_atomic, write_text_atomic
 from vaelab.module import SELECTION_METRIC, VAEModule
+from vaelab.resume import Resumption, resumption
 from vaelab.tracking import Run
 
 VAL_ESTIMATES = ("val/nll_iw", "val/nll_iw_se", "val/inference_gap", "val/iw_ess")
@@ -94,16 +96,24 @@ def train(
     job or a search's trial, `parent_run_id` set) publishes nothing shared: its checkpoint and figures stay in
     outputs/<run_id>/ and its MLflow run, so parallel jobs never overwrite each other's results.
     """
+    resume = None
+    if cfg.get("resume") is not None:
+        resume = resumption(cfg, hydra_overrides())
+        cfg = resume.cfg
     validate(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = build_data(cfg)
+    if resume:
+        check_same_data(resume, data.data_hash)
     module = build_module(cfg, data.image_shape, data.grey_levels)
     if cfg.compile:
         module.vae.encoder.compile()
         module.vae.decoder.compile()
 
     run = None
-    if cfg.get("logger") is not None:
+    if cfg.get("logger") is not None and resume:
+        run = Run.reopen(cfg.tracking.uri, resume.run_id)
+    elif cfg.get("logger") is not None:
         run = Run.create(
             cfg,
             stage="train",
@@ -116,7 +126,7 @@ def train(
             parent_run_id=parent_run_id,
         )
     try:
-        summary = fit_and_publish(cfg, module, data, run, callbacks, publish=parent_run_id is None)
+        summary = fit_and_publish(cfg, module, data, run, callbacks, publish=parent_run_id is None, resume=resume)
     except BaseException as error:
         if run:
             status, tags = end_status(error)
@@ -126,6 +136,16 @@ def train(
     if run:
         run.end("FINISHED")
     return summary
+
+
+def check_same_data(resume: Resumption, data_hash: str) -> None:
+    """A resumed run must see the data it started on: a changed dataset would make it two runs in one."""
+    started_on = torch.load(resume.checkpoint, map_location="cpu", weights_only=True).get("vaelab", {}).get("data_hash")
+    if started_on is not None and started_on != data_hash:
+        raise VaelabError(
+            f"cannot resume run {resume.run_id}: it started on data {started_on}, but the data is now {data_hash}; "
+            "start a new run instead"
+        )
 
 
 def end_status(error: BaseException) -> tuple[str, dict[str, str]]:
@@ -150,9 +170,10 @@ def fit_and_publish(
     run: Run | None,
     callbacks: Sequence[Callback],
     publish: bool = True,
+    resume: Resumption | None = None,
 ) -> dict[str, float | str]:
     """Everything that happens inside the run: any failure here marks the run FAILED or KILLED."""
-    run_id = run.run_id if run else uuid.uuid4().hex
+    run_id = run.run_id if run else resume.run_id if resume else uuid.uuid4().hex
     out_dir = paths.run_dir(run_id)
     config_file = write_text_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     module.lineage = {
@@ -170,11 +191,12 @@ def fit_and_publish(
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         logger=run.lightning_logger(cfg.logger) if run else False,
-        callbacks=[checkpoint, history, RichProgressBar(), *extra, *callbacks],
+        callbacks=[checkpoint, history, RngState(), RichProgressBar(), *extra, *callbacks],
         default_root_dir=str(out_dir),
         gradient_clip_val=cfg.optim.grad_clip,
+        plugins=[AtomicCheckpointIO()],
     )
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=resume.checkpoint if resume else None)
     return finish(cfg, trainer, module, data, checkpoint, history, run, config_file, publish)
 
 

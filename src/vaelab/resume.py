@@ -1,0 +1,88 @@
+"""Resuming a killed or stopped run: `python pipelines/train.py resume=<run_id>` (or `resume=last`).
+
+A resumed run is the same run, continued: it trains with the config it was started with (its
+outputs/<run_id>/config.yaml), from its last checkpoint (weights, optimizer, scheduler, epoch, callbacks and
+RNG state), on the same data (the data hash must match), and logs into the same MLflow run without logging
+its params again (MLflow refuses changed param values).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from vaelab import paths
+from vaelab.errors import ConfigError, VaelabError
+from vaelab.tracking import ensure_experiment, resolve_uri
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+# Overrides that may come with resume=: where to find the run. Anything else would change a run in flight.
+ALLOWED_WITH_RESUME = ("resume", "tracking.uri", "tracking.experiment")
+
+
+@dataclass
+class Resumption:
+    run_id: str
+    checkpoint: Path
+    cfg: DictConfig  # the run's own config
+
+
+def last_checkpoint(run_id: str) -> Path:
+    return paths.run_dir(run_id) / "checkpoints" / "last.ckpt"
+
+
+def newest_resumable(uri: str, experiment: str) -> str:
+    """The most recently started train run of the experiment that has a last checkpoint here."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment_id = ensure_experiment(uri, experiment)
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string="tags.`vaelab.stage` = 'train'",
+        order_by=["attributes.start_time DESC"],
+        max_results=200,
+    )
+    for run in runs:
+        if last_checkpoint(run.info.run_id).is_file():
+            return run.info.run_id
+    raise VaelabError(
+        f"resume=last: no train run of experiment '{experiment}' in {uri} has a last checkpoint "
+        f"(outputs/<run_id>/checkpoints/last.ckpt under {paths.project_root()})"
+    )
+
+
+def resumption(cfg: DictConfig, overrides: list[str]) -> Resumption:
+    """Which run `cfg.resume` names, its last checkpoint and its own config; a clear error when any is missing."""
+    extra = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ALLOWED_WITH_RESUME]
+    if extra:
+        raise ConfigError(
+            [
+                (
+                    "resume",
+                    cfg.resume,
+                    f"no other overrides ({' '.join(extra)}): a resumed run continues with its own config; "
+                    f"only {', '.join(ALLOWED_WITH_RESUME[1:])} may say where to find it",
+                )
+            ]
+        )
+    requested = str(cfg.resume)
+    if requested == "last":
+        run_id = newest_resumable(resolve_uri(cfg.tracking.uri), cfg.tracking.experiment)
+    elif RUN_ID.match(requested):
+        run_id = requested
+    else:
+        raise ConfigError([("resume", requested, "null, `last`, or an MLflow run id (32 hex digits)")])
+
+    checkpoint, config_file = last_checkpoint(run_id), paths.run_dir(run_id) / "config.yaml"
+    for path in (checkpoint, config_file):
+        if not path.is_file():
+            raise VaelabError(f"cannot resume run {run_id}: {path} does not exist")
+    stored = OmegaConf.load(config_file)
+    stored.resume = run_id
+    if any(o.startswith("tracking.uri=") for o in overrides):
+        stored.tracking.uri = cfg.tracking.uri  # the store moved, e.g. to a server: this command says where
+    return Resumption(run_id=run_id, checkpoint=checkpoint, cfg=stored)

@@ -1,0 +1,96 @@
+"""Resume: a run SIGKILLed mid-training continues from its last checkpoint, in the same MLflow run."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, all_runs, make_config, mlflow_client, run_entry, subprocess_env
+from vaelab.errors import ConfigError, VaelabError
+from vaelab.evaluation import evaluate
+from vaelab.resume import resumption
+from vaelab.training import train
+
+EPOCHS = 8
+# Small batches make each digits epoch take long enough (~1 s) that the kill lands between two checkpoints.
+SLOW_TINY = [*TINY, f"trainer.max_epochs={EPOCHS}", "data.batch_size=16"]
+
+
+def start_training(root: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "pipelines" / "train.py"), *overrides],
+        cwd=root,
+        env=subprocess_env(VAELAB_ROOT=str(root)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def kill_after_first_checkpoint(process: subprocess.Popen, root: Path, timeout: float = 300) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = list(root.glob("outputs/*/checkpoints/last.ckpt"))
+        if found:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return found[0]
+        if process.poll() is not None:
+            pytest.fail(f"training ended (exit {process.returncode}) before its first checkpoint")
+        time.sleep(0.02)
+    process.kill()
+    pytest.fail("no checkpoint appeared")
+
+
+def test_a_sigkilled_run_resumes_in_the_same_mlflow_run(project: Path):
+    checkpoint = kill_after_first_checkpoint(start_training(project, *SLOW_TINY), project)
+    killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
+    assert killed_at < EPOCHS - 1, "the kill came too late to test anything"
+    [run] = all_runs(project)
+    assert run.info.status == "RUNNING"  # SIGKILL leaves no chance to say otherwise
+
+    run_entry("train.py", "resume=last", root=project)
+
+    [resumed] = all_runs(project)
+    run_id = resumed.info.run_id
+    assert run_id == run.info.run_id
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags["vaelab.resumes"] == "1"
+    assert resumed.data.params == run.data.params  # logged once, never again
+    history = mlflow_client(project).get_metric_history(run_id, "val/elbo")
+    steps = [m.step for m in history]
+    assert len(steps) == len(set(steps)) == EPOCHS  # every epoch once: none lost, none repeated
+    assert all(-100 < m.value < 0 for m in history)  # nats per 8x8 digit: a normal range
+    summary = torch.load(project / "models" / "latest" / "model.ckpt", weights_only=True)
+    assert summary["vaelab"]["run_id"] == run_id
+    assert (project / "models" / "latest" / "run_id").read_text().strip() == run_id
+
+
+def test_resume_refuses_other_overrides_and_unknown_runs(project: Path):
+    with pytest.raises(ConfigError, match="no other overrides"):
+        resumption(make_config("resume=last"), ["resume=last", "model.beta=4"])
+    with pytest.raises(VaelabError, match="no train run of experiment 'vaelab'"):
+        resumption(make_config("resume=last"), ["resume=last"])
+    missing = "0123456789abcdef0123456789abcdef"
+    with pytest.raises(VaelabError, match=f"cannot resume run {missing}: .*last.ckpt does not exist"):
+        resumption(make_config(f"resume={missing}"), [f"resume={missing}"])
+    done = run_entry("train.py", "resume=not-a-run", root=project, check=False)
+    assert done.returncode == 2 and "resume='not-a-run'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_resume_continues_a_finished_run_with_its_own_config_and_evaluate_finds_it_by_run_id(project: Path):
+    """Resuming uses the run's stored config, not the defaults the resume command composes."""
+    first = train(make_config(*TINY, "model.latent_dim=3"))
+    again = train(make_config(f"resume={first['run_id']}"))
+    assert again["run_id"] == first["run_id"]
+    assert again["epochs"] == first["epochs"]  # max_epochs was reached already: nothing more to train
+    [run] = all_runs(project)
+    assert run.info.status == "FINISHED" and run.data.params["model.latent_dim"] == "3"
+
+    (project / "models").rename(project / "elsewhere")  # evaluate must not fall back on models/latest
+    metrics = evaluate(make_config(*TINY, f"run_id={first['run_id']}"))
+    assert metrics["run_id"] == first["run_id"]
+    assert "test/nll_iw" in mlflow_client(project).get_run(first["run_id"]).data.metrics
