@@ -103,6 +103,8 @@ RULES: dict[str, Rule] = {
         "null, `last`, or an MLflow run id (32 hex digits)",
     ),
     "tracking.experiment": ((lambda v: isinstance(v, str) and v.strip() != ""), "a non-empty string"),
+    "tracking.system_metrics": ((lambda v: isinstance(v, bool)), "true or false"),
+    "tracking.register_as": ((lambda v: v is None or (isinstance(v, str) and v.strip() != "")), "null or a model name"),
     "tracking.uri": (
         (lambda v: v is None or (isinstance(v, str) and v.startswith(TRACKING_SCHEMES))),
         f"null or an MLflow tracking URI starting with one of {list(TRACKING_SCHEMES)}",

@@ -166,6 +166,15 @@ class Run:
         run.client.update_run(run_id, status="RUNNING")
         return run
 
+    def monitor_system(self, resume: bool = False):
+        """MLflow's system metrics (system/cpu_utilization_percentage, memory, GPU when present) for this run,
+        sampled in a background thread until `.finish()`."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5, resume_logging=resume, tracking_uri=self.uri)
+        monitor.start()
+        return monitor
+
     def lightning_logger(self, logger_cfg: DictConfig) -> MLFlowLogger:
         from hydra.utils import instantiate
 

@@ -28,6 +28,7 @@ from vaelab.data import ImageData
 from vaelab.datasets import Settings
 from vaelab.errors import VaelabError
 from vaelab.evaluation import evaluate_images, warn_if_collapsed
+from vaelab.export import register, save_pyfunc
 from vaelab.figures import save_figures, save_training_curves
 from vaelab.files import replacing_dir, write_json_atomic, write_text_atomic
 from vaelab.module import SELECTION_METRIC, VAEModule
@@ -125,6 +126,7 @@ def train(
             },
             parent_run_id=parent_run_id,
         )
+    monitor = run.monitor_system(resume=resume is not None) if run and cfg.tracking.system_metrics else None
     try:
         summary = fit_and_publish(cfg, module, data, run, callbacks, publish=parent_run_id is None, resume=resume)
     except BaseException as error:
@@ -133,6 +135,9 @@ def train(
             run.set_tags(tags)
             run.end(status, reason=f"{type(error).__name__}: {error}")
         raise
+    finally:
+        if monitor:
+            monitor.finish()
     if run:
         run.end("FINISHED")
     return summary
@@ -241,6 +246,7 @@ def finish(
         run.log_artifact(config_file, "config")
         run.log_artifact(best, "checkpoints")
         run.log_artifact(figures, "figures")
+        log_model(cfg, run, best, out_dir / "model", data, module)
 
     summary["run_id"] = module.lineage["run_id"]
     if publish:
@@ -248,6 +254,16 @@ def finish(
         write_json_atomic(paths.metrics_dir() / "train.json", summary)
         write_curve(history.rows, paths.plots_dir() / "train" / "curve.csv")
     return summary
+
+
+def log_model(cfg: DictConfig, run: Run, checkpoint: Path, folder: Path, data: ImageData, module: VAEModule) -> None:
+    """The best weights as an MLflow pyfunc (runs:/<run_id>/model), registered when `tracking.register_as` names it."""
+    with replacing_dir(folder) as fresh:  # MLflow refuses to save over an earlier model (e.g. before a resume)
+        save_pyfunc(checkpoint, fresh, data.image_shape, module.vae.latent_dim)
+    run.log_artifact(folder, "model")
+    if cfg.tracking.get("register_as"):
+        version = register(run.client, run.run_id, cfg.tracking.register_as, data.data_hash)
+        run.set_tags({"vaelab.registered_model": f"{cfg.tracking.register_as}/{version}"})
 
 
 def publish_latest(checkpoint: Path, run_id: str, config_file: Path) -> Path:

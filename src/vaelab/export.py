@@ -1,0 +1,107 @@
+"""The trained VAE as an MLflow pyfunc model: `mlflow.pyfunc.load_model(f"runs:/{run_id}/model")`.
+
+`predict(images)` encodes float32 images [N, C, H, W] in [0, 1] to their posterior means [N, latent_dim]. The
+images are observed as in evaluation (grey levels, then binarized with a fixed seed for Bernoulli models), so the
+same image always gets the same code. To decode or sample, take the model out of its wrapper:
+
+    vae = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").get_raw_model()
+    images = vae.decode(z)           # z: float32 [N, latent_dim] -> E[x|z], [N, C, H, W] in [0, 1]
+    images = vae.sample(16, seed=0)  # 16 draws of E[x|z], z ~ p(z)
+    module = vae.module              # the LightningModule itself
+
+The model folder holds the checkpoint and names this module as its loader (`_load_pyfunc`), so loading needs
+vaelab installed, as it is wherever the model was trained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+OBSERVATION_SEED = 0
+
+
+class TrainedVAE:
+    """What the pyfunc wraps: a trained VAE that encodes, decodes and samples numpy arrays."""
+
+    def __init__(self, checkpoint: str | Path):
+        from vaelab.module import load_trained
+
+        self.module = load_trained(checkpoint).eval()
+        self.vae = self.module.vae
+
+    def _observe(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(images, dtype=np.float32))
+        levels = self.vae.likelihood.grey_levels
+        grey = (x.clamp(0, 1) * (levels - 1)).round().to(torch.uint8)
+        return type(self.vae.likelihood).observe(grey, levels, torch.Generator().manual_seed(OBSERVATION_SEED))
+
+    @torch.inference_mode()
+    def predict(self, model_input, params=None) -> np.ndarray:
+        mean, _ = self.vae.encode(self._observe(model_input))
+        return mean.numpy()
+
+    @torch.inference_mode()
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        params = self.vae.decoder(torch.as_tensor(np.asarray(z, dtype=np.float32)))
+        return self.vae.likelihood.mean(params).numpy()
+
+    @torch.inference_mode()
+    def sample(self, n: int, seed: int = 0) -> np.ndarray:
+        return self.vae.sample(n, generator=torch.Generator().manual_seed(seed)).numpy()
+
+    def get_raw_model(self) -> TrainedVAE:
+        return self
+
+
+def _load_pyfunc(data_path: str) -> TrainedVAE:
+    """MLflow's python_function loader: `data_path` is the checkpoint inside the model folder."""
+    return TrainedVAE(data_path)
+
+
+def signature(image_shape: tuple[int, ...], latent_dim: int):
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *image_shape))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, latent_dim))]),
+    )
+
+
+def requirements() -> list[str]:
+    """Pinned from this environment, so MLflow need not infer them (which would load the model in a subprocess)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("torch", "lightning", "hydra-core", "omegaconf", "mlflow")]
+
+
+def save_pyfunc(checkpoint: Path, folder: Path, image_shape: tuple[int, ...], latent_dim: int) -> Path:
+    """Write the MLflow model folder (MLmodel, the checkpoint, the signature) to `folder`."""
+    import mlflow.pyfunc
+
+    mlflow.pyfunc.save_model(
+        path=str(folder),
+        loader_module=__name__,
+        data_path=str(checkpoint),
+        signature=signature(image_shape, latent_dim),
+        input_example=np.full((1, *image_shape), 0.5, dtype=np.float32),
+        pip_requirements=requirements(),
+    )
+    return folder
+
+
+def register(client, run_id: str, name: str, data_hash: str) -> str:
+    """Register runs:/<run_id>/model as a new version of `name`, tagged with the data hash; its version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    version = client.create_model_version(name, source=source, run_id=run_id, tags={"vaelab.data_hash": data_hash})
+    return version.version
