@@ -1,6 +1,8 @@
 """Train stage: one VAE (or, with -m, a Hydra multirun sweep), tracked in MLflow.
 
 python pipelines/train.py model.latent_dim=8 model.beta=4
+python pipelines/train.py -m model.latent_dim=2,8,32 model.beta=0.5,1,4 arch=mlp,conv
+python pipelines/train.py -m sweep=latent_beta_arch hydra/launcher=joblib hydra.launcher.n_jobs=2
 """
 
 import os
@@ -14,6 +16,11 @@ os.environ.setdefault("VAELAB_ROOT", str(Path(__file__).resolve().parents[1]))
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    from vaelab.sweeps import is_multirun, run_job
+
+    if is_multirun():  # one job of a sweep: a nested MLflow run; a failure fails this job only (vaelab.sweeps)
+        return run_job(cfg)
+
     from vaelab.config import validate
     from vaelab.errors import exit_on_user_error
 

@@ -145,6 +145,13 @@ def problems(cfg: DictConfig) -> list[tuple[str, object, str]]:
     if data.get("name") == "image_folder" and data.get("root") is None:
         found.append(("data.root", None, "an existing directory of images (data=image_folder reads data.root)"))
 
+    # logger=mlflow_server logs to a server, so tracking.uri must name one.
+    logger = cfg.get("logger") or {}
+    if str(logger.get("_target_", "")).endswith("ServerRunLogger"):
+        uri = OmegaConf.select(cfg, "tracking.uri")
+        if not (isinstance(uri, str) and uri.startswith(("http://", "https://"))):
+            found.append(("tracking.uri", uri, "an http:// or https:// server URI when logger=mlflow_server"))
+
     # Combinations. The IWAE bound has no separate KL term for beta, warm-up or free bits to act on, and
     # the capacity objective replaces beta's weighting with its own gamma and target.
     model = cfg.get("model", {})

@@ -225,8 +225,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float | str | None]:
     """Evaluate a checkpoint on the test split; write metrics/eval.json and plots/eval/; log into its run."""
     from vaelab.figures import save_figures
     from vaelab.module import load_trained
-    from vaelab.tracking import Run
+    from vaelab.tracking import Run, check_server
 
+    if cfg.get("logger") is not None:
+        check_server(cfg.tracking.uri)  # before the work whose results it would receive
     path = resolve_checkpoint(cfg)
     torch.manual_seed(cfg.seed)  # the importance samples too: the same checkpoint gives the same numbers
     device = "cuda" if torch.cuda.is_available() else "cpu"

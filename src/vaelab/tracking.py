@@ -209,3 +209,38 @@ class RunLogger(MLFlowLogger):
 
     def finalize(self, status: str = "success") -> None:
         pass
+
+
+class ServerRunLogger(RunLogger):
+    """`logger=mlflow_server`: the same logger; its name tells validation that tracking.uri must be a server."""
+
+
+SERVER_SCHEMES = ("http://", "https://")
+HEALTH_TIMEOUT_S = 5.0
+
+
+def is_server(uri: str | None) -> bool:
+    return bool(uri) and uri.startswith(SERVER_SCHEMES)
+
+
+def check_server(uri: str | None) -> None:
+    """Fail fast, naming the URI, when a tracking server does not answer: MLflow's client would otherwise
+    retry for minutes, or the run would train without being logged."""
+    if not is_server(uri):
+        return
+    import urllib.error
+    import urllib.request
+
+    from vaelab.errors import VaelabError
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError) as error:
+        problem = str(getattr(error, "reason", error))
+    raise VaelabError(
+        f"the MLflow tracking server at {uri} cannot be reached ({problem}). Start it (e.g. `mlflow server "
+        f"--host 127.0.0.1 --port 5000`), or leave tracking.uri unset to log to the local sqlite store."
+    )

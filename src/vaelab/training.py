@@ -33,7 +33,7 @@ from vaelab.figures import save_figures, save_training_curves
 from vaelab.files import replacing_dir, write_json_atomic, write_text_atomic
 from vaelab.module import SELECTION_METRIC, VAEModule
 from vaelab.resume import Resumption, resumption
-from vaelab.tracking import Run
+from vaelab.tracking import Run, check_server
 
 VAL_ESTIMATES = ("val/nll_iw", "val/nll_iw_se", "val/inference_gap", "val/iw_ess")
 CURVE_COLUMNS = (
@@ -102,6 +102,8 @@ def train(
         resume = resumption(cfg, hydra_overrides())
         cfg = resume.cfg
     validate(cfg)
+    if cfg.get("logger") is not None:
+        check_server(cfg.tracking.uri)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = build_data(cfg)
     if resume:
