@@ -39,7 +39,9 @@ test: setup
 test-slow: setup
 	$(PYTHON) -m pytest -m slow
 
+# The MLflow UI on this project's store. tests/test_browser.py checks its compare view in headless Chromium.
 ui: setup
+	@echo "MLflow UI: open http://127.0.0.1:5000, pick the experiment, tick the runs, then Compare (Ctrl-C stops it)"
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 # Recompose params.yaml (DVC's copy of the config) after editing conf/.
@@ -55,4 +57,4 @@ lint: setup
 	$(VENV)/bin/ruff check src pipelines tests
 
 clean:
-	rm -rf outputs mlartifacts mlflow.db mlflow.db.lock data/raw
+	rm -rf outputs mlartifacts mlflow.db mlflow.db.lock optuna.db optuna.db.lock data/raw
