@@ -57,4 +57,4 @@ lint: setup
 	$(VENV)/bin/ruff check src pipelines tests
 
 clean:
-	rm -rf outputs mlartifacts mlflow.db mlflow.db.lock optuna.db optuna.db.lock data/raw
+	rm -rf outputs mlartifacts mlflow.db mlflow.db.lock optuna.db optuna.db.lock data/raw test-artifacts

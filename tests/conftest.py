@@ -5,9 +5,15 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import signal
+import socket
 import struct
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +114,63 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("VAELAB_ROOT", "DVC_ROOT", "MLFLOW_TRACKING_URI")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return {**env, **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_mlflow_server(backend_store_uri: str, artifacts: Path, log: Path, wait_s: float = 90) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 at a free port, serving `backend_store_uri`; yields its http:// URI.
+
+    Artifacts of new experiments go to `artifacts` (--artifacts-destination); its output goes to `log`. No job
+    runner (nothing here uses server-side jobs; it would add eight processes) and no telemetry. Stopped by PID
+    (its own process group, should it not stop).
+    """
+    port = free_port()
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                "--backend-store-uri", backend_store_uri, "--artifacts-destination", str(artifacts), "--workers", "1",
+            ],
+            env=subprocess_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    tail = log.read_text(errors="replace")[-3000:]
+                    pytest.fail(f"mlflow server did not come up in {wait_s:.0f} s:\n{tail}")
+                time.sleep(0.5)
+        yield uri
+    finally:
+        process.terminate()  # the mlflow CLI stops its uvicorn worker itself
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """`mlflow server` with its own sqlite backend and artifact folder: yields (its URI, that store folder)."""
+    store = tmp_path / "server"
+    store.mkdir()
+    with running_mlflow_server(f"sqlite:///{store / 'mlflow.db'}", store / "artifacts", tmp_path / "server.log") as uri:
+        yield uri, store
 
 
 def run_entry(script: str, *overrides: str, root: Path, check: bool = True) -> subprocess.CompletedProcess:

@@ -1,54 +1,12 @@
 """Server mode: logger=mlflow_server logs to a real `mlflow server`; an unreachable one fails fast and plainly."""
 
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
-import pytest
 from mlflow import MlflowClient
 
-from conftest import TINY, make_config, run_entry, subprocess_env
+from conftest import TINY, free_port, make_config, run_entry
 from vaelab.config import problems
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path: Path):
-    """`mlflow server` on 127.0.0.1 with a sqlite backend and its own artifact folder; stopped by PID."""
-    port, store = free_port(), tmp_path / "server"
-    store.mkdir()
-    process = subprocess.Popen(
-        [
-            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-            "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-            "--artifacts-destination", str(store / "artifacts"), "--workers", "1",
-        ],
-        env=subprocess_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("mlflow server did not come up in 90 s")
-    yield uri, store
-    process.terminate()
-    process.wait(timeout=30)
 
 
 def test_training_logs_to_a_running_server_with_artifacts_in_its_store(project: Path, mlflow_server):
