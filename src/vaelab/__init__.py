@@ -20,4 +20,7 @@ logging.getLogger("lightning").propagate = False
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
     logging.getLogger(_name).addFilter(_DropAdverts())
 
+# MLflow's system-metrics monitor announces at INFO that it starts, stops and finds no GPU, at every run.
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+
 __version__ = "0.1.0"
