@@ -42,6 +42,8 @@ def test_one_short_training_makes_a_finished_run_linked_to_its_checkpoint(projec
     tags = run.data.tags
     assert tags["vaelab.stage"] == "train" and tags["vaelab.representation"] == "binary"
     assert len(tags["vaelab.data_hash"]) == 64 and tags["vaelab.git_commit"]
+    assert tags["vaelab.git_dirty"] in ("true", "false") and "pytest" in tags["vaelab.command"]
+    assert "vaelab.overrides" in tags  # empty here: composed in-process, not from a command line
 
     artifacts = artifact_paths(mlflow_client(project), run_id)
     assert {
