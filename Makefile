@@ -6,7 +6,7 @@ SYSTEM_PYTHON ?= python3
 # DVC stages run `python`: it must be the venv's, so the venv comes first on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test test-slow ui params lock lint clean
+.PHONY: setup repro test test-slow ui bench params lock lint clean
 
 setup: $(VENV)/.installed
 	@if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] \
@@ -43,6 +43,10 @@ test-slow: setup
 ui: setup
 	@echo "MLflow UI: open http://127.0.0.1:5000, pick the experiment, tick the runs, then Compare (Ctrl-C stops it)"
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# Training throughput against a bare PyTorch loop and pythae, plus IW-NLL evaluation speed (benchmarks/README.md).
+bench: setup
+	$(PYTHON) benchmarks/throughput.py $(ARGS)
 
 # Recompose params.yaml (DVC's copy of the config) after editing conf/.
 params: setup
