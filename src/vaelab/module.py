@@ -21,6 +21,7 @@ from vaelab.model import VAE
 from vaelab.objectives import beta_vae_loss, bits_per_dim, capacity_loss, linear_ramp
 
 SELECTION_METRIC = "select/val_elbo"
+PROGRESS_EVERY = 20  # batches between updates of the progress bar's loss
 
 
 class NonFiniteLossError(RuntimeError):
@@ -84,36 +85,48 @@ class VAEModule(pl.LightningModule):
         if hp.iw_samples > 1:
             loss = -(out.dreg_iw_bound if hp.dreg else out.iw_bound).mean()
         elif hp.capacity_nats is not None:
-            capacity = linear_ramp(hp.capacity_nats, hp.capacity_epochs, self.progress(batch_idx))
-            self.log("train/capacity", capacity, on_step=False, on_epoch=True, reduce_fx="max")
-            loss = capacity_loss(out.rec, out.kl, hp.capacity_gamma, capacity)
+            self._capacity = linear_ramp(hp.capacity_nats, hp.capacity_epochs, self.progress(batch_idx))
+            loss = capacity_loss(out.rec, out.kl, hp.capacity_gamma, self._capacity)
         else:
             weight = linear_ramp(hp.beta, hp.kl_warmup_epochs, self.progress(batch_idx))
             loss = beta_vae_loss(out.rec, out.kl_per_dim, weight, hp.free_bits)
 
-        if not torch.isfinite(loss):
-            if hp.nan_policy == "skip":
-                self.log("train/skipped_steps", 1.0, on_step=False, on_epoch=True, reduce_fx="sum")
-                return None  # Lightning skips backward and the optimizer step
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            self.accumulate(loss, out, len(x), batch_idx)
+        elif hp.nan_policy == "skip":
+            self._skipped += 1
+        else:
             raise NonFiniteLossError(
                 f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, batch {batch_idx}"
             )
+        if batch_idx == self.trainer.num_training_batches - 1:
+            self.log_epoch_metrics()
+        return loss if finite else None  # None: Lightning skips backward and the optimizer step
 
-        n = len(x)
-        self.log("loss", loss, prog_bar=True, logger=False, batch_size=n)  # live value for the progress bar
-        self.log_dict(
-            {
-                "train/loss": loss,
-                "train/elbo": out.elbo.mean(),
-                "train/rec": out.rec.mean(),
-                "train/kl": out.kl.mean(),
-            },
-            on_step=False,
-            on_epoch=True,
-            batch_size=n,
-            sync_dist=True,
-        )
-        return loss
+    # Per-step self.log calls cost ~0.4 ms each in Lightning's bookkeeping, a third of a small model's step. So
+    # the epoch's training metrics are summed on the device, with no host sync, and logged once, at its last batch.
+    TRAIN_METRICS = ("train/loss", "train/elbo", "train/rec", "train/kl")
+
+    def on_train_epoch_start(self) -> None:
+        self._sums = torch.zeros(len(self.TRAIN_METRICS), device=self.device, dtype=torch.float64)
+        self._images, self._skipped, self._capacity = 0, 0, None
+
+    def accumulate(self, loss: torch.Tensor, out, n: int, batch_idx: int) -> None:
+        with torch.no_grad():
+            self._sums += torch.stack([loss, out.elbo.mean(), out.rec.mean(), out.kl.mean()]).double() * n
+        self._images += n
+        if batch_idx % PROGRESS_EVERY == 0:
+            self.log("loss", loss, prog_bar=True, logger=False, batch_size=n)  # a live value for the progress bar
+
+    def log_epoch_metrics(self) -> None:
+        means = (self._sums / max(1, self._images)).float()
+        metrics = dict(zip(self.TRAIN_METRICS, means, strict=True)) if self._images else {}
+        if self._skipped:
+            metrics["train/skipped_steps"] = float(self._skipped)
+        if self._capacity is not None:
+            metrics["train/capacity"] = float(self._capacity)
+        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
 
     def ramp_epochs(self) -> int:
         """Epochs until the objective stops changing: the KL warm-up's or the capacity ramp's."""

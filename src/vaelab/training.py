@@ -31,7 +31,7 @@ from vaelab.evaluation import evaluate_images, warn_if_collapsed
 from vaelab.export import register, save_pyfunc
 from vaelab.figures import save_figures, save_training_curves
 from vaelab.files import replacing_dir, write_json_atomic, write_text_atomic
-from vaelab.module import SELECTION_METRIC, VAEModule
+from vaelab.module import PROGRESS_EVERY, SELECTION_METRIC, VAEModule
 from vaelab.resume import Resumption, resumption
 from vaelab.tracking import Run, check_server
 
@@ -198,7 +198,7 @@ def fit_and_publish(
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         logger=run.lightning_logger(cfg.logger) if run else False,
-        callbacks=[checkpoint, history, RngState(), RichProgressBar(), *extra, *callbacks],
+        callbacks=[checkpoint, history, RngState(), RichProgressBar(refresh_rate=PROGRESS_EVERY), *extra, *callbacks],
         default_root_dir=str(out_dir),
         gradient_clip_val=cfg.optim.grad_clip,
         plugins=[AtomicCheckpointIO()],
