@@ -126,6 +126,7 @@ def main() -> None:
             num_epochs=epochs,
             learning_rate=float(cfg["optim"]["lr"]),
             optimizer_cls="Adam",
+            optimizer_params={"fused": cfg["optim"]["fused"]},  # the same Adam kernel as the other paths
             seed=spec["seed"],
             no_cuda=not device.startswith("cuda"),
             amp=False,  # pythae turns AMP off for BCE anyway (BaseTrainer.__init__)

@@ -172,12 +172,14 @@ def worker_bare(spec: dict) -> dict:
     import contextlib
 
     import torch
-    from hydra.utils import get_class
 
     from vaelab.datasets import load_split
-    from vaelab.module import build_vae
+    from vaelab.module import build_optimizer, build_vae
     from vaelab.objectives import beta_vae_loss
 
+    # Importing vaelab imported Lightning, which sets this; a plain PyTorch program would not have it, and with it
+    # every Adam step on a GPU-less machine probes NVML (vaelab.training.skip_gpu_probe_without_gpu).
+    os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
     device, cfg = torch.device(spec["device"]), spec["config"]
     set_threads(spec)
     clock = TrainingClock(spec["warmup_epochs"], spec["device"])  # baseline: before data and model
@@ -189,7 +191,7 @@ def worker_bare(spec: dict) -> dict:
                     spec["grey_levels"]).to(device)  # fmt: skip
     observe, grey_levels = type(vae.likelihood).observe, spec["grey_levels"]
     optim = cfg["optim"]
-    optimizer = get_class(optim["_target_"])(vae.parameters(), lr=optim["lr"], weight_decay=optim["weight_decay"])
+    optimizer = build_optimizer(vae.parameters(), optim["_target_"], optim["lr"], optim["weight_decay"], optim["fused"])
     beta, free_bits = float(cfg["model"]["beta"]), float(cfg["model"]["free_bits"])
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)

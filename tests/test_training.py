@@ -1,5 +1,6 @@
 """Training end to end on small real data: an MLflow run with metrics, lineage and artifacts; NaN handling."""
 
+import copy
 import math
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from conftest import TINY, all_runs, artifact_paths, copy_processed, make_config, mlflow_client, run_entry
-from vaelab.module import SELECTION_METRIC, NonFiniteLossError, load_trained
+from vaelab.module import SELECTION_METRIC, NonFiniteLossError, build_optimizer, load_trained
 from vaelab.tracking import PARENT_TAG, Run
 from vaelab.training import end_status, train
 
@@ -175,3 +176,24 @@ def test_a_pruned_trial_is_killed_and_tagged():
     assert end_status(optuna.TrialPruned("epoch 1")) == ("KILLED", {"optuna.state": "PRUNED"})
     assert end_status(KeyboardInterrupt()) == ("KILLED", {})
     assert end_status(ValueError("x")) == ("FAILED", {})
+
+
+def test_the_fused_optimizer_takes_the_same_steps_as_the_plain_one():
+    torch.manual_seed(0)
+    fused_model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.SiLU(), torch.nn.Linear(16, 4))
+    plain_model = copy.deepcopy(fused_model)
+    start = copy.deepcopy(fused_model[0].weight.detach())
+    fused = build_optimizer(fused_model.parameters(), "torch.optim.Adam", lr=1e-2, fused=True)
+    plain = build_optimizer(plain_model.parameters(), "torch.optim.Adam", lr=1e-2, fused=False)
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    for _ in range(5):
+        x = torch.randn(32, 8)
+        for model, optimizer in ((fused_model, fused), (plain_model, plain)):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+    for a, b in zip(fused_model.parameters(), plain_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert not torch.allclose(fused_model[0].weight, start)  # the steps did move the weights
+    # An optimizer without a fused kernel is built plainly rather than refused.
+    assert "fused" not in build_optimizer(fused_model.parameters(), "torch.optim.RMSprop", fused=True).defaults

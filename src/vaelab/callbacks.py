@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from vaelab.files import write_bytes_atomic
@@ -73,6 +73,18 @@ class RngState(Callback):
         torch.set_rng_state(state_dict["cpu"])
         if "cuda" in state_dict and torch.cuda.is_available() and len(state_dict["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class ThrottledRichProgressBar(RichProgressBar):
+    """Lightning's Rich progress bar, redrawn every `refresh_rate` training batches and at the epoch's last.
+
+    Lightning's own redraws (and re-reads the progress-bar metrics) after every batch whatever `refresh_rate` says:
+    about 0.2 ms a step, 2% of a small MLP's step on one CPU core."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        done = batch_idx + 1
+        if done % self.refresh_rate == 0 or done == self.total_train_batches:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

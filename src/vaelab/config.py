@@ -114,6 +114,7 @@ RULES: dict[str, Rule] = {
 
 # Keys only some configs have (data=image_folder's, likelihood=gaussian's): checked where present.
 OPTIONAL_RULES: dict[str, Rule] = {
+    "optim.fused": ((lambda v: isinstance(v, bool)), "true or false"),
     "arch.blocks_per_stage": _int_at_least(0),
     "arch.activation": _one_of(ACTIVATIONS),
     "likelihood.variance": _one_of(("pixel", "global")),
@@ -167,6 +168,12 @@ def problems(cfg: DictConfig) -> list[tuple[str, object, str]]:
         found.append(("model.capacity.nats", model.capacity.nats, "null when model.iw_samples > 1 (IWAE objective)"))
     if model.get("dreg") is True and not iwae:
         found.append(("model.dreg", True, "false unless model.iw_samples > 1 (DReG is a gradient for the IWAE bound)"))
+
+    # Lightning's 16-bit gradient scaler cannot clip the gradients of an optimizer that unscales inside its step.
+    optim = cfg.get("optim", {})
+    precision = str(OmegaConf.select(cfg, "trainer.precision", default=""))
+    if precision.startswith("16") and optim.get("grad_clip") is not None and optim.get("fused", True) is True:
+        found.append(("optim.fused", True, "false when trainer.precision is 16-bit and optim.grad_clip is set"))
     return found
 
 
@@ -208,6 +215,7 @@ SEARCH_RULES: dict[str, Rule] = {
     "search.space": ((lambda v: OmegaConf.is_dict(v) and len(v) > 0), "a non-empty mapping of parameters"),
 }
 SEARCH_OPTIONAL_RULES: dict[str, Rule] = {
+    "optim.fused": ((lambda v: isinstance(v, bool)), "true or false"),
     "search.pruner_options.median.n_startup_trials": _int_at_least(0),
     "search.pruner_options.median.n_warmup_steps": _int_at_least(0),
     "search.pruner_options.median.interval_steps": _int_at_least(1),
