@@ -4,6 +4,7 @@ import gzip
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -68,6 +69,7 @@ def test_training_batches_are_binarized_afresh_and_eval_batches_are_fixed(projec
 
     class FakeTrainer:
         training, global_rank, world_size = True, 0, 1
+        strategy = SimpleNamespace(root_device=torch.device("cpu"))
 
     data.trainer = FakeTrainer()
     grey = data.split("train")["images"][:64]

@@ -22,7 +22,7 @@ from vaelab.networks import (
     build_resnet,
     downsampling_plan,
 )
-from vaelab.training import train
+from vaelab.training import build_module, train
 
 ARCHS = ["mlp", "conv", "resnet"]
 SHAPES = [(1, 28, 28), (1, 8, 8), (3, 32, 32)]  # MNIST-like, digits, colour
@@ -70,6 +70,26 @@ def test_an_image_or_latent_is_processed_independently_of_the_rest_of_its_batch(
     torch.testing.assert_close(mean[:1], mean_alone)
     torch.testing.assert_close(logvar[:1], logvar_alone)
     torch.testing.assert_close(decoder(z)[1], decoder(z[1]))
+
+
+@pytest.mark.parametrize("arch", ["conv", "resnet"])
+def test_channels_last_changes_the_memory_format_not_the_results(arch):
+    vaes = {}
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        cfg = make_config(f"arch={arch}", f"channels_last={str(channels_last).lower()}")
+        vaes[channels_last] = build_module(cfg, (3, 16, 16), 256).vae
+    plain, fast = vaes[False], vaes[True]
+
+    def conv_weights(vae):
+        return [m.weight for m in vae.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
+
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(fast))
+    assert not any(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(plain))
+    x = torch.rand(5, 3, 16, 16)
+    torch.testing.assert_close(fast.encoder(x), plain.encoder(x))
+    z = torch.randn(5, cfg.model.latent_dim)
+    torch.testing.assert_close(fast.decoder(z), plain.decoder(z))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

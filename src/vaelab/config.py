@@ -114,6 +114,7 @@ RULES: dict[str, Rule] = {
 
 # Keys only some configs have (data=image_folder's, likelihood=gaussian's): checked where present.
 OPTIONAL_RULES: dict[str, Rule] = {
+    "channels_last": ((lambda v: isinstance(v, bool)), "true or false"),
     "optim.fused": ((lambda v: isinstance(v, bool)), "true or false"),
     "arch.blocks_per_stage": _int_at_least(0),
     "arch.activation": _one_of(ACTIVATIONS),
@@ -215,7 +216,6 @@ SEARCH_RULES: dict[str, Rule] = {
     "search.space": ((lambda v: OmegaConf.is_dict(v) and len(v) > 0), "a non-empty mapping of parameters"),
 }
 SEARCH_OPTIONAL_RULES: dict[str, Rule] = {
-    "optim.fused": ((lambda v: isinstance(v, bool)), "true or false"),
     "search.pruner_options.median.n_startup_trials": _int_at_least(0),
     "search.pruner_options.median.n_warmup_steps": _int_at_least(0),
     "search.pruner_options.median.interval_steps": _int_at_least(1),

@@ -1,7 +1,8 @@
 """Prepared tensors -> batches for Lightning, observed the way the likelihood models them.
 
 Batches come straight from in-memory uint8 tensors: no per-sample Python Dataset, no workers. The
-loader shards by rank itself (Lightning's automatic DistributedSampler only applies to DataLoader).
+tensors sit on the accelerator, so a GPU step copies nothing from the host. The loader shards by rank
+itself (Lightning's automatic DistributedSampler only applies to DataLoader).
 
 The likelihood class decides what the model sees (likelihoods.py, `observe`):
     train    uint8 batch -> observed afresh on the device at every use (e.g. dynamic binarization,
@@ -73,7 +74,7 @@ class TensorBatches:
         return math.ceil(len(self.tensor) // self.world_size / self.batch_size)
 
     def __iter__(self):
-        idx = self.indices()
+        idx = self.indices().to(self.tensor.device)  # one small copy per epoch, none per batch
         for start in range(0, len(idx), self.batch_size):
             yield self.tensor[idx[start : start + self.batch_size]]
 
@@ -130,7 +131,12 @@ class ImageData(pl.LightningDataModule):
     def _loader(self, tensor: torch.Tensor, batch_size: int, shuffle: bool) -> TensorBatches:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return TensorBatches(tensor, batch_size, shuffle=shuffle, seed=self.seed, rank=rank, world_size=world)
+        # The whole split is moved to the accelerator once (Fashion-MNIST's train split is 43 MB of uint8): every
+        # batch is then sliced, and observed, where the model runs, and Lightning's per-batch transfer is a no-op.
+        device = trainer.strategy.root_device if trainer is not None else tensor.device
+        return TensorBatches(
+            tensor.to(device), batch_size, shuffle=shuffle, seed=self.seed, rank=rank, world_size=world
+        )
 
     def train_dataloader(self) -> TensorBatches:
         return self._loader(self.split("train")["images"], self.batch_size, shuffle=True)

@@ -77,6 +77,7 @@ def build_module(cfg: DictConfig, image_shape: tuple[int, ...], grey_levels: int
         scheduler=optim["scheduler"],
         nan_policy=cfg.nan_policy,
         grey_levels=grey_levels,
+        channels_last=cfg.get("channels_last", False),  # absent from configs saved before it existed
     )
 
 
