@@ -188,6 +188,34 @@ def run_entry(script: str, *overrides: str, root: Path, check: bool = True) -> s
     return done
 
 
+def start_training(root: Path, *overrides: str, log: Path | None = None) -> subprocess.Popen:
+    """pipelines/train.py in the background, its output in `log` (or discarded)."""
+    output = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - the child holds it
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "pipelines" / "train.py"), *overrides],
+        cwd=root,
+        env=subprocess_env(VAELAB_ROOT=str(root)),
+        stdout=output,
+        stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+    )
+
+
+def signal_after_first_checkpoint(process: subprocess.Popen, root: Path, sig: int, timeout: float = 300) -> Path:
+    """Send `sig` once the first last.ckpt exists, wait for the process to end, and return that checkpoint."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = list(root.glob("outputs/*/checkpoints/last.ckpt"))
+        if found:
+            process.send_signal(sig)
+            process.wait(timeout=120)
+            return found[0]
+        if process.poll() is not None:
+            pytest.fail(f"training ended (exit {process.returncode}) before its first checkpoint")
+        time.sleep(0.02)
+    process.kill()
+    pytest.fail("no checkpoint appeared")
+
+
 def mlflow_client(root: Path):
     from mlflow import MlflowClient
 

@@ -1,15 +1,20 @@
 """Resume: a run SIGKILLed mid-training continues from its last checkpoint, in the same MLflow run."""
 
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, TINY, all_runs, make_config, mlflow_client, run_entry, subprocess_env
+from conftest import (
+    TINY,
+    all_runs,
+    make_config,
+    mlflow_client,
+    run_entry,
+    signal_after_first_checkpoint,
+    start_training,
+)
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.evaluation import evaluate
 from vaelab.resume import resumption
@@ -20,33 +25,8 @@ EPOCHS = 8
 SLOW_TINY = [*TINY, f"trainer.max_epochs={EPOCHS}", "data.batch_size=16"]
 
 
-def start_training(root: Path, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "pipelines" / "train.py"), *overrides],
-        cwd=root,
-        env=subprocess_env(VAELAB_ROOT=str(root)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def kill_after_first_checkpoint(process: subprocess.Popen, root: Path, timeout: float = 300) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = list(root.glob("outputs/*/checkpoints/last.ckpt"))
-        if found:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            return found[0]
-        if process.poll() is not None:
-            pytest.fail(f"training ended (exit {process.returncode}) before its first checkpoint")
-        time.sleep(0.02)
-    process.kill()
-    pytest.fail("no checkpoint appeared")
-
-
 def test_a_sigkilled_run_resumes_in_the_same_mlflow_run(project: Path):
-    checkpoint = kill_after_first_checkpoint(start_training(project, *SLOW_TINY), project)
+    checkpoint = signal_after_first_checkpoint(start_training(project, *SLOW_TINY), project, signal.SIGKILL)
     killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
     assert killed_at < EPOCHS - 1, "the kill came too late to test anything"
     [run] = all_runs(project)

@@ -90,6 +90,7 @@ def test_a_nan_loss_fails_the_run_with_the_reason(project: Path):
     [run] = all_runs(project)
     assert run.info.status == "FAILED"
     assert "NonFiniteLossError" in run.data.tags["vaelab.failure"]
+    assert "epoch 0, batch 2" in run.data.tags["vaelab.failure"]  # stopped at the poisoned step itself
     assert not (project / "models" / "latest").exists()  # a failed run publishes nothing
 
 

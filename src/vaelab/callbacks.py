@@ -9,8 +9,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint, RichProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vaelab.files import write_bytes_atomic
 
@@ -73,6 +74,21 @@ class RngState(Callback):
         torch.set_rng_state(state_dict["cpu"])
         if "cuda" in state_dict and torch.cuda.is_available() and len(state_dict["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class InterruptCheckpoint(OnExceptionCheckpoint):
+    """On Ctrl-C or SIGTERM, the state at that moment is saved as `interrupted.ckpt`, beside `last.ckpt`.
+
+    Only on an interrupt: a failure's state is not worth keeping. `last.ckpt`, the end of the last complete
+    epoch, stays as it was: that is what `resume=` continues from, since a mid-epoch restart would see some of
+    the epoch's batches twice."""
+
+    def __init__(self, dirpath: str | Path) -> None:
+        super().__init__(dirpath, filename="interrupted")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt | SIGTERMException):
+            super().on_exception(trainer, pl_module, exception)
 
 
 class ThrottledRichProgressBar(RichProgressBar):

@@ -114,6 +114,7 @@ RULES: dict[str, Rule] = {
 
 # Keys only some configs have (data=image_folder's, likelihood=gaussian's): checked where present.
 OPTIONAL_RULES: dict[str, Rule] = {
+    "tracking.lock_timeout_s": _number_at_least(0),
     "channels_last": ((lambda v: isinstance(v, bool)), "true or false"),
     "optim.fused": ((lambda v: isinstance(v, bool)), "true or false"),
     "arch.blocks_per_stage": _int_at_least(0),

@@ -23,9 +23,14 @@ def _usual_mode(path: Path, is_dir: bool) -> None:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> Path:
-    """Write beside the target, flush to disk, then rename over it: a kill at any point leaves the old file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """Write beside the target, flush to disk, then rename over it: a kill at any point leaves the old file.
+
+    A failed write (e.g. a full disk) leaves no partial file, and its OSError names `path`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(path)) from error
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -33,10 +38,22 @@ def write_bytes_atomic(path: Path, data: bytes) -> Path:
             os.fsync(f.fileno())
         _usual_mode(Path(tmp), is_dir=False)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            raise OSError(error.errno, error.strerror, str(path)) from error
         raise
     return path
+
+
+def check_writable(folder: Path) -> None:
+    """Raise the OSError (naming `folder`) that writing there would meet, before any work depends on it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(folder)) from error
 
 
 def write_text_atomic(path: Path, text: str) -> Path:

@@ -7,6 +7,7 @@ figures and metrics are logged, FAILED (with the reason as a tag) when anything 
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import sys
@@ -20,8 +21,10 @@ from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab import paths
+from vaelab.errors import StoreLockedError
 
 PARAM_BATCH = 100  # MLflow's limit on params per log_batch call
+STORE_LOCK_TIMEOUT_S = 30.0  # default of tracking.lock_timeout_s
 TAG_PREFIX = "vaelab."
 PARENT_TAG = "mlflow.parentRunId"  # what makes the MLflow UI nest a run under another
 
@@ -44,23 +47,97 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     return (db.parent / "mlartifacts" / experiment).as_uri() if db else None
 
 
-def ensure_experiment(uri: str, experiment: str) -> str:
+class StoreClient:
+    """An MlflowClient whose calls wait out a locked sqlite store instead of failing at once.
+
+    Another process writing the store (a sweep's jobs, `mlflow ui`, a user's script) holds sqlite's lock; each
+    attempt already waits 5 s for it (sqlite's busy timeout). Up to `lock_timeout_s` more, calls are retried;
+    after that, a StoreLockedError names the store. A locked call committed nothing, so retrying never doubles
+    a write, and the store is never left half-written."""
+
+    def __init__(self, uri: str, lock_timeout_s: float = STORE_LOCK_TIMEOUT_S):
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        self.lock_timeout_s = lock_timeout_s
+        self._client = self._retry(MlflowClient, "opening the store", uri)  # a new store is created on first use
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+        return lambda *args, **kwargs: self._retry(attribute, name, *args, **kwargs)
+
+    def _retry(self, call, what: str, *args: Any, **kwargs: Any) -> Any:
+        deadline, delay = time.monotonic() + self.lock_timeout_s, 0.25
+        while True:
+            try:
+                return call(*args, **kwargs)
+            except Exception as error:
+                if "database is locked" not in str(error):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise StoreLockedError(
+                        f"the MLflow store {self.uri} stayed locked by another process for over "
+                        f"{self.lock_timeout_s:.0f} s (tracking.lock_timeout_s), so {what} wrote nothing. "
+                        "Find the process holding it (e.g. `fuser` on the .db file), or raise the timeout"
+                    ) from error
+                time.sleep(delay)
+                delay = min(2 * delay, 2.0)
+
+
+def ensure_experiment(uri: str, experiment: str, lock_timeout_s: float = STORE_LOCK_TIMEOUT_S) -> str:
     """The experiment's id, creating the store and the experiment on first use.
 
     A fresh sqlite store races when several processes create its schema at once, so first use is
     serialized with a file lock beside the database.
     """
-    from mlflow import MlflowClient
-
     db = _sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(db) + ".lock") if db else nullcontext():
-        client = MlflowClient(uri)
+        client = StoreClient(uri, lock_timeout_s)
         found = client.get_experiment_by_name(experiment)
         if found is not None:
             return found.experiment_id
         return client.create_experiment(experiment, artifact_location=artifact_location(uri, experiment))
+
+
+SECRET_WORDS = ("password", "token", "secret")
+REDACTED = "***"
+_INTERPOLATION = re.compile(r"\$\{([^}]*)\}")
+
+
+def is_secret(key: str) -> bool:
+    return any(word in key.lower() for word in SECRET_WORDS)
+
+
+def redact_override(override: str) -> str:
+    """`db.password=hunter2` -> `db.password=***`, for the overrides and command recorded as tags."""
+    key, sep, _ = override.partition("=")
+    return f"{key}{sep}{REDACTED}" if sep and is_secret(key) else override
+
+
+def loggable_params(cfg: DictConfig) -> dict[str, str]:
+    """The composed config as MLflow params, minus what must not be stored there.
+
+    A key naming a password, token or secret logs `***`. A value read from the environment, directly or through
+    other keys (`${oc.env:...}`), logs its unresolved interpolation, never the variable's value."""
+    resolved = flatten(OmegaConf.to_container(cfg, resolve=True))
+    raw = flatten(OmegaConf.to_container(cfg, resolve=False))
+
+    def from_environment(key: str, seen: frozenset[str] = frozenset()) -> bool:
+        for reference in _INTERPOLATION.findall(raw.get(key, "")):
+            if reference.startswith("oc.env"):
+                return True
+            if reference not in seen and reference in raw and from_environment(reference, seen | {key}):
+                return True
+        return False
+
+    return {
+        key: REDACTED if is_secret(key) else raw[key] if from_environment(key) else value
+        for key, value in resolved.items()
+    }
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, str]:
@@ -92,8 +169,8 @@ def lineage_tags(cfg: DictConfig, stage: str, overrides: list[str], extra: dict[
         f"{TAG_PREFIX}stage": stage,
         f"{TAG_PREFIX}git_commit": commit or "unknown",
         f"{TAG_PREFIX}git_dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
-        f"{TAG_PREFIX}overrides": " ".join(overrides),
-        f"{TAG_PREFIX}command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        f"{TAG_PREFIX}overrides": " ".join(redact_override(o) for o in overrides),
+        f"{TAG_PREFIX}command": shlex.join([Path(sys.executable).name, *map(redact_override, sys.argv)]),
         **{f"{TAG_PREFIX}{k}": v for k, v in extra.items()},
     }
     if commit:
@@ -104,13 +181,11 @@ def lineage_tags(cfg: DictConfig, stage: str, overrides: list[str], extra: dict[
 class Run:
     """An MLflow run that vaelab created and will end. `log_*` methods are thin, explicit client calls."""
 
-    def __init__(self, uri: str, run_id: str, experiment: str):
-        from mlflow import MlflowClient
-
+    def __init__(self, uri: str, run_id: str, experiment: str, lock_timeout_s: float = STORE_LOCK_TIMEOUT_S):
         self.uri = uri
         self.run_id = run_id
         self.experiment = experiment
-        self.client = MlflowClient(uri)
+        self.client = StoreClient(uri, lock_timeout_s)
 
     @classmethod
     def create(
@@ -130,8 +205,9 @@ class Run:
         from mlflow.entities import Param
 
         uri = resolve_uri(cfg.tracking.uri)
-        experiment_id = ensure_experiment(uri, cfg.tracking.experiment)
-        run = cls(uri, "", cfg.tracking.experiment)
+        lock_timeout_s = float(cfg.tracking.get("lock_timeout_s", STORE_LOCK_TIMEOUT_S))
+        experiment_id = ensure_experiment(uri, cfg.tracking.experiment, lock_timeout_s)
+        run = cls(uri, "", cfg.tracking.experiment, lock_timeout_s)
         all_tags = lineage_tags(cfg, stage, overrides, tags)
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
@@ -139,7 +215,7 @@ class Run:
         run.run_id = info.run_id
         if not log_params:
             return run
-        params = flatten(OmegaConf.to_container(cfg, resolve=True))
+        params = loggable_params(cfg)
         items = [Param(k, v) for k, v in sorted(params.items())]
         for start in range(0, len(items), PARAM_BATCH):
             run.client.log_batch(run.run_id, params=items[start : start + PARAM_BATCH])
@@ -178,7 +254,9 @@ class Run:
     def lightning_logger(self, logger_cfg: DictConfig) -> MLFlowLogger:
         from hydra.utils import instantiate
 
-        return instantiate(logger_cfg, experiment_name=self.experiment, tracking_uri=self.uri, run_id=self.run_id)
+        logger = instantiate(logger_cfg, experiment_name=self.experiment, tracking_uri=self.uri, run_id=self.run_id)
+        logger._mlflow_client = self.client  # its per-epoch metrics wait out a locked store too
+        return logger
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric

@@ -23,15 +23,15 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab import paths
-from vaelab.callbacks import AtomicCheckpointIO, EpochHistory, RngState, ThrottledRichProgressBar
+from vaelab.callbacks import AtomicCheckpointIO, EpochHistory, InterruptCheckpoint, RngState, ThrottledRichProgressBar
 from vaelab.config import validate
 from vaelab.data import ImageData
 from vaelab.datasets import Settings
-from vaelab.errors import VaelabError
+from vaelab.errors import TrainingInterrupted, VaelabError, storage_problem
 from vaelab.evaluation import evaluate_images, warn_if_collapsed
 from vaelab.export import register, save_pyfunc
 from vaelab.figures import save_figures, save_training_curves
-from vaelab.files import replacing_dir, write_json_atomic, write_text_atomic
+from vaelab.files import check_writable, replacing_dir, write_json_atomic, write_text_atomic
 from vaelab.module import PROGRESS_EVERY, SELECTION_METRIC, VAEModule
 from vaelab.resume import Resumption, resumption
 from vaelab.tracking import Run, check_server
@@ -117,6 +117,8 @@ def train(
         module.vae.encoder.compile()
         module.vae.decoder.compile()
 
+    check_outputs_writable(publish=parent_run_id is None)
+
     run = None
     if cfg.get("logger") is not None and resume:
         run = Run.reopen(cfg.tracking.uri, resume.run_id)
@@ -136,10 +138,21 @@ def train(
     try:
         summary = fit_and_publish(cfg, module, data, run, callbacks, publish=parent_run_id is None, resume=resume)
     except BaseException as error:
+        status, tags = end_status(error)
+        interrupted = status == "KILLED" and not tags  # Ctrl-C or SIGTERM, not a pruned trial
+        run_id = run.run_id if run else resume.run_id if resume else None
+        saved = paths.run_dir(run_id) / "checkpoints" / "interrupted.ckpt" if run_id else None
         if run:
-            status, tags = end_status(error)
+            if interrupted and saved and saved.is_file():
+                tags = {**tags, "vaelab.interrupted_checkpoint": str(saved)}
             run.set_tags(tags)
-            run.end(status, reason=f"{type(error).__name__}: {error}")
+            reason = "interrupted (Ctrl-C or SIGTERM)" if interrupted else f"{type(error).__name__}: {error}"
+            run.end(status, reason=reason)
+        if interrupted:
+            raise TrainingInterrupted(interrupt_message(run_id, saved)) from None
+        problem = storage_problem(error)
+        if problem is not None:
+            raise problem from error
         raise
     finally:
         if monitor:
@@ -147,6 +160,33 @@ def train(
     if run:
         run.end("FINISHED")
     return summary
+
+
+def check_outputs_writable(publish: bool) -> None:
+    """A full disk or a read-only folder fails here, naming it, before the run exists or any epoch is spent."""
+    folders = [paths.project_root() / "outputs"]
+    if publish:
+        folders += [paths.latest_model_dir().parent, paths.metrics_dir(), paths.plots_dir()]
+    for folder in folders:
+        try:
+            check_writable(folder)
+        except OSError as error:
+            problem = storage_problem(error)
+            if problem is None:
+                raise
+            raise problem from error
+
+
+def interrupt_message(run_id: str | None, saved: Path | None) -> str:
+    if run_id is None or saved is None:
+        return "training interrupted"
+    state = f"its state at the interrupt is in {saved}" if saved.is_file() else "nothing was saved"
+    if not (saved.parent / "last.ckpt").is_file():
+        return f"training interrupted during its first epoch; {state}, but there is no complete epoch to resume from"
+    return (
+        f"training interrupted; {state}. "
+        f"`python pipelines/train.py resume={run_id}` continues it from the end of its last complete epoch"
+    )
 
 
 def skip_gpu_probe_without_gpu() -> None:
@@ -213,7 +253,15 @@ def fit_and_publish(
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         logger=run.lightning_logger(cfg.logger) if run else False,
-        callbacks=[checkpoint, history, RngState(), progress, *extra, *callbacks],
+        callbacks=[
+            checkpoint,
+            InterruptCheckpoint(out_dir / "checkpoints"),
+            history,
+            RngState(),
+            progress,
+            *extra,
+            *callbacks,
+        ],
         default_root_dir=str(out_dir),
         gradient_clip_val=cfg.optim.grad_clip,
         plugins=[AtomicCheckpointIO()],

@@ -1,0 +1,181 @@
+"""Issue 8's fault matrix, the rows about a single training run: each fault ends with a clear message, the right
+MLflow state and nothing lost. (Config, data, search, checkpoint and DVC rows live beside the code they test.)"""
+
+import re
+import signal
+import sqlite3
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import (
+    TINY,
+    all_runs,
+    make_config,
+    mlflow_client,
+    run_entry,
+    signal_after_first_checkpoint,
+    start_training,
+)
+from vaelab.errors import INTERRUPTED_EXIT
+from vaelab.tracking import Run, ensure_experiment
+
+EPOCHS = 8
+# Small batches make each digits epoch long enough (~1 s) that the signal lands between two checkpoints.
+SLOW_TINY = [*TINY, f"trainer.max_epochs={EPOCHS}", "data.batch_size=16"]
+
+
+def test_ctrl_c_saves_a_checkpoint_marks_the_run_killed_exits_cleanly_and_resumes(project: Path):
+    log = project / "train.log"
+    process = start_training(project, *SLOW_TINY, log=log)
+    last = signal_after_first_checkpoint(process, project, signal.SIGINT)
+    output = log.read_text()
+
+    assert process.returncode == INTERRUPTED_EXIT, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    [run] = all_runs(project)
+    run_id = run.info.run_id
+    assert f"resume={run_id}" in output  # the message says how to go on
+    assert run.info.status == "KILLED"
+    assert run.data.tags["vaelab.failure"] == "interrupted (Ctrl-C or SIGTERM)"
+    interrupted = Path(run.data.tags["vaelab.interrupted_checkpoint"])
+    assert interrupted == last.parent / "interrupted.ckpt"
+    state = torch.load(interrupted, map_location="cpu", weights_only=True)  # complete and loadable
+    assert state["vaelab"]["run_id"] == run_id and state["state_dict"]
+    complete = torch.load(last, map_location="cpu", weights_only=True)
+    assert complete["epoch"] < EPOCHS - 1, "the interrupt came too late to test anything"
+
+    run_entry("train.py", f"resume={run_id}", root=project)
+
+    [resumed] = all_runs(project)
+    assert resumed.info.run_id == run_id and resumed.info.status == "FINISHED"
+    steps = [m.step for m in mlflow_client(project).get_metric_history(run_id, "val/elbo")]
+    assert len(steps) == len(set(steps)) == EPOCHS  # every epoch once: none lost, none repeated
+    assert not interrupted.exists()  # the finished run cleared its stale interrupt state
+
+
+@contextmanager
+def tmpfs(at: Path, options: str) -> Iterator[Path]:
+    """A real small or read-only filesystem at `at` (needs root with mount rights, as in CI; else the test skips)."""
+    at.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(at)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield at
+    finally:
+        subprocess.run(["umount", "-l", str(at)], check=False)
+
+
+def test_a_read_only_output_folder_fails_before_the_run_naming_the_folder(project: Path):
+    with tmpfs(project / "outputs", "ro,size=1m"):
+        done = run_entry("train.py", *TINY, root=project, check=False)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert f"cannot write {project / 'outputs'}: the filesystem is read-only" in done.stderr
+    assert not (project / "mlflow.db").exists() or all_runs(project) == []  # no run was started
+
+
+def test_a_file_in_the_way_of_an_output_folder_is_named(project: Path):
+    (project / "metrics").write_text("not a folder")
+    done = run_entry("train.py", *TINY, root=project, check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"cannot write {project / 'metrics'}" in done.stderr
+    assert not (project / "mlflow.db").exists() or all_runs(project) == []
+
+
+def test_a_full_disk_fails_the_run_naming_the_file_and_leaves_no_partial_checkpoint(project: Path):
+    # 64 KiB: the run's config.yaml fits, its first checkpoint (~110 KB with Adam's moments) does not.
+    with tmpfs(project / "outputs", "size=64k"):
+        done = run_entry("train.py", *TINY, root=project, check=False)
+        checkpoints = list((project / "outputs").glob("*/checkpoints/*"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert re.search(r"cannot write \S+/checkpoints/\S+\.ckpt: the disk is full", done.stderr), done.stderr[-2000:]
+    assert checkpoints == []  # no half-written file left to be mistaken for a checkpoint
+    [run] = all_runs(project)
+    assert run.info.status == "FAILED"
+    assert "No space left on device" in run.data.tags["vaelab.failure"]
+
+
+@contextmanager
+def store_locked(db: Path, seconds: float | None = None) -> Iterator[None]:
+    """Another writer holding the sqlite store's exclusive lock, for `seconds` or for the whole block."""
+    connection = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    connection.execute("BEGIN EXCLUSIVE")
+    release = threading.Timer(seconds, connection.rollback) if seconds is not None else None
+    if release:
+        release.start()
+    try:
+        yield
+    finally:
+        if release:
+            release.join()
+        if connection.in_transaction:
+            connection.rollback()
+        connection.close()
+
+
+def store_is_intact(db: Path) -> bool:
+    with sqlite3.connect(db) as connection:
+        return connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_training_waits_out_a_briefly_locked_store(project: Path):
+    ensure_experiment(f"sqlite:///{project / 'mlflow.db'}", "vaelab")  # the store exists, as after earlier runs
+    # 15 s: the process reaches the store within ~5 s of starting, and sqlite's own busy wait gives up after 5 s
+    # more; only vaelab's retries get the run through the rest.
+    with store_locked(project / "mlflow.db", seconds=15):
+        run_entry("train.py", *TINY, "trainer.max_epochs=1", root=project)
+    [run] = all_runs(project)
+    assert run.info.status == "FINISHED"
+    assert store_is_intact(project / "mlflow.db")
+
+
+def test_a_store_locked_for_too_long_fails_clearly_before_the_run_and_stays_intact(project: Path):
+    db = project / "mlflow.db"
+    ensure_experiment(f"sqlite:///{db}", "vaelab")
+    with store_locked(db):
+        done = run_entry("train.py", *TINY, "tracking.lock_timeout_s=1", root=project, check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"the MLflow store sqlite:///{db} stayed locked by another process" in done.stderr
+    assert store_is_intact(db)
+    assert all_runs(project) == []  # nothing half-created
+    run_entry("train.py", *TINY, "trainer.max_epochs=1", root=project)  # and once free, the store works
+    assert [r.info.status for r in all_runs(project)] == ["FINISHED"]
+
+
+def test_concurrent_first_use_of_a_new_store_creates_it_once(project: Path):
+    starts = [start_training(project, *TINY, "trainer.max_epochs=1", f"seed={seed}") for seed in range(2)]
+    assert [process.wait(timeout=300) for process in starts] == [0, 0]
+    runs = all_runs(project)
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    assert len({r.info.experiment_id for r in runs}) == 1  # one experiment, not one per racing process
+    assert store_is_intact(project / "mlflow.db")
+
+
+def test_secrets_and_environment_values_never_reach_params_or_tags(project: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("VAELAB_TEST_SECRET_PATH", "/home/alice/very-private")
+    overrides = ["+db.password=hunter2", "+tracking.api_token=abc123xyz", "+store.Secret_Key=k3y-s3cr3t"]
+    cfg = make_config(
+        *TINY,
+        *overrides,
+        "+extra.path=${oc.env:VAELAB_TEST_SECRET_PATH}",
+        "+extra.copy=${extra.path}",  # through another key: still the environment's value
+    )
+    run = Run.create(cfg, "train", overrides=[*overrides, "model.beta=2"], tags={})
+    logged = mlflow_client(project).get_run(run.run_id).data
+
+    assert logged.params["db.password"] == logged.params["tracking.api_token"] == "***"
+    assert logged.params["store.Secret_Key"] == "***"
+    assert logged.params["extra.path"] == "${oc.env:VAELAB_TEST_SECRET_PATH}"
+    assert logged.params["extra.copy"] == "${extra.path}"
+    assert logged.params["model.latent_dim"] == "4"  # everything else as usual
+    recorded = " ".join([*logged.params.values(), *logged.tags.values()])
+    for secret in ("hunter2", "abc123xyz", "k3y-s3cr3t", "/home/alice/very-private"):
+        assert secret not in recorded, secret
+    assert "+db.password=***" in logged.tags["vaelab.overrides"] and "model.beta=2" in logged.tags["vaelab.overrides"]
