@@ -8,8 +8,26 @@ trial and its MLflow run both ways. `train` ends a pruned trial's run KILLED wit
 (MLflow has no PRUNED status) and a failed one FAILED.
 
 The study lives in persistent storage (optuna.db at the project root, or any SQLAlchemy URL), so it outlives the
-process: `search.n_trials` is the study's *total* number of finished trials (COMPLETE, PRUNED or FAIL), and
-rerunning the same command runs only the missing ones. Several processes can work on one study at once.
+process: `search.n_trials` is the study's *total* number of trials (each ends COMPLETE, PRUNED or FAIL), and
+rerunning the same command runs only the missing ones.
+
+Several workers (processes running the same command) can share one study:
+- Each claims its next trial under a file lock (beside a sqlite database), counting the trials every worker has
+  started, so together they start exactly search.n_trials. A lock file cannot reach workers on other machines:
+  with a server database those may, starting a trial at the same instant, overshoot by one.
+- A running trial records a heartbeat in the storage (`search.heartbeat_interval`). Once it has been silent for
+  `search.grace_period` seconds its worker is taken for dead: the worker that notices marks the trial FAIL,
+  closes its MLflow run FAILED with the reason in `vaelab.failure`, and Optuna's RetryHeartbeatStaleTrialCallback
+  queues a retry with the same parameters (up to `search.max_retry` times). A retry is an extra trial, with the
+  system attribute `failed_trial` (`RetryHeartbeatStaleTrialCallback.retried_trial_number`), so it does not count
+  towards search.n_trials and retries are counted apart.
+- A worker with nothing left to start stays until the trials other workers run have ended, so that it can retry
+  one whose worker dies, and so that the study is complete when the last worker leaves.
+- The workers of one session share one MLflow parent run, named in the study's user attribute
+  `mlflow_parent_run_id`: the first creates it, the others join it while it is RUNNING (its tag `vaelab.workers`
+  counts them), and the last to finish writes the report into it and ends it. A later rerun, after the parent has
+  ended, gets a parent of its own. A parent left RUNNING by a worker that was killed is joined and ended by the
+  next one, which also closes any child run that a dead worker left RUNNING.
 
 The objective is a validation metric (`search.metric`, val/elbo by default): test numbers never choose a model.
 """
@@ -17,11 +35,13 @@ The objective is a validation metric (`search.metric`, val/elbo by default): tes
 from __future__ import annotations
 
 import math
+import os
 import re
 import shlex
+import socket
+import time
 import warnings
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +54,7 @@ from vaelab.errors import ConfigError, VaelabError
 
 if TYPE_CHECKING:  # the heavy imports (optuna, lightning, mlflow) wait until the config is known to be valid
     import optuna
+    from filelock import FileLock
 
     from vaelab.tracking import Run
 
@@ -42,9 +63,15 @@ DEFAULT_SEARCH = "default"
 NOT_SEARCHABLE_GROUPS = ("search", "sweep")  # config groups a trial cannot choose
 SUMMARY_ATTRS = ("val/elbo", "val/rec", "val/kl", "val/bpd", "val/nll_iw", "best_epoch", "epochs")
 STORAGE_TIMEOUT_S = 60  # sqlite: how long a writer waits for another process's lock
-# A running trial records a heartbeat; one silent for the grace period (its process died) is marked FAIL, so a
-# crashed worker's trial neither blocks the study nor is waited for forever.
-HEARTBEAT_S, GRACE_S = 30, 180
+# A running trial records a heartbeat; one silent for the grace period (its process died) is marked FAIL and
+# retried, so a crashed worker's trial neither blocks the study nor is waited for forever. Defaults for search
+# configs that predate the keys search.heartbeat_interval, search.grace_period and search.max_retry.
+HEARTBEAT_S, GRACE_S, MAX_RETRY = 30, 180, 2
+WAIT_POLL_S = 2.0  # how often a worker with nothing left to start looks at the other workers' trials
+WORKER_ATTR = "worker"  # trial user attribute: the host:pid running it
+RETRY_ATTR = "retry_of"  # trial user attribute of a retry: the trial whose dead worker it replaces
+PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute: the MLflow parent run of the workers now running it
+OPENED_ATTR = "processes_opened"  # study user attribute: how many processes have opened it (for the sampler seed)
 
 
 class OverrideError(VaelabError):
@@ -183,10 +210,13 @@ class Settings:
     pruner: str
     pruner_options: dict[str, Any]
     space: dict[str, Any]
+    heartbeat_interval: int = HEARTBEAT_S  # seconds between a running trial's heartbeats
+    grace_period: int = GRACE_S  # seconds of silence after which a trial's worker counts as dead
+    max_retry: int = MAX_RETRY  # retries of a dead worker's trial
 
     @classmethod
     def from_config(cls, search: DictConfig, name: str) -> Settings:
-        return cls(
+        settings = cls(
             name=name,
             study_name=search.study_name,
             storage=search.storage or default_storage(),
@@ -198,7 +228,32 @@ class Settings:
             pruner=search.pruner,
             pruner_options=OmegaConf.to_container(search.get("pruner_options") or {}, resolve=True),
             space=OmegaConf.to_container(search.space, resolve=True),
+            heartbeat_interval=search.get("heartbeat_interval", HEARTBEAT_S),
+            grace_period=search.get("grace_period", GRACE_S),
+            max_retry=search.get("max_retry", MAX_RETRY),
         )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """The heartbeat keys, which vaelab.config does not know (Optuna takes whole seconds)."""
+
+        def whole(value: object, low: int) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+        found = []
+        if not whole(self.heartbeat_interval, 1):
+            found.append(("search.heartbeat_interval", self.heartbeat_interval, "an integer >= 1 (seconds)"))
+        if not whole(self.grace_period, 1):
+            found.append(("search.grace_period", self.grace_period, "an integer >= 1 (seconds)"))
+        elif whole(self.heartbeat_interval, 1) and self.grace_period <= self.heartbeat_interval:
+            # a live worker would be taken for dead between two of its own heartbeats
+            allowed = f"an integer > search.heartbeat_interval ({self.heartbeat_interval})"
+            found.append(("search.grace_period", self.grace_period, allowed))
+        if not whole(self.max_retry, 0):
+            found.append(("search.max_retry", self.max_retry, "an integer >= 0"))
+        if found:
+            raise ConfigError(found)
 
 
 def default_storage() -> str:
@@ -216,12 +271,13 @@ def display_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def build_sampler(settings: Settings, trials_so_far: int) -> optuna.samplers.BaseSampler:
+def build_sampler(settings: Settings, offset: int) -> optuna.samplers.BaseSampler:
     """TPE or random. A seeded sampler restarts its random stream in every process, so a resumed study would
-    repeat its first trials' parameters: the seed is offset by the number of trials already in the study."""
+    repeat its first trials' parameters, and two workers started together would draw the same ones: the seed is
+    offset by the number of trials already in the study plus the number of processes that opened it before."""
     import optuna
 
-    seed = None if settings.seed is None else settings.seed + trials_so_far
+    seed = None if settings.seed is None else settings.seed + offset
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
@@ -242,24 +298,36 @@ def build_pruner(settings: Settings, max_epochs: int | str) -> optuna.pruners.Ba
     return optuna.pruners.NopPruner()
 
 
-def open_study(settings: Settings, max_epochs: int | str) -> optuna.Study:
-    """Create the study on first use, then load it with this process's sampler and pruner.
-
-    Two processes creating the same sqlite study at once can fail with an IntegrityError, so creation is
-    serialized by a file lock beside the database (optuna.db.lock).
-    """
-    import optuna
+def study_lock(settings: Settings) -> FileLock:
+    """The lock that makes a study's bookkeeping one worker at a time: creating the study, claiming a trial, failing
+    and retrying a dead worker's trial, joining and ending the parent run. Two processes creating one sqlite study at
+    once can fail with an IntegrityError, and sqlite ignores the row lock (SELECT ... FOR UPDATE) with which Optuna
+    hands a queued trial to one worker only. Beside a sqlite database (optuna.db.lock); for a server database, in
+    the project's store root, where it serializes this machine's workers only."""
     from filelock import FileLock
 
     db = _sqlite_path(settings.storage)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(db) + ".lock") if db else nullcontext():
+    path = Path(f"{db}.lock") if db else paths.store_root() / f".optuna-{_safe_name(settings.study_name)}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path))
+
+
+def open_study(settings: Settings, max_epochs: int | str, lock: FileLock, on_stale: StaleTrials) -> optuna.Study:
+    """Create the study on first use, then load it with this process's sampler and pruner, and with heartbeats:
+    `on_stale` is called for a trial whose worker died."""
+    import optuna
+
+    db = _sqlite_path(settings.storage)
+    with lock:
         engine = {"connect_args": {"timeout": STORAGE_TIMEOUT_S}} if db else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
             storage = optuna.storages.RDBStorage(
-                settings.storage, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
+                settings.storage,
+                engine_kwargs=engine,
+                heartbeat_interval=settings.heartbeat_interval,
+                grace_period=settings.grace_period,
+                heartbeat_stale_trial_callback=on_stale,
             )
         study = optuna.create_study(
             storage=storage, study_name=settings.study_name, direction=settings.direction, load_if_exists=True
@@ -268,13 +336,16 @@ def open_study(settings: Settings, max_epochs: int | str) -> optuna.Study:
             study.set_user_attr("metric", settings.metric)
             study.set_user_attr("search", settings.name)
             study.set_user_attr("space", settings.space)
+        opened_before = study.user_attrs.get(OPENED_ATTR, 0)
+        study.set_user_attr(OPENED_ATTR, opened_before + 1)
+        seed_offset = len(study.trials) + opened_before
     check_study_matches(study, settings)
     if study.user_attrs.get("space") != settings.space:
         print(f"search: note: study '{settings.study_name}' was started with another search space; trials differ")
     return optuna.load_study(
         study_name=settings.study_name,
         storage=storage,
-        sampler=build_sampler(settings, len(study.trials)),
+        sampler=build_sampler(settings, seed_offset),
         pruner=build_pruner(settings, max_epochs),
     )
 
@@ -299,30 +370,195 @@ def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
 
 
-def running_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Trials running now, in any process (a crashed process's trial turns FAIL once its heartbeat is stale)."""
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Mark FAIL the trials whose worker died (silent for search.grace_period), calling StaleTrials for each.
+    Call it under the study lock: sqlite would let two workers both fail, and both retry, one trial."""
     import optuna
-    from optuna.trial import TrialState
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    return study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
 
 
-def run_trials(study: optuna.Study, objective: Objective, settings: Settings) -> None:
-    """Run trials until the study has search.n_trials finished ones, counting the ones other workers are running:
-    each worker checks before it starts a trial, so workers sharing a study stop together instead of each
-    finishing one more (only two starting at the same instant can overshoot by one)."""
-    progress = Progress(settings)
-    while len(finished_trials(study)) + len(running_trials(study)) < settings.n_trials:
-        study.optimize(
-            objective,
-            n_trials=1,
-            catch=(Exception,),  # a failed trial (an exception, a NaN) is FAIL and the study goes on
-            callbacks=[progress],
-            gc_after_trial=True,
+def retry_of(trial: optuna.trial.FrozenTrial) -> int | None:
+    """The number of the first trial of the series this trial retries, or None for a trial of its own: what
+    RetryHeartbeatStaleTrialCallback.retried_trial_number reads, without its "experimental" warning per call."""
+    return trial.system_attrs.get("failed_trial")
+
+
+def study_trial(study: optuna.Study, number: int, state: optuna.trial.TrialState) -> optuna.trial.FrozenTrial:
+    return next(trial for trial in study.get_trials(deepcopy=False, states=(state,)) if trial.number == number)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Tally:
+    """Where a study stands: what a worker decides its next step by (under the study lock) and what it reports."""
+
+    trials: int  # the study's own trials in any state, retries not included: what search.n_trials counts
+    done: int  # of those, the ones that have ended (COMPLETE, PRUNED or FAIL)
+    finished: int  # all trials that have ended, retries included
+    retries: int  # retries of trials whose worker died, in any state
+    queued: int  # trials no worker has started yet (WAITING): retries, or trials enqueued by hand
+    running: tuple[int, ...]  # the trials vaelab workers are running now
+
+    @classmethod
+    def of(cls, study: optuna.Study) -> Tally:
+        from optuna.trial import TrialState
+
+        trials = study.get_trials(deepcopy=False)
+        own = [trial for trial in trials if retry_of(trial) is None]
+        return cls(
+            trials=len(own),
+            done=sum(trial.state.is_finished() for trial in own),
+            finished=sum(trial.state.is_finished() for trial in trials),
+            retries=len(trials) - len(own),
+            queued=sum(trial.state == TrialState.WAITING for trial in trials),
+            running=tuple(
+                trial.number
+                for trial in trials
+                if trial.state == TrialState.RUNNING and WORKER_ATTR in trial.user_attrs
+            ),
         )
+
+    def next_step(self, n_trials: int) -> str:
+        """run (a queued trial, or a new one), wait (for other workers' trials, which may need a retry), done."""
+        if self.queued or self.trials < n_trials:
+            return "run"
+        return "wait" if self.running else "done"
+
+    def describe(self, n_trials: int) -> str:
+        todo = []
+        if self.trials < n_trials:
+            todo.append(f"running {n_trials - self.trials} more")
+        if self.queued:
+            todo.append(f"{self.queued} queued (retries of trials whose worker died)")
+        running = f" and {len(self.running)} running elsewhere" if self.running else ""
+        todo_text = ", ".join(todo) or "nothing to run"
+        return f"{self.finished} finished trials{running}, search.n_trials={n_trials}: {todo_text}"
+
+
+@dataclass
+class StaleTrials:
+    """Optuna's heartbeat-stale callback, called by whichever worker notices that a trial's worker died (the trial
+    is FAIL by then): queue a retry with the same parameters, and close the dead worker's MLflow run, which it left
+    RUNNING, as FAILED with the reason in `vaelab.failure`."""
+
+    settings: Settings
+    tracking_uri: str | None  # None: the search logs nothing to MLflow
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        import optuna
+        from optuna.trial import TrialState
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=self.settings.max_retry)(study, trial)
+        queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        retry = next((t.number for t in queued if t.system_attrs.get("retry_history", [])[-1:] == [trial.number]), None)
+        reason = (
+            f"its worker ({trial.user_attrs.get(WORKER_ATTR, 'unknown')}) died: no heartbeat for "
+            f"{self.settings.grace_period} s; "
+            + (
+                f"retried as trial {retry}"
+                if retry is not None
+                else f"search.max_retry={self.settings.max_retry} reached"
+            )
+        )
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        closed = ""
+        if self.tracking_uri and run_id:
+            try:
+                if close_dead_run(self.tracking_uri, run_id, reason):
+                    closed = f"; its MLflow run {run_id} is FAILED"
+            except Exception as error:  # the retry is queued already; the run is closed at the study's end
+                closed = f"; its MLflow run {run_id} stays RUNNING for now ({type(error).__name__}: {error})"
+        print(f"search: trial {trial.number} FAIL {reason}{closed}", flush=True)
+
+
+def close_dead_run(tracking_uri: str, run_id: str, reason: str) -> bool:
+    """End a run that a dead worker left RUNNING: FAILED, as its trial is, with `reason`. False if it had ended."""
+    from mlflow.exceptions import MlflowException
+
+    from vaelab.tracking import Run
+
+    run = Run(tracking_uri, run_id, experiment="")
+    try:
+        if run.client.get_run(run_id).info.status != "RUNNING":
+            return False
+    except MlflowException:  # not in this store (the dead worker logged elsewhere)
+        return False
+    run.set_tags({"optuna.state": "FAIL"})
+    run.end("FAILED", reason=reason)
+    return True
+
+
+@dataclass
+class Claimed:
+    """The objective, for a trial this worker has just claimed under the study lock: the trial is marked as this
+    worker's (so that the others wait for it), and the lock is handed back before the trial trains."""
+
+    objective: Objective
+    lock: FileLock
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        from optuna.trial import TrialState
+
+        try:
+            trial.set_user_attr(WORKER_ATTR, worker_id())
+            # A retry starts with the dead trial's user attributes; Optuna 5's Trial hides the system attributes
+            # that say so, its stored copy does not.
+            stored = study_trial(trial.study, trial.number, TrialState.RUNNING)
+            history = stored.system_attrs.get("retry_history", [])
+            if history:
+                trial.set_user_attr(RETRY_ATTR, history[-1])
+                trial.set_user_attr("mlflow_run_id", None)  # the dead trial's; this one gets its own run
+        finally:
+            self.lock.release()
+        return self.objective(trial)
+
+
+def run_trials(
+    study: optuna.Study, objective: Objective, settings: Settings, lock: FileLock, parent: SharedParent | None
+) -> None:
+    """Run trials until the study has search.n_trials of its own, no queued retries, and no trial running in
+    another worker. Each step is decided, and its trial claimed, under the study lock, so two workers never both
+    take the last trial or the same queued retry; the trial hands the lock back once it exists (`Claimed`)."""
+    progress = Progress(settings)
+    waiting_for: tuple[int, ...] = ()
+    while True:
+        lock.acquire()
+        try:
+            fail_stale_trials(study)
+            tally = Tally.of(study)
+            step = tally.next_step(settings.n_trials)
+            if step == "run":
+                if parent:
+                    parent.reopen_if_ended()
+                study.optimize(
+                    Claimed(objective, lock),
+                    n_trials=1,
+                    catch=(Exception,),  # a failed trial (an exception, a NaN) is FAIL and the study goes on
+                    callbacks=[progress],
+                    gc_after_trial=True,
+                )
+        finally:
+            if lock.is_locked:  # the trial never started
+                lock.release()
+        if step == "done":
+            return
+        if step == "wait":
+            if tally.running != waiting_for:
+                waiting_for = tally.running
+                print(
+                    f"search: nothing left to start; waiting for trial(s) {', '.join(map(str, waiting_for))} of other "
+                    f"workers (a trial silent for {settings.grace_period} s is retried here)",
+                    flush=True,
+                )
+            time.sleep(min(WAIT_POLL_S, settings.heartbeat_interval))
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -379,6 +615,8 @@ class Objective:
             "optuna.trial_number": str(trial.number),
             "vaelab.overrides": " ".join(overrides),
         }
+        if trial.user_attrs.get(RETRY_ATTR) is not None:
+            tags["optuna.retry_of"] = str(trial.user_attrs[RETRY_ATTR])
         try:
             cfg = compose_config(self.config_dir, overrides)
             if cfg.tracking.run_name is None:  # a readable name in the MLflow UI; the config is otherwise train.py's
@@ -439,9 +677,12 @@ class Progress:
         best_text = f"best {_format(best.value)} (trial {best.number})" if best else "best -"
         params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
         seconds = trial.duration.total_seconds() if trial.duration else 0.0
+        tally = Tally.of(study)
+        retries = f" + {tally.retries} retries" if tally.retries else ""
+        retry = f" (retry of trial {trial.user_attrs[RETRY_ATTR]})" if RETRY_ATTR in trial.user_attrs else ""
         print(
-            f"search: trial {trial.number} {state} {outcome} | {best_text} | "
-            f"{len(finished_trials(study))}/{self.settings.n_trials} finished | {params} | {seconds:.1f} s",
+            f"search: trial {trial.number}{retry} {state} {outcome} | {best_text} | "
+            f"{tally.done}/{self.settings.n_trials} finished{retries} | {params} | {seconds:.1f} s",
             flush=True,
         )
 
@@ -490,12 +731,14 @@ class SearchResult:
     best_file: Path | None = None
     command: str | None = None
     metric: str = "val/elbo"
+    retries: int = 0  # of the trials counted, retries of trials whose worker died (not in search.n_trials)
 
     def describe(self) -> str:
         counts = ", ".join(f"{n} {state.lower()}" for state, n in self.counts.items())
+        retries = f"; of them retries of trials whose worker died: {self.retries}" if self.retries else ""
         lines = [
             f"search: study '{self.study_name}' in {display_url(self.storage)}: "
-            f"{sum(self.counts.values())} finished trials of search.n_trials={self.n_trials} ({counts})"
+            f"{sum(self.counts.values())} finished trials of search.n_trials={self.n_trials} ({counts}{retries})"
         ]
         if self.best_number is not None:
             lines.append(
@@ -558,6 +801,7 @@ def write_report(study: optuna.Study, settings: Settings, config_dir: Path, pare
         counts=state_counts(study),
         parent_run_id=parent.run_id if parent else None,
         metric=settings.metric,
+        retries=Tally.of(study).retries,
     )
     best = best_trial(study)
     if best is not None:
@@ -578,6 +822,7 @@ def write_report(study: optuna.Study, settings: Settings, config_dir: Path, pare
         parent.log_artifact(out_dir / "plots", "plots")
 
     metrics = {f"search/{state.lower()}": float(n) for state, n in result.counts.items()}
+    metrics["search/retries"] = float(result.retries)
     if best is not None:
         experiment = f"best_{_safe_name(settings.study_name)}"
         result.best_file = out_dir / "experiment" / f"{experiment}.yaml"
@@ -611,6 +856,129 @@ def write_report(study: optuna.Study, settings: Settings, config_dir: Path, pare
     return result
 
 
+# The parent run the workers share
+
+
+def running_parent(study: optuna.Study, tracking_uri: str) -> Run | None:
+    """The study's parent run (its user attribute), if it is in this tracking store and still RUNNING."""
+    from mlflow.exceptions import MlflowException
+
+    from vaelab.tracking import Run
+
+    run_id = study.user_attrs.get(PARENT_ATTR)
+    if not run_id:
+        return None
+    run = Run(tracking_uri, run_id, experiment="")
+    try:
+        info = run.client.get_run(run_id).info
+    except MlflowException:  # a parent in another tracking store
+        return None
+    if info.status != "RUNNING":
+        return None
+    run.experiment = run.client.get_experiment(info.experiment_id).name
+    return run
+
+
+def close_dead_children(parent: Run, reason: str) -> list[str]:
+    """Close the child runs of `parent` still RUNNING when no trial is: their workers died, some before the run was
+    linked to its trial (so StaleTrials could not find it). Returns their ids."""
+    experiment = parent.client.get_run(parent.run_id).info.experiment_id
+    found = parent.client.search_runs(
+        [experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}' and attributes.status = 'RUNNING'"
+    )
+    for run in found:
+        close_dead_run(parent.uri, run.info.run_id, reason)
+    return [run.info.run_id for run in found]
+
+
+@dataclass
+class SharedParent:
+    """The MLflow parent run of the workers that run a study at the same time (see the module's docstring): one
+    per session, so that the MLflow UI shows one search with all its trials, whichever worker ran them."""
+
+    run: Run
+    lock: FileLock
+
+    @classmethod
+    def join(
+        cls, study: optuna.Study, base: DictConfig, settings: Settings, argv: Sequence[str], lock: FileLock
+    ) -> SharedParent:
+        """Join the study's parent run while it is RUNNING; else create one and name it in the study."""
+        from vaelab.tracking import Run, resolve_uri
+
+        with lock:
+            run = running_parent(study, resolve_uri(base.tracking.uri))
+            if run is not None:
+                workers = int(run.client.get_run(run.run_id).data.tags.get("vaelab.workers", "1")) + 1
+                run.set_tags({"vaelab.workers": str(workers)})
+                print(f"search: joining MLflow parent run {run.run_id} (worker {workers} of this session)", flush=True)
+                return cls(run, lock)
+            named = base.copy()
+            named.tracking.run_name = base.tracking.run_name or f"{settings.study_name}/search"
+            run = Run.create(
+                named,
+                stage="search",
+                overrides=list(argv),
+                tags={"kind": "search", "search": settings.name},
+                log_params=False,
+            )
+            run.set_tags(
+                {
+                    "optuna.study_name": settings.study_name,
+                    "optuna.storage": display_url(settings.storage),
+                    "optuna.metric": settings.metric,
+                    "optuna.direction": settings.direction,
+                    "optuna.pruner": settings.pruner,
+                    "vaelab.search_space": OmegaConf.to_yaml(OmegaConf.create(settings.space))[:5000],
+                    "vaelab.workers": "1",
+                }
+            )
+            study.set_user_attr(PARENT_ATTR, run.run_id)
+            return cls(run, lock)
+
+    def status(self) -> str:
+        return self.run.client.get_run(self.run.run_id).info.status
+
+    def reopen_if_ended(self) -> None:
+        """Before a trial starts (under the lock): a worker with a smaller search.n_trials, or one that stopped on
+        an error, may have ended the parent meanwhile. Its trials still belong under it."""
+        if self.status() != "RUNNING":
+            from vaelab.tracking import Run
+
+            Run.reopen(self.run.uri, self.run.run_id)
+
+    def finish(self, study: optuna.Study, settings: Settings, config_dir: Path) -> SearchResult:
+        """The last worker out writes the report and ends the parent FINISHED; the others only report."""
+        with self.lock:
+            fail_stale_trials(study)
+            if Tally.of(study).running or self.status() == "FINISHED":  # not the last, or the last already did it
+                result = write_report(study, settings, config_dir, parent=None)
+                result.parent_run_id = self.run.run_id
+                return result
+            self.reopen_if_ended()
+            closed = close_dead_children(self.run, "its worker died; no trial of the study runs any more")
+            if closed:
+                print(f"search: closed {len(closed)} MLflow run(s) left RUNNING by dead workers: {closed}")
+            result = write_report(study, settings, config_dir, self.run)
+            self.run.end("FINISHED")
+            return result
+
+    def abandon(self, study: optuna.Study, error: BaseException) -> None:
+        """This worker stops on an error or Ctrl-C: it ends the parent KILLED or FAILED, unless other workers still
+        run trials under it (the last of them ends it)."""
+        interrupted = isinstance(error, KeyboardInterrupt | SystemExit)
+        with self.lock:
+            try:
+                fail_stale_trials(study)
+                busy = Tally.of(study).running
+            except Exception:  # the storage itself may be what failed
+                busy = ()
+            if busy:
+                print("search: this worker stops; the MLflow parent run stays open for the workers still running")
+                return
+            self.run.end("KILLED" if interrupted else "FAILED", reason=f"{type(error).__name__}: {error}")
+
+
 # The search
 
 
@@ -633,57 +1001,34 @@ def search(argv: Sequence[str], config_dir: Path) -> SearchResult:
 
     import optuna
 
-    from vaelab.tracking import Run
+    from vaelab.tracking import resolve_uri
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # Progress prints one line per trial instead
     settings = Settings.from_config(full.search, name=full.hydra.runtime.choices[SEARCH_GROUP])
     max_epochs = "auto" if "trainer.max_epochs" in searched else base.trainer.max_epochs
-    study = open_study(settings, max_epochs)
-    finished, running = len(finished_trials(study)), len(running_trials(study))
-    missing = settings.n_trials - finished - running
-    print(
-        f"search: study '{settings.study_name}' in {display_url(settings.storage)}: "
-        f"{finished} finished trials"
-        + (f" and {running} running elsewhere" if running else "")
-        + f", search.n_trials={settings.n_trials}: "
-        + (f"running {missing} more" if missing > 0 else "nothing to run"),
-        flush=True,
-    )
-    if missing <= 0:
+    tracking_uri = resolve_uri(base.tracking.uri) if base.get("logger") is not None else None
+    lock = study_lock(settings)
+    study = open_study(settings, max_epochs, lock, StaleTrials(settings, tracking_uri))
+    with lock:
+        fail_stale_trials(study)
+        tally = Tally.of(study)
+        # a worker killed after the study's last trial left the parent RUNNING: this one ends it
+        orphaned = tracking_uri is not None and running_parent(study, tracking_uri) is not None
+    where = f"study '{settings.study_name}' in {display_url(settings.storage)}"
+    print(f"search: {where}: {tally.describe(settings.n_trials)}", flush=True)
+    if tally.next_step(settings.n_trials) == "done" and not orphaned:
         return write_report(study, settings, config_dir, parent=None)
 
-    parent = None
-    if base.get("logger") is not None:
-        named = base.copy()
-        named.tracking.run_name = base.tracking.run_name or f"{settings.study_name}/search"
-        parent = Run.create(
-            named,
-            stage="search",
-            overrides=list(argv),
-            tags={"kind": "search", "search": settings.name},
-            log_params=False,
-        )
-        parent.set_tags(
-            {
-                "optuna.study_name": settings.study_name,
-                "optuna.storage": display_url(settings.storage),
-                "optuna.metric": settings.metric,
-                "optuna.direction": settings.direction,
-                "optuna.pruner": settings.pruner,
-                "vaelab.search_space": OmegaConf.to_yaml(OmegaConf.create(settings.space))[:5000],
-            }
-        )
+    parent = SharedParent.join(study, base, settings, argv, lock) if tracking_uri else None
     objective = Objective(
-        config_dir, command.train, parse_space(full.search.space), settings, parent.run_id if parent else None
+        config_dir, command.train, parse_space(full.search.space), settings, parent.run.run_id if parent else None
     )
     try:
-        run_trials(study, objective, settings)
-        result = write_report(study, settings, config_dir, parent)
+        run_trials(study, objective, settings, lock, parent)
+        if parent is None:
+            return write_report(study, settings, config_dir, parent=None)
+        return parent.finish(study, settings, config_dir)
     except BaseException as error:
         if parent:
-            interrupted = isinstance(error, KeyboardInterrupt | SystemExit)
-            parent.end("KILLED" if interrupted else "FAILED", reason=f"{type(error).__name__}: {error}")
+            parent.abandon(study, error)
         raise
-    if parent:
-        parent.end("FINISHED")
-    return result
