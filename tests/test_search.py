@@ -11,7 +11,9 @@ from optuna.trial import TrialState
 from conftest import CONF, all_runs, artifact_paths, make_config, mlflow_client, run_entry
 from vaelab.config import problems, search_problems
 from vaelab.errors import ConfigError
-from vaelab.search import best_experiment_yaml, config_groups, search
+from vaelab.search import search
+from vaelab.search_config import config_groups
+from vaelab.search_report import best_experiment_yaml
 from vaelab.tracking import PARENT_TAG, Run
 
 # Tiny trials: scikit-learn's digits, one epoch, a small MLP, few importance samples.

@@ -21,7 +21,9 @@ from optuna.trial import TrialState
 
 from conftest import CONF, REPO, all_runs, subprocess_env
 from vaelab.errors import ConfigError
-from vaelab.search import PARENT_ATTR, WORKER_ATTR, retry_of, search
+from vaelab.search import search
+from vaelab.search_study import WORKER_ATTR, retry_of
+from vaelab.search_workers import PARENT_ATTR
 from vaelab.tracking import PARENT_TAG
 
 TESTS = Path(__file__).resolve().parent

@@ -1,0 +1,228 @@
+"""What a search tells: one line per finished trial (Progress), its outcome (SearchResult), and the report in
+outputs/<parent_run_id>/, logged to the parent run: trials.csv, plots, the best trial as an experiment file
+(experiment/best_<study>.yaml) and reproduce.sh."""
+
+from __future__ import annotations
+
+import shlex
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import OmegaConf
+
+from vaelab import paths
+from vaelab.search_config import NOT_SEARCHABLE_GROUPS, Settings, compose_config
+from vaelab.search_study import RETRY_ATTR, Tally, best_trial, display_url, finished_trials, safe_file_name
+
+if TYPE_CHECKING:
+    import optuna
+
+    from vaelab.tracking import Run
+
+
+# Progress
+
+
+def _format(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+@dataclass
+class Progress:
+    """An Optuna callback that prints one line per finished trial: value, state, the best so far."""
+
+    settings: Settings
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        state = trial.state.name
+        if state == "COMPLETE":
+            outcome = f"{self.settings.metric} {_format(trial.value)}"
+        elif state == "PRUNED":
+            last = trial.last_step
+            outcome = f"at epoch {last} ({self.settings.metric} {_format(trial.intermediate_values.get(last))})"
+        else:
+            outcome = trial.user_attrs.get("failure") or trial.system_attrs.get("fail_reason", "")
+            outcome = outcome.splitlines()[0][:160] if outcome else ""
+        best = best_trial(study)
+        best_text = f"best {_format(best.value)} (trial {best.number})" if best else "best -"
+        params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+        seconds = trial.duration.total_seconds() if trial.duration else 0.0
+        tally = Tally.of(study)
+        retries = f" + {tally.retries} retries" if tally.retries else ""
+        retry = f" (retry of trial {trial.user_attrs[RETRY_ATTR]})" if RETRY_ATTR in trial.user_attrs else ""
+        print(
+            f"search: trial {trial.number}{retry} {state} {outcome} | {best_text} | "
+            f"{tally.done}/{self.settings.n_trials} finished{retries} | {params} | {seconds:.1f} s",
+            flush=True,
+        )
+
+
+# The report
+
+
+def best_experiment_yaml(config_dir: Path, overrides: Sequence[str], header: str) -> str:
+    """The overrides as a `# @package _global_` experiment file: group choices go into its defaults list, values
+    (as the composed config has them) into its body. `train.py experiment=<file>` then composes the same config
+    as `train.py <overrides>`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = compose_config(config_dir, overrides, hydra=True)
+    groups = cfg.hydra.runtime.choices
+    includes: list[Any] = []
+    body = OmegaConf.create()
+    skipped = []
+    for text, override in zip(overrides, OverridesParser.create().parse_overrides(list(overrides)), strict=True):
+        key = override.key_or_group
+        if override.is_delete() or key.startswith("hydra") or key in NOT_SEARCHABLE_GROUPS:
+            skipped.append(text)
+        elif key == "experiment":
+            includes.insert(0, f"/experiment/{override.value()}")  # its values first, then ours
+        elif key in groups:
+            includes.append({f"override /{key}": override.value()})
+        else:
+            value = OmegaConf.select(cfg, key)
+            OmegaConf.update(body, key, OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+    document = OmegaConf.to_yaml(OmegaConf.create({"defaults": [*includes, "_self_"], **OmegaConf.to_container(body)}))
+    notes = "".join(f"# not expressible here (use the command above): {text}\n" for text in skipped)
+    return f"# @package _global_\n{header}{notes}{document}"
+
+
+@dataclass
+class SearchResult:
+    study_name: str
+    storage: str
+    n_trials: int
+    counts: dict[str, int]
+    parent_run_id: str | None = None
+    best_number: int | None = None
+    best_value: float | None = None
+    best_run_id: str | None = None
+    best_file: Path | None = None
+    command: str | None = None
+    metric: str = "val/elbo"
+    retries: int = 0  # of the trials counted, retries of trials whose worker died (not in search.n_trials)
+
+    def describe(self) -> str:
+        counts = ", ".join(f"{n} {state.lower()}" for state, n in self.counts.items())
+        retries = f"; of them retries of trials whose worker died: {self.retries}" if self.retries else ""
+        lines = [
+            f"search: study '{self.study_name}' in {display_url(self.storage)}: "
+            f"{sum(self.counts.values())} finished trials of search.n_trials={self.n_trials} ({counts}{retries})"
+        ]
+        if self.best_number is not None:
+            lines.append(
+                f"search: best trial {self.best_number}: {self.metric} {_format(self.best_value)} "
+                f"(MLflow run {self.best_run_id})"
+            )
+        if self.best_file:
+            lines.append(f"search: best config: {self.best_file}")
+        if self.command:
+            lines.append(f"search: reproduce: {self.command}")
+        if self.parent_run_id:
+            lines.append(f"search: MLflow parent run {self.parent_run_id} (make ui)")
+        return "\n".join(lines)
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
+    for trial in finished_trials(study):
+        counts[trial.state.name] += 1
+    return counts
+
+
+def save_study_plots(study: optuna.Study, folder: Path) -> list[Path]:
+    """Optimization history, learning curves, parallel coordinates and parameter importances as PNGs
+    (optuna.visualization.matplotlib: plotly's PNG export would need kaleido and a browser). A plot that
+    cannot be drawn yet (too few completed trials, a single parameter value) is left out, with a note."""
+    import optuna
+    from optuna.visualization import matplotlib as optuna_plots
+
+    from vaelab.figures import save_figure
+
+    complete = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    plots = {
+        "optimization_history": (optuna_plots.plot_optimization_history, 1),
+        "intermediate_values": (optuna_plots.plot_intermediate_values, 1),
+        "parallel_coordinate": (optuna_plots.plot_parallel_coordinate, 1),
+        "param_importances": (optuna_plots.plot_param_importances, 2),
+    }
+    saved = []
+    for name, (plot, needs) in plots.items():
+        if complete < needs:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "experimental" plots; flat axes when a parameter has one value
+                axes = plot(study)
+            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+            saved.append(save_figure(figure, folder / f"{name}.png"))
+        except Exception as error:  # a missing plot must not cost the study's report
+            print(f"search: note: no {name} plot ({type(error).__name__}: {error})")
+    return saved
+
+
+def write_report(study: optuna.Study, settings: Settings, config_dir: Path, parent: Run | None) -> SearchResult:
+    """The study's trials table, plots and best config, in outputs/<parent_run_id>/ and logged to the parent."""
+    result = SearchResult(
+        study_name=settings.study_name,
+        storage=settings.storage,
+        n_trials=settings.n_trials,
+        counts=state_counts(study),
+        parent_run_id=parent.run_id if parent else None,
+        metric=settings.metric,
+        retries=Tally.of(study).retries,
+    )
+    best = best_trial(study)
+    if best is not None:
+        result.best_number, result.best_value = best.number, best.value
+        result.best_run_id = best.user_attrs.get("mlflow_run_id")
+        overrides = best.user_attrs.get("overrides", [])
+        result.command = shlex.join(["python", "pipelines/train.py", *overrides])
+    if parent is None:
+        return result
+
+    out_dir = paths.run_dir(parent.run_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = out_dir / "trials.csv"
+    study.trials_dataframe().to_csv(table, index=False)
+    parent.log_artifact(table)
+    plots = save_study_plots(study, out_dir / "plots")
+    if plots:
+        parent.log_artifact(out_dir / "plots", "plots")
+
+    metrics = {f"search/{state.lower()}": float(n) for state, n in result.counts.items()}
+    metrics["search/retries"] = float(result.retries)
+    if best is not None:
+        experiment = f"best_{safe_file_name(settings.study_name)}"
+        result.best_file = out_dir / "experiment" / f"{experiment}.yaml"
+        try:
+            where = result.best_file.parent.parent.relative_to(paths.project_root())
+        except ValueError:
+            where = result.best_file.parent.parent
+        via_file = f"python pipelines/train.py --config-dir {shlex.quote(str(where))} experiment={experiment}"
+        header = (
+            f"# Best trial {best.number} of the Optuna study '{settings.study_name}': {settings.metric} = "
+            f"{best.value:.4f}\n# (MLflow run {result.best_run_id}). Train it again with\n#   {via_file}\n"
+            f"# or, equivalently,\n#   {result.command}\n"
+        )
+        result.best_file.parent.mkdir(parents=True, exist_ok=True)
+        result.best_file.write_text(best_experiment_yaml(config_dir, best.user_attrs.get("overrides", []), header))
+        command = out_dir / "reproduce.sh"
+        command.write_text(
+            f"#!/bin/sh\n# best trial {best.number} of study '{settings.study_name}'\n{result.command}\n"
+        )
+        parent.log_artifact(result.best_file, "best")
+        parent.log_artifact(command, "best")
+        metrics[f"best/{settings.metric}"] = best.value
+        parent.set_tags(
+            {
+                "optuna.best_trial": str(best.number),
+                "vaelab.best_run_id": result.best_run_id or "",
+                "vaelab.best_command": result.command,
+            }
+        )
+    parent.log_metrics(metrics)
+    return result

@@ -1,0 +1,281 @@
+"""The Optuna study in its persistent storage: created on first use, then loaded with this process's sampler and
+pruner and with heartbeats; the file lock that makes its bookkeeping one worker at a time; where it stands (Tally);
+and what becomes of a trial whose worker died (StaleTrials: FAIL, a retry with the same parameters, its MLflow run
+closed FAILED). How the workers use all this: vaelab.search_workers."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vaelab import paths
+from vaelab.errors import ConfigError
+from vaelab.search_config import OverrideError, Settings
+
+if TYPE_CHECKING:
+    import optuna
+    from filelock import FileLock
+
+STORAGE_TIMEOUT_S = 60  # sqlite: how long a writer waits for another process's lock
+WORKER_ATTR = "worker"  # trial user attribute: the host:pid running it
+RETRY_ATTR = "retry_of"  # trial user attribute of a retry: the trial whose dead worker it replaces
+OPENED_ATTR = "processes_opened"  # study user attribute: how many processes have opened it (for the sampler seed)
+
+
+# The storage
+
+
+def _sqlite_path(url: str) -> Path | None:
+    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+
+
+def display_url(url: str) -> str:
+    """The storage URL without its password, for logs and tags."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def safe_file_name(name: str) -> str:
+    """`name` with what a file name should not hold replaced by `_`: the study's name in its lock and best_<study>."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+# Opening the study: its sampler, pruner and lock
+
+
+def build_sampler(settings: Settings, offset: int) -> optuna.samplers.BaseSampler:
+    """TPE or random. A seeded sampler restarts its random stream in every process, so a resumed study would
+    repeat its first trials' parameters, and two workers started together would draw the same ones: the seed is
+    offset by the number of trials already in the study plus the number of processes that opened it before."""
+    import optuna
+
+    seed = None if settings.seed is None else settings.seed + offset
+    if settings.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def build_pruner(settings: Settings, max_epochs: int | str) -> optuna.pruners.BasePruner:
+    """The configured pruner; its steps are epochs (0-based), hyperband's resource runs up to max_epochs."""
+    import optuna
+
+    options = dict(settings.pruner_options.get(settings.pruner) or {})
+    try:
+        if settings.pruner == "median":
+            return optuna.pruners.MedianPruner(**options)
+        if settings.pruner == "hyperband":
+            return optuna.pruners.HyperbandPruner(**{"max_resource": max_epochs, **options})
+    except TypeError as error:
+        raise OverrideError(f"search.pruner_options.{settings.pruner}: {error}") from None
+    return optuna.pruners.NopPruner()
+
+
+def study_lock(settings: Settings) -> FileLock:
+    """The lock that makes a study's bookkeeping one worker at a time: creating the study, claiming a trial, failing
+    and retrying a dead worker's trial, joining and ending the parent run. Two processes creating one sqlite study at
+    once can fail with an IntegrityError, and sqlite ignores the row lock (SELECT ... FOR UPDATE) with which Optuna
+    hands a queued trial to one worker only. Beside a sqlite database (optuna.db.lock); for a server database, in
+    the project's store root, where it serializes this machine's workers only."""
+    from filelock import FileLock
+
+    db = _sqlite_path(settings.storage)
+    path = Path(f"{db}.lock") if db else paths.store_root() / f".optuna-{safe_file_name(settings.study_name)}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path))
+
+
+def open_study(settings: Settings, max_epochs: int | str, lock: FileLock, on_stale: StaleTrials) -> optuna.Study:
+    """Create the study on first use, then load it with this process's sampler and pruner, and with heartbeats:
+    `on_stale` is called for a trial whose worker died."""
+    import optuna
+
+    db = _sqlite_path(settings.storage)
+    with lock:
+        engine = {"connect_args": {"timeout": STORAGE_TIMEOUT_S}} if db else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
+            storage = optuna.storages.RDBStorage(
+                settings.storage,
+                engine_kwargs=engine,
+                heartbeat_interval=settings.heartbeat_interval,
+                grace_period=settings.grace_period,
+                heartbeat_stale_trial_callback=on_stale,
+            )
+        study = optuna.create_study(
+            storage=storage, study_name=settings.study_name, direction=settings.direction, load_if_exists=True
+        )
+        if "metric" not in study.user_attrs:
+            study.set_user_attr("metric", settings.metric)
+            study.set_user_attr("search", settings.name)
+            study.set_user_attr("space", settings.space)
+        opened_before = study.user_attrs.get(OPENED_ATTR, 0)
+        study.set_user_attr(OPENED_ATTR, opened_before + 1)
+        seed_offset = len(study.trials) + opened_before
+    check_study_matches(study, settings)
+    if study.user_attrs.get("space") != settings.space:
+        print(f"search: note: study '{settings.study_name}' was started with another search space; trials differ")
+    return optuna.load_study(
+        study_name=settings.study_name,
+        storage=storage,
+        sampler=build_sampler(settings, seed_offset),
+        pruner=build_pruner(settings, max_epochs),
+    )
+
+
+def check_study_matches(study: optuna.Study, settings: Settings) -> None:
+    """A study keeps its direction and metric: values of different metrics cannot be ranked together."""
+    direction = study.direction.name.lower()
+    if direction != settings.direction:
+        allowed = (
+            f"{direction}, the direction of the existing study '{settings.study_name}' (or a new search.study_name)"
+        )
+        raise ConfigError([("search.direction", settings.direction, allowed)])
+    metric = study.user_attrs.get("metric", settings.metric)
+    if metric != settings.metric:
+        allowed = f"{metric}, the metric of the existing study '{settings.study_name}' (or a new search.study_name)"
+        raise ConfigError([("search.metric", settings.metric, allowed)])
+
+
+# Its trials
+
+
+def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Mark FAIL the trials whose worker died (silent for search.grace_period), calling StaleTrials for each.
+    Call it under the study lock: sqlite would let two workers both fail, and both retry, one trial."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def retry_of(trial: optuna.trial.FrozenTrial) -> int | None:
+    """The number of the first trial of the series this trial retries, or None for a trial of its own: what
+    RetryHeartbeatStaleTrialCallback.retried_trial_number reads, without its "experimental" warning per call."""
+    return trial.system_attrs.get("failed_trial")
+
+
+def study_trial(study: optuna.Study, number: int, state: optuna.trial.TrialState) -> optuna.trial.FrozenTrial:
+    return next(trial for trial in study.get_trials(deepcopy=False, states=(state,)) if trial.number == number)
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:  # no COMPLETE trial yet
+        return None
+
+
+@dataclass(frozen=True)
+class Tally:
+    """Where a study stands: what a worker decides its next step by (under the study lock) and what it reports."""
+
+    trials: int  # the study's own trials in any state, retries not included: what search.n_trials counts
+    done: int  # of those, the ones that have ended (COMPLETE, PRUNED or FAIL)
+    finished: int  # all trials that have ended, retries included
+    retries: int  # retries of trials whose worker died, in any state
+    queued: int  # trials no worker has started yet (WAITING): retries, or trials enqueued by hand
+    running: tuple[int, ...]  # the trials vaelab workers are running now
+
+    @classmethod
+    def of(cls, study: optuna.Study) -> Tally:
+        from optuna.trial import TrialState
+
+        trials = study.get_trials(deepcopy=False)
+        own = [trial for trial in trials if retry_of(trial) is None]
+        return cls(
+            trials=len(own),
+            done=sum(trial.state.is_finished() for trial in own),
+            finished=sum(trial.state.is_finished() for trial in trials),
+            retries=len(trials) - len(own),
+            queued=sum(trial.state == TrialState.WAITING for trial in trials),
+            running=tuple(
+                trial.number
+                for trial in trials
+                if trial.state == TrialState.RUNNING and WORKER_ATTR in trial.user_attrs
+            ),
+        )
+
+    def next_step(self, n_trials: int) -> str:
+        """run (a queued trial, or a new one), wait (for other workers' trials, which may need a retry), done."""
+        if self.queued or self.trials < n_trials:
+            return "run"
+        return "wait" if self.running else "done"
+
+    def describe(self, n_trials: int) -> str:
+        todo = []
+        if self.trials < n_trials:
+            todo.append(f"running {n_trials - self.trials} more")
+        if self.queued:
+            todo.append(f"{self.queued} queued (retries of trials whose worker died)")
+        running = f" and {len(self.running)} running elsewhere" if self.running else ""
+        todo_text = ", ".join(todo) or "nothing to run"
+        return f"{self.finished} finished trials{running}, search.n_trials={n_trials}: {todo_text}"
+
+
+# A trial whose worker died
+
+
+@dataclass
+class StaleTrials:
+    """Optuna's heartbeat-stale callback, called by whichever worker notices that a trial's worker died (the trial
+    is FAIL by then): queue a retry with the same parameters, and close the dead worker's MLflow run, which it left
+    RUNNING, as FAILED with the reason in `vaelab.failure`."""
+
+    settings: Settings
+    tracking_uri: str | None  # None: the search logs nothing to MLflow
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        import optuna
+        from optuna.trial import TrialState
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=self.settings.max_retry)(study, trial)
+        queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        retry = next((t.number for t in queued if t.system_attrs.get("retry_history", [])[-1:] == [trial.number]), None)
+        reason = (
+            f"its worker ({trial.user_attrs.get(WORKER_ATTR, 'unknown')}) died: no heartbeat for "
+            f"{self.settings.grace_period} s; "
+            + (
+                f"retried as trial {retry}"
+                if retry is not None
+                else f"search.max_retry={self.settings.max_retry} reached"
+            )
+        )
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        closed = ""
+        if self.tracking_uri and run_id:
+            try:
+                if close_dead_run(self.tracking_uri, run_id, reason):
+                    closed = f"; its MLflow run {run_id} is FAILED"
+            except Exception as error:  # the retry is queued already; the run is closed at the study's end
+                closed = f"; its MLflow run {run_id} stays RUNNING for now ({type(error).__name__}: {error})"
+        print(f"search: trial {trial.number} FAIL {reason}{closed}", flush=True)
+
+
+def close_dead_run(tracking_uri: str, run_id: str, reason: str) -> bool:
+    """End a run that a dead worker left RUNNING: FAILED, as its trial is, with `reason`. False if it had ended."""
+    from mlflow.exceptions import MlflowException
+
+    from vaelab.tracking import Run
+
+    run = Run(tracking_uri, run_id, experiment="")
+    try:
+        if run.client.get_run(run_id).info.status != "RUNNING":
+            return False
+    except MlflowException:  # not in this store (the dead worker logged elsewhere)
+        return False
+    run.set_tags({"optuna.state": "FAIL"})
+    run.end("FAILED", reason=reason)
+    return True
