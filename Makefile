@@ -40,9 +40,15 @@ test-slow: setup
 	$(PYTHON) -m pytest -m slow
 
 # The MLflow UI on this project's store. tests/test_browser.py checks its compare view in headless Chromium.
+# It has no login, so it listens on this machine only. `make ui UI_HOST=0.0.0.0` opens it to the network; only a
+# command-line value can: a plain `=` here outranks an environment variable of the same name.
+UI_HOST = 127.0.0.1
+UI_PORT = 5000
 ui: setup
-	@echo "MLflow UI: open http://127.0.0.1:5000, pick the experiment, tick the runs, then Compare (Ctrl-C stops it)"
-	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	@if [ "$(UI_HOST)" != 127.0.0.1 ] && [ "$(UI_HOST)" != localhost ]; then \
+	  echo "vaelab: warning: the MLflow UI has no authentication; anyone who reaches $(UI_HOST):$(UI_PORT) can read and change runs"; fi
+	@echo "MLflow UI: open http://$(UI_HOST):$(UI_PORT), pick the experiment, tick the runs, then Compare (Ctrl-C stops it)"
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host $(UI_HOST) --port $(UI_PORT)
 
 # Training throughput against a bare PyTorch loop and pythae, plus IW-NLL evaluation speed (benchmarks/README.md).
 bench: setup

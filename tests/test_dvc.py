@@ -1,5 +1,6 @@
-"""DVC: `dvc repro` runs prepare -> train -> evaluate in a copy of the repo, then is a no-op;
-a changed parameter reruns only what depends on it; `dvc exp run -S` really reaches the training code."""
+"""DVC: `dvc repro` runs prepare -> train -> evaluate in a copy of the repo, then trains nothing again;
+a changed parameter reruns only what depends on it; changed raw data reruns all three stages;
+`dvc exp run -S` really reaches the training code."""
 
 import json
 from pathlib import Path
@@ -7,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TINY, all_runs, copy_repo, sh
-from vaelab.module import load_trained
+from conftest import REPO, TINY, all_runs, copy_repo, idx_bytes, mnist_arrays, sh, write_mnist
+from vaelab.checkpoints import load_trained
 from vaelab.params import compose_params
 
 TINY_EVAL = [*TINY, "trainer.max_epochs=1", "eval.val_limit=100"]
@@ -23,7 +24,13 @@ def changed_stages(root: Path, env: dict) -> set[str]:
     return set(json.loads(sh("dvc", "status", "--json", cwd=root, env=env).strip().splitlines()[-1] or "{}"))
 
 
-def test_dvc_repro_runs_the_three_stages_then_is_a_no_op(repo_copy):
+def prepared_data_hash(root: Path) -> str:
+    """DVC's hash of the prepare stage's output, as dvc.lock records it."""
+    [out] = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["prepare"]["outs"]
+    return out["md5"]
+
+
+def test_dvc_repro_runs_the_three_stages_then_only_rechecks_the_raw_data(repo_copy):
     root, env = repo_copy
     out = sh("dvc", "repro", cwd=root, env=env)
     for stage in ("prepare", "train", "evaluate"):
@@ -39,14 +46,16 @@ def test_dvc_repro_runs_the_three_stages_then_is_a_no_op(repo_copy):
     assert not list(root.glob("outputs/20*")), "Hydra must not create timestamp folders"
 
     again = sh("dvc", "repro", cwd=root, env=env)
-    assert "Running stage" not in again
-    assert changed_stages(root, env) == set()
+    assert "Running stage 'train'" not in again and "Running stage 'evaluate'" not in again
+    assert "Stage 'train' didn't change, skipping" in again  # prepare rewrote the very same bytes
+    assert changed_stages(root, env) == {"prepare"}  # always: it checks the raw data, which DVC cannot see
 
+    prepared = prepared_data_hash(root)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["model"]["latent_dim"] = 6
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     rerun = sh("dvc", "repro", cwd=root, env=env)
-    assert "Running stage 'prepare'" not in rerun
+    assert prepared_data_hash(root) == prepared
     assert "Running stage 'train'" in rerun and "Running stage 'evaluate'" in rerun
     assert load_trained(root / "models" / "latest" / "model.ckpt").hparams.latent_dim == 6
 
@@ -68,3 +77,30 @@ def test_the_committed_params_yaml_is_conf_composed(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("VAELAB_ROOT", str(REPO))
     fresh = compose_params([], tmp_path / "params.yaml")
     assert fresh.read_text() == (REPO / "params.yaml").read_text(), "run `make params` after editing conf/"
+
+
+def test_dvc_repro_after_the_raw_data_changed_reruns_every_stage_and_logs_the_new_data_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The raw files live outside the repository (data.root), where DVC cannot hash them: prepare must still notice."""
+    arrays = mnist_arrays(n_train=120, n_test=40)
+    raw = write_mnist(tmp_path / "mnist", {name: idx_bytes(array) for name, array in arrays.items()})
+    tiny_mnist = [o for o in TINY_EVAL if not o.startswith("data=")]
+    root, env = copy_repo(tmp_path, monkeypatch, [*tiny_mnist, "data=mnist", f"data.root={raw}", "data.val_size=20"])
+    sh("dvc", "repro", cwd=root, env=env)
+    manifest = root / "data" / "processed" / "mnist" / "manifest.json"
+    first_hash = json.loads(manifest.read_text())["data_hash"]
+
+    inverted = 255 - arrays["train-images-idx3-ubyte"]  # same shape and header, other pixels
+    write_mnist(raw, {"train-images-idx3-ubyte": idx_bytes(inverted)})
+    rerun = sh("dvc", "repro", cwd=root, env=env)
+    for stage in ("prepare", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in rerun
+    second_hash = json.loads(manifest.read_text())["data_hash"]
+    assert second_hash != first_hash
+
+    newest, oldest = all_runs(root)
+    assert {oldest.data.tags["vaelab.data_hash"], newest.data.tags["vaelab.data_hash"]} == {first_hash, second_hash}
+    assert newest.data.tags["vaelab.data_hash"] == second_hash
+    assert "test/nll_iw" in newest.data.metrics  # evaluate logged into the run trained on the new data
+    assert json.loads((root / "metrics" / "eval.json").read_text())["run_id"] == newest.info.run_id

@@ -9,8 +9,8 @@ from hydra.utils import instantiate
 from torch import nn
 
 from conftest import TINY, make_config
+from vaelab.checkpoints import load_trained
 from vaelab.errors import ConfigError
-from vaelab.module import load_trained
 from vaelab.networks import (
     ACTIVATION_CLASSES,
     ACTIVATIONS,

@@ -9,7 +9,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from conftest import TINY, all_runs, artifact_paths, copy_processed, make_config, mlflow_client, run_entry
-from vaelab.module import SELECTION_METRIC, NonFiniteLossError, build_optimizer, load_trained
+from vaelab.checkpoints import load_trained
+from vaelab.module import SELECTION_METRIC, NonFiniteLossError, build_optimizer
 from vaelab.tracking import PARENT_TAG, Run
 from vaelab.training import end_status, train
 

@@ -16,17 +16,17 @@ and the same k latents.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
 
 from vaelab import paths
 from vaelab.data import fixed_observations
 from vaelab.datasets import Settings, ensure_prepared, load_split
-from vaelab.errors import DataError, VaelabError
+from vaelab.errors import CheckpointError, ConfigError, DataError
 from vaelab.files import replacing_dir, write_json_atomic
 from vaelab.objectives import LOG_2PI, bits_per_dim, gaussian_log_prob
 
@@ -208,23 +208,99 @@ def write_kl_per_dim(kl_per_dim: list[float], path: Path) -> None:
     path.write_text("dim,kl\n" + rows)
 
 
+# Where a folder passed as ckpt= keeps its checkpoint: models/latest/, outputs/<run_id>/, or its checkpoints/.
+CHECKPOINT_IN_FOLDER = ("model.ckpt", "checkpoints/best.ckpt", "best.ckpt")
+# The config keys that fix a network's shapes and its test images, as evaluate compares them with a checkpoint.
+MODEL_KEYS = ("arch", "likelihood", "model", "data")
+
+
 def resolve_checkpoint(cfg: DictConfig) -> Path:
-    """`ckpt=<path>`, else the best checkpoint of `run_id=<id>`, else models/latest/model.ckpt."""
+    """`ckpt=<file or folder>`, else the best checkpoint of `run_id=<id>`, else models/latest/model.ckpt."""
+    from vaelab.resume import RUN_ID
+
+    if cfg.get("ckpt") and cfg.get("run_id"):
+        raise ConfigError([("ckpt", cfg.ckpt, f"null when run_id is given (run_id={cfg.run_id} names a checkpoint)")])
     if cfg.get("ckpt"):
-        path = Path(cfg.ckpt)
+        path, asked = Path(cfg.ckpt), f"ckpt={cfg.ckpt}"
+        if path.is_dir():
+            inside = [path / name for name in CHECKPOINT_IN_FOLDER if (path / name).is_file()]
+            if not inside:
+                raise CheckpointError(f"{asked}: a folder without {', '.join(CHECKPOINT_IN_FOLDER)} in it")
+            path = inside[0]
     elif cfg.get("run_id"):
-        path = paths.run_dir(cfg.run_id) / "checkpoints" / "best.ckpt"
+        if not RUN_ID.match(str(cfg.run_id)):
+            raise ConfigError([("run_id", cfg.run_id, "null, or an MLflow run id (32 hex digits)")])
+        path, asked = paths.run_dir(cfg.run_id) / "checkpoints" / "best.ckpt", f"run_id={cfg.run_id}"
     else:
-        path = paths.latest_model_dir() / "model.ckpt"
+        path, asked = paths.latest_model_dir() / "model.ckpt", "the default, models/latest/"
     if not path.is_file():
-        raise VaelabError(f"checkpoint not found: {path} (train a model first, or pass ckpt=<path>)")
+        raise CheckpointError(f"checkpoint not found: {path} ({asked}; train a model first, or pass ckpt=<path>)")
     return path
+
+
+def asked_keys(cfg: DictConfig) -> list[str]:
+    """The config keys this evaluation was explicitly given: its command line's overrides, or every model key when
+    the primary config is a whole file of its own (DVC's params.yaml, which also trained models/latest) or an
+    experiment. The rest of the composed config is defaults, which a checkpoint's own config rightly overrules."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    hydra = HydraConfig.get()
+    keys = [override.split("=", 1)[0].lstrip("+~") for override in hydra.overrides.task]
+    if hydra.job.config_name != "train" or "experiment" in keys:
+        return list(MODEL_KEYS)
+    return keys
+
+
+def model_entries(arch: dict, likelihood: dict, latent_dim: int, data: Settings) -> dict[str, object]:
+    """A model and its data as flat, comparable entries named by their config keys."""
+    settings = {f"data.{key}": value for key, value in asdict(data).items()}
+    return {"arch": arch, "likelihood": likelihood, "model.latent_dim": latent_dim, **settings}
+
+
+def check_checkpoint_fits(path: Path, module, cfg: DictConfig, keys: list[str]) -> Settings:
+    """The checkpoint's data settings, after checking that it is the model the config's `keys` ask for.
+
+    An evaluation of another model than the one asked for would report its numbers under the wrong name."""
+    from vaelab.checkpoints import trained_with
+
+    lineage, hparams = module.lineage, module.hparams
+    if not isinstance(lineage.get("data"), dict) or "data_hash" not in lineage:
+        raise CheckpointError(
+            f"{path}: has no vaelab lineage (its data settings and data hash), so which test images belong to it "
+            "is unknown; evaluate checkpoints written by vaelab training"
+        )
+    try:
+        settings = Settings(**lineage["data"])
+    except TypeError as error:
+        raise CheckpointError(f"{path}: its lineage's data settings are unreadable ({error})") from error
+    trained = model_entries(hparams["arch"], hparams["likelihood"], hparams["latent_dim"], settings)
+    asked = model_entries(
+        OmegaConf.to_container(cfg.arch, resolve=True),
+        OmegaConf.to_container(cfg.likelihood, resolve=True),
+        cfg.model.latent_dim,
+        Settings.from_config(cfg.data),
+    )
+
+    def is_asked(entry: str) -> bool:
+        return any(entry == key or entry.startswith(f"{key}.") or key.startswith(f"{entry}.") for key in keys)
+
+    differ = [entry for entry in trained if is_asked(entry) and trained[entry] != asked[entry]]
+    if differ:
+        lines = "\n".join(f"  {e}: trained with {trained[e]!r}; the config asks for {asked[e]!r}" for e in differ)
+        raise CheckpointError(
+            f"{path} is not the model this evaluation asks for:\n{lines}\n"
+            f"It is {trained_with(hparams)}, trained on {settings.name}. Leave these keys out to evaluate it "
+            "as it was trained, or pass the checkpoint of the model they describe."
+        )
+    return settings
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float | str | None]:
     """Evaluate a checkpoint on the test split; write metrics/eval.json and plots/eval/; log into its run."""
+    from vaelab.checkpoints import load_trained, sides
     from vaelab.figures import save_figures
-    from vaelab.module import load_trained
     from vaelab.tracking import Run, check_server
 
     if cfg.get("logger") is not None:
@@ -234,7 +310,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float | str | None]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module = load_trained(path, map_location=device)
     lineage = module.lineage
-    folder, manifest = ensure_prepared(Settings(**lineage["data"]))
+    folder, manifest = ensure_prepared(check_checkpoint_fits(path, module, cfg, asked_keys(cfg)))
+    if list(manifest["image_shape"]) != list(module.hparams["image_shape"]):
+        raise CheckpointError(
+            f"{path} was trained on {sides(module.hparams['image_shape'])} images, but its data settings now "
+            f"give {sides(manifest['image_shape'])} images ({folder})"
+        )
     if manifest["data_hash"] != lineage["data_hash"]:
         raise DataError(
             f"{folder} holds data {manifest['data_hash'][:12]}, but {path} was trained on "

@@ -27,7 +27,7 @@ class TrainedVAE:
     """What the pyfunc wraps: a trained VAE that encodes, decodes and samples numpy arrays."""
 
     def __init__(self, checkpoint: str | Path):
-        from vaelab.module import load_trained
+        from vaelab.checkpoints import load_trained
 
         self.module = load_trained(checkpoint).eval()
         self.vae = self.module.vae

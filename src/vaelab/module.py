@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -194,9 +193,3 @@ class VAEModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.lineage = checkpoint.get("vaelab", {})
-
-
-def load_trained(path: str | Path, map_location: str | torch.device = "cpu") -> VAEModule:
-    """A trained module from a checkpoint, read with `weights_only=True`: a checkpoint never runs code."""
-    module = VAEModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
-    return module.eval()
