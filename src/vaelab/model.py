@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -12,28 +13,30 @@ from vaelab.objectives import dreg_iw_bound, gaussian_kl, gaussian_log_prob, iw_
 
 @dataclass
 class Pass:
-    """One encode -> sample k latents -> decode pass: the pieces every bound is made of. All in nats."""
+    """One encode -> sample k latents -> decode pass: the pieces every bound is made of. All in nats.
+
+    The derived terms are computed once each (cached): the loss and the logged metrics share them."""
 
     mean: torch.Tensor  # [B, D]
     logvar: torch.Tensor  # [B, D]
     z: torch.Tensor  # [k, B, D]
     log_px_z: torch.Tensor  # [k, B]   log p(x|z_i)
 
-    @property
+    @cached_property
     def kl_per_dim(self) -> torch.Tensor:
         """KL(q(z_d|x) || p(z_d)) in closed form, [B, D]."""
         return gaussian_kl(self.mean, self.logvar)
 
-    @property
+    @cached_property
     def rec(self) -> torch.Tensor:
         """-E_q[log p(x|z)], estimated with the k samples, [B]."""
         return -self.log_px_z.mean(0)
 
-    @property
+    @cached_property
     def kl(self) -> torch.Tensor:
         return self.kl_per_dim.sum(-1)
 
-    @property
+    @cached_property
     def elbo(self) -> torch.Tensor:
         """E_q[log p(x|z)] - KL(q(z|x) || p(z)), [B]."""
         return -self.rec - self.kl
