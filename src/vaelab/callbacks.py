@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -76,19 +76,24 @@ class RngState(Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
-class InterruptCheckpoint(OnExceptionCheckpoint):
+class InterruptCheckpoint(Callback):
     """On Ctrl-C or SIGTERM, the state at that moment is saved as `interrupted.ckpt`, beside `last.ckpt`.
 
     Only on an interrupt: a failure's state is not worth keeping. `last.ckpt`, the end of the last complete
     epoch, stays as it was: that is what `resume=` continues from, since a mid-epoch restart would see some of
-    the epoch's batches twice."""
+    the epoch's batches twice. (Not Lightning's OnExceptionCheckpoint: its presence makes every `fit` without a
+    checkpoint path look for one to resume from.)"""
 
     def __init__(self, dirpath: str | Path) -> None:
-        super().__init__(dirpath, filename="interrupted")
+        self.path = Path(dirpath) / "interrupted.ckpt"
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt | SIGTERMException):
-            super().on_exception(trainer, pl_module, exception)
+            trainer.save_checkpoint(self.path)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Only reached when fit ends normally: a resumed run that finishes has no interrupted state any more.
+        self.path.unlink(missing_ok=True)
 
 
 class ThrottledRichProgressBar(RichProgressBar):
