@@ -145,8 +145,6 @@ def test_a_store_locked_for_too_long_fails_clearly_before_the_run_and_stays_inta
     assert f"the MLflow store sqlite:///{db} stayed locked by another process" in done.stderr
     assert store_is_intact(db)
     assert all_runs(project) == []  # nothing half-created
-    run_entry("train.py", *TINY, "trainer.max_epochs=1", root=project)  # and once free, the store works
-    assert [r.info.status for r in all_runs(project)] == ["FINISHED"]
 
 
 def test_concurrent_first_use_of_a_new_store_creates_it_once(project: Path):
