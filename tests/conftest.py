@@ -35,6 +35,17 @@ TINY = [
     "model.latent_dim=4",
 ]
 
+# One tiny search trial or sweep job: one epoch of TINY's model. (TINY's latent_dim stays the config's, so a search
+# may sample it.)
+TINY_TRIAL = [o for o in TINY if not o.startswith(("trainer.max_epochs=", "model.latent_dim="))] + [
+    "trainer.max_epochs=1"
+]
+
+# A run long enough to signal mid-way: small batches make each digits epoch take ~1 s, so a signal sent after the
+# first checkpoint lands between two.
+SIGNAL_EPOCHS = 8
+SIGNALLABLE = [*TINY, f"trainer.max_epochs={SIGNAL_EPOCHS}", "data.batch_size=16"]
+
 needs_fashion_mnist = pytest.mark.skipif(
     not (DEBIAN_FASHION / "train-images-idx3-ubyte.gz").exists(),
     reason="Debian's dataset-fashion-mnist is not installed (make setup installs it as root)",

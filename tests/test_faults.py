@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from conftest import (
+    SIGNAL_EPOCHS,
+    SIGNALLABLE,
     TINY,
     all_runs,
     make_config,
@@ -25,14 +27,10 @@ from conftest import (
 from vaelab.errors import INTERRUPTED_EXIT
 from vaelab.tracking import Run, ensure_experiment
 
-EPOCHS = 8
-# Small batches make each digits epoch long enough (~1 s) that the signal lands between two checkpoints.
-SLOW_TINY = [*TINY, f"trainer.max_epochs={EPOCHS}", "data.batch_size=16"]
-
 
 def test_ctrl_c_saves_a_checkpoint_marks_the_run_killed_exits_cleanly_and_resumes(project: Path):
     log = project / "train.log"
-    process = start_training(project, *SLOW_TINY, log=log)
+    process = start_training(project, *SIGNALLABLE, log=log)
     last = signal_after_first_checkpoint(process, project, signal.SIGINT)
     output = log.read_text()
 
@@ -48,14 +46,14 @@ def test_ctrl_c_saves_a_checkpoint_marks_the_run_killed_exits_cleanly_and_resume
     state = torch.load(interrupted, map_location="cpu", weights_only=True)  # complete and loadable
     assert state["vaelab"]["run_id"] == run_id and state["state_dict"]
     complete = torch.load(last, map_location="cpu", weights_only=True)
-    assert complete["epoch"] < EPOCHS - 1, "the interrupt came too late to test anything"
+    assert complete["epoch"] < SIGNAL_EPOCHS - 1, "the interrupt came too late to test anything"
 
     run_entry("train.py", f"resume={run_id}", root=project)
 
     [resumed] = all_runs(project)
     assert resumed.info.run_id == run_id and resumed.info.status == "FINISHED"
     steps = [m.step for m in mlflow_client(project).get_metric_history(run_id, "val/elbo")]
-    assert len(steps) == len(set(steps)) == EPOCHS  # every epoch once: none lost, none repeated
+    assert len(steps) == len(set(steps)) == SIGNAL_EPOCHS  # every epoch once: none lost, none repeated
     assert not interrupted.exists()  # the finished run cleared its stale interrupt state
 
 

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from conftest import (
+    SIGNAL_EPOCHS,
+    SIGNALLABLE,
     TINY,
     all_runs,
     make_config,
@@ -20,15 +22,11 @@ from vaelab.evaluation import evaluate
 from vaelab.resume import resumption
 from vaelab.training import train
 
-EPOCHS = 8
-# Small batches make each digits epoch take long enough (~1 s) that the kill lands between two checkpoints.
-SLOW_TINY = [*TINY, f"trainer.max_epochs={EPOCHS}", "data.batch_size=16"]
-
 
 def test_a_sigkilled_run_resumes_in_the_same_mlflow_run(project: Path):
-    checkpoint = signal_after_first_checkpoint(start_training(project, *SLOW_TINY), project, signal.SIGKILL)
+    checkpoint = signal_after_first_checkpoint(start_training(project, *SIGNALLABLE), project, signal.SIGKILL)
     killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
-    assert killed_at < EPOCHS - 1, "the kill came too late to test anything"
+    assert killed_at < SIGNAL_EPOCHS - 1, "the kill came too late to test anything"
     [run] = all_runs(project)
     assert run.info.status == "RUNNING"  # SIGKILL leaves no chance to say otherwise
 
@@ -42,7 +40,7 @@ def test_a_sigkilled_run_resumes_in_the_same_mlflow_run(project: Path):
     assert resumed.data.params == run.data.params  # logged once, never again
     history = mlflow_client(project).get_metric_history(run_id, "val/elbo")
     steps = [m.step for m in history]
-    assert len(steps) == len(set(steps)) == EPOCHS  # every epoch once: none lost, none repeated
+    assert len(steps) == len(set(steps)) == SIGNAL_EPOCHS  # every epoch once: none lost, none repeated
     assert all(-100 < m.value < 0 for m in history)  # nats per 8x8 digit: a normal range
     summary = torch.load(project / "models" / "latest" / "model.ckpt", weights_only=True)
     assert summary["vaelab"]["run_id"] == run_id

@@ -8,7 +8,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import CONF, all_runs, artifact_paths, make_config, mlflow_client, run_entry
+from conftest import CONF, TINY_TRIAL, all_runs, artifact_paths, make_config, mlflow_client, run_entry
 from vaelab.config import problems, search_problems
 from vaelab.errors import ConfigError
 from vaelab.search import search
@@ -17,15 +17,7 @@ from vaelab.search_report import best_experiment_yaml
 from vaelab.tracking import PARENT_TAG, Run
 
 # Tiny trials: scikit-learn's digits, one epoch, a small MLP, few importance samples.
-BASE = [
-    "data=digits",
-    "trainer.max_epochs=1",
-    "trainer.accelerator=cpu",
-    "eval.iw_k=20",
-    "eval.val_iw_k=4",
-    "arch.hidden=[64]",
-    "search.sampler=random",  # seeded below: which trial samples what is fixed
-]
+BASE = [*TINY_TRIAL, "search.sampler=random"]  # seeded below: which trial samples what is fixed
 
 
 def space(**params: str) -> list[str]:

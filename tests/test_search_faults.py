@@ -19,7 +19,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import CONF, REPO, all_runs, subprocess_env
+from conftest import CONF, REPO, TINY_TRIAL, all_runs, subprocess_env
 from vaelab.errors import ConfigError
 from vaelab.search import search
 from vaelab.search_study import WORKER_ATTR, retry_of
@@ -31,12 +31,7 @@ TESTS = Path(__file__).resolve().parent
 # Tiny trials (scikit-learn's digits, one epoch, a small MLP), one sampled value, quick heartbeats: a worker that
 # dies is noticed after 4 s instead of 3 minutes.
 WORKER = [
-    "data=digits",
-    "trainer.max_epochs=1",
-    "trainer.accelerator=cpu",
-    "eval.iw_k=20",
-    "eval.val_iw_k=4",
-    "arch.hidden=[64]",
+    *TINY_TRIAL,
     "~search.space",
     "+search.space={model.beta:{type:float,low:0.5,high:2}}",
     "search.sampler=random",
