@@ -29,6 +29,8 @@ def main(cfg: DictConfig) -> float:
         from vaelab.training import train
 
         summary = train(cfg)
+    if not summary:
+        return None  # a DDP rank other than zero: rank zero reports
     print(
         f"trained (best epoch {summary['best_epoch']:.0f}): val/elbo {summary['val/elbo']:.2f}, "
         f"val/nll_iw {summary['val/nll_iw']:.2f} nats (k={cfg.eval.val_iw_k}, "

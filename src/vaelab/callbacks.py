@@ -40,8 +40,10 @@ class EpochHistory(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         seconds = self._train_seconds if self._train_seconds is not None else perf_counter() - self._start
-        throughput = self._images / max(seconds, 1e-9)
-        pl_module.log("train/images_per_sec", throughput)
+        # Under DDP each rank trains its own shard at the same time: the run's throughput is the ranks' sum.
+        local = torch.tensor(self._images / max(seconds, 1e-9), device=pl_module.device)
+        throughput = float(trainer.strategy.reduce(local, reduce_op="sum"))
+        pl_module.log("train/images_per_sec", throughput, rank_zero_only=True)
         row = {
             "epoch": trainer.current_epoch,
             "train/epoch_seconds": seconds,

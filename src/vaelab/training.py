@@ -120,9 +120,10 @@ def train(
     check_outputs_writable(publish=parent_run_id is None)
 
     run = None
-    if cfg.get("logger") is not None and resume:
+    tracked = cfg.get("logger") is not None and is_rank_zero()  # under DDP, one run: rank zero's
+    if tracked and resume:
         run = Run.reopen(cfg.tracking.uri, resume.run_id)
-    elif cfg.get("logger") is not None:
+    elif tracked:
         run = Run.create(
             cfg,
             stage="train",
@@ -189,6 +190,14 @@ def interrupt_message(run_id: str | None, saved: Path | None) -> str:
     )
 
 
+def is_rank_zero() -> bool:
+    """Is this process rank zero, or the only one? Known before the Trainer starts: Lightning reads the rank
+    from the environment its launcher, torchrun or SLURM sets (RANK, LOCAL_RANK, SLURM_PROCID)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
 def skip_gpu_probe_without_gpu() -> None:
     """Say there is no GPU, where there is none, so torch stops looking for one at every optimizer step.
 
@@ -234,9 +243,14 @@ def fit_and_publish(
     resume: Resumption | None = None,
 ) -> dict[str, float | str]:
     """Everything that happens inside the run: any failure here marks the run FAILED or KILLED."""
+    # Under DDP every rank runs train(). Only rank zero has the MLflow run and writes files; the other ranks train
+    # their shard of the data and stop after fit (ModelCheckpoint takes rank zero's folder, and saves on rank zero).
+    rank_zero = is_rank_zero()
     run_id = run.run_id if run else resume.run_id if resume else uuid.uuid4().hex
     out_dir = paths.run_dir(run_id)
-    config_file = write_text_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    config_file = (
+        write_text_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True)) if rank_zero else None
+    )
     module.lineage = {
         "run_id": run_id,
         "data": dataclasses.asdict(data.settings),
@@ -267,6 +281,8 @@ def fit_and_publish(
         plugins=[AtomicCheckpointIO()],
     )
     trainer.fit(module, datamodule=data, ckpt_path=resume.checkpoint if resume else None)
+    if not rank_zero:
+        return {}
     return finish(cfg, trainer, module, data, checkpoint, history, run, config_file, publish)
 
 
