@@ -63,8 +63,10 @@ lock: setup
 	{ sed -n '1,2p' requirements/constraints.txt; $(PYTHON) -m pip freeze --exclude-editable; } > requirements/constraints.tmp
 	mv requirements/constraints.tmp requirements/constraints.txt
 
+# ruff, then the layer contracts in pyproject.toml (import-linter): which layer may import what.
 lint: setup
 	$(VENV)/bin/ruff check src pipelines tests
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf outputs mlartifacts mlflow.db mlflow.db.lock optuna.db optuna.db.lock data/raw test-artifacts

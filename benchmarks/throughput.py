@@ -10,9 +10,9 @@ likelihood with dynamic binarization) on the Fashion-MNIST train split that vael
 Every path runs in a fresh subprocess, so its peak memory is its own, for `--warmup-epochs` + `--epochs` epochs;
 only the training loops of the last `--epochs` count (benchmarks/timing.py says exactly what is measured).
 
-    bare     vaelab's own VAE (vaelab.module.build_vae), Adam, binarization per batch, over in-memory tensors:
+    bare     vaelab's own VAE (vaelab.training.builder.build_vae), Adam, binarization per batch, over in-memory tensors:
              no framework at all, the limit of what any framework can reach
-    vaelab   vaelab.training.train(cfg) as `pipelines/train.py logger=none` runs it: Lightning Trainer, vaelab's
+    vaelab   vaelab.stages.train.train(cfg) as `pipelines/train.py logger=none` runs it: Lightning Trainer, vaelab's
              data module, callbacks, checkpoints and progress bar; only MLflow is left out
     pythae   pythae's BaseTrainer on the same architecture (pythae_worker.py), in its own venv
              (benchmarks/.venv-pythae) that shares the project's torch
@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="add vaelab with compile=true (torch.compile)")  # fmt: skip
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
-                   help="importance-weighted NLL throughput (vaelab.evaluation.evaluate_images)")  # fmt: skip
+                   help="importance-weighted NLL throughput (vaelab.model.estimators.evaluate_images)")  # fmt: skip
     p.add_argument("--eval-k", default="1000,5000", help="importance samples per image, comma-separated")
     p.add_argument("--eval-images", help="test images evaluated at each k (default: 500,100 on cpu; "
                    "10000,10000 on cuda)")  # fmt: skip
@@ -147,10 +147,11 @@ def compose_config(args: argparse.Namespace) -> dict:
 
 
 def prepare_data(cfg: dict) -> tuple[Path, dict]:
-    """The prepared split folder and its manifest (vaelab.datasets.ensure_prepared: prepares it if missing)."""
+    """The prepared split folder and its manifest (vaelab.data.prepare.ensure_prepared: prepares it if missing)."""
     from omegaconf import OmegaConf
 
-    from vaelab.datasets import Settings, ensure_prepared
+    from vaelab.data.prepare import ensure_prepared
+    from vaelab.data.settings import Settings
 
     os.environ.setdefault("VAELAB_ROOT", str(REPO))  # the project's data/processed/, as the entry points use
     return ensure_prepared(Settings.from_config(OmegaConf.create(cfg["data"])))
@@ -173,12 +174,12 @@ def worker_bare(spec: dict) -> dict:
 
     import torch
 
-    from vaelab.datasets import load_split
-    from vaelab.module import build_optimizer, build_vae
-    from vaelab.objectives import beta_vae_loss
+    from vaelab.data.prepare import load_split
+    from vaelab.model.objectives import beta_vae_loss
+    from vaelab.training.builder import build_optimizer, build_vae
 
     # Importing vaelab imported Lightning, which sets this; a plain PyTorch program would not have it, and with it
-    # every Adam step on a GPU-less machine probes NVML (vaelab.training.skip_gpu_probe_without_gpu).
+    # every Adam step on a GPU-less machine probes NVML (vaelab.stages.train.skip_gpu_probe_without_gpu).
     os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
     device, cfg = torch.device(spec["device"]), spec["config"]
     set_threads(spec)
@@ -245,7 +246,7 @@ def lightning_meter(clock: TrainingClock):
 
 
 def worker_vaelab(spec: dict) -> dict:
-    """vaelab.training.train(cfg), the function behind `pipelines/train.py`, with logger=none (no MLflow).
+    """vaelab.stages.train.train(cfg), the function behind `pipelines/train.py`, with logger=none (no MLflow).
 
     It runs in a throw-away project root (VAELAB_ROOT), so its checkpoints, models/latest/ and metrics/ never
     touch the repository; the prepared data is linked in, so nothing is prepared again.
@@ -264,7 +265,7 @@ def worker_vaelab(spec: dict) -> dict:
         from omegaconf import OmegaConf
 
         import vaelab
-        from vaelab.training import train
+        from vaelab.stages.train import train
 
         set_threads(spec)
         clock = TrainingClock(spec["warmup_epochs"], spec["device"])  # baseline: before data and model
@@ -277,16 +278,16 @@ def worker_vaelab(spec: dict) -> dict:
 
 
 def worker_eval(spec: dict) -> dict:
-    """vaelab.evaluation.evaluate_images on the fixed test images, for each (k, images) pair.
+    """vaelab.model.estimators.evaluate_images on the fixed test images, for each (k, images) pair.
 
     The model is freshly initialised: the importance-weighted estimate does the same work whatever the weights.
     """
     import torch
 
-    from vaelab.data import fixed_observations
-    from vaelab.datasets import load_split
-    from vaelab.evaluation import evaluate_images
-    from vaelab.module import build_vae
+    from vaelab.data.datamodule import fixed_observations
+    from vaelab.data.prepare import load_split
+    from vaelab.model.estimators import evaluate_images
+    from vaelab.training.builder import build_vae
 
     device, cfg = torch.device(spec["device"]), spec["config"]
     cuda = device.type == "cuda"
@@ -740,7 +741,7 @@ def main(argv: list[str] | None = None) -> None:
             report["evaluation"] = result
             test_count = manifest["splits"]["test"]["count"]
             sections.append(
-                "Evaluation throughput (vaelab.evaluation.evaluate_images, fp32):\n\n"
+                "Evaluation throughput (vaelab.model.estimators.evaluate_images, fp32):\n\n"
                 + eval_table(result, test_count, cuda)
             )
 

@@ -13,17 +13,20 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from vaelab.logs import quiet_third_party
+
 os.environ.setdefault("VAELAB_ROOT", str(Path(__file__).resolve().parents[1]))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    quiet_third_party()
     from vaelab.config import validate
     from vaelab.errors import exit_on_user_error
 
     with exit_on_user_error():
         validate(cfg)
-        from vaelab.evaluation import evaluate
+        from vaelab.stages.evaluate import evaluate
 
         summary = evaluate(cfg)
     print(

@@ -9,17 +9,21 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from vaelab.logs import quiet_third_party
+
 os.environ.setdefault("VAELAB_ROOT", str(Path(__file__).resolve().parents[1]))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    quiet_third_party()
     from vaelab.config import validate
     from vaelab.errors import exit_on_user_error
 
     with exit_on_user_error():
         validate(cfg)
-        from vaelab.datasets import Settings, prepare
+        from vaelab.data.prepare import prepare
+        from vaelab.data.settings import Settings
 
         manifest = prepare(Settings.from_config(cfg.data))
     counts = ", ".join(f"{name} {split['count']}" for name, split in manifest["splits"].items())

@@ -22,7 +22,10 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     from vaelab.errors import exit_on_user_error
-    from vaelab.search import search
+    from vaelab.logs import quiet_third_party
+    from vaelab.search.driver import search
+
+    quiet_third_party()
 
     with exit_on_user_error():
         try:

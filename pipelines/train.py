@@ -11,14 +11,18 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from vaelab.logs import quiet_third_party
+
 os.environ.setdefault("VAELAB_ROOT", str(Path(__file__).resolve().parents[1]))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    from vaelab.sweeps import is_multirun, run_job
+    quiet_third_party()
+    from vaelab.sweep.jobs import run_job
+    from vaelab.sweep.runs import is_multirun
 
-    if is_multirun():  # one job of a sweep: a nested MLflow run; a failure fails this job only (vaelab.sweeps)
+    if is_multirun():  # one job of a sweep: a nested MLflow run; a failure fails this job only (vaelab.sweep.jobs)
         return run_job(cfg)
 
     from vaelab.config import validate
@@ -26,7 +30,7 @@ def main(cfg: DictConfig) -> float:
 
     with exit_on_user_error():
         validate(cfg)  # before the heavy imports: a typo fails in a second
-        from vaelab.training import train
+        from vaelab.stages.train import train
 
         summary = train(cfg)
     if not summary:

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, TINY, make_config, mlflow_client, running_mlflow_server
-from vaelab.training import train
+from vaelab.stages.train import train
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's `chromium` package
 PLAYWRIGHT = "playwright-core@1.65.1"  # the library only: it drives the Chromium above, downloads no browser

@@ -17,8 +17,8 @@ from hydra.utils import instantiate
 from conftest import REPO, TINY, all_runs, make_config, mnist_files, run_entry, write_mnist
 from vaelab.checkpoints import load_trained
 from vaelab.errors import CheckpointError, ConfigError
-from vaelab.evaluation import evaluate, resolve_checkpoint
 from vaelab.params import compose_params
+from vaelab.stages.evaluate import evaluate, resolve_checkpoint
 
 TRAINED_WITH = ["arch build_mlp(hidden=[64], activation=silu)", "latent_dim 4", "images 1x8x8"]
 
@@ -61,7 +61,7 @@ def tampered(source: Path, target: Path, edit: Callable[[dict], None]) -> Path:
     ("naming", "override", "difference"),
     [
         ("ckpt_file", "model.latent_dim=8", "model.latent_dim: trained with 4; the config asks for 8"),
-        ("ckpt_folder", "arch=conv", "arch: trained with {'_target_': 'vaelab.networks.build_mlp'"),
+        ("ckpt_folder", "arch=conv", "arch: trained with {'_target_': 'vaelab.model.networks.build_mlp'"),
         ("run_id", "arch.hidden=[32]", "'hidden': [64]"),
         (
             "models_latest",

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from conftest import DEBIAN_FASHION, make_config, needs_fashion_mnist
-from vaelab.data import ImageData, TensorBatches
-from vaelab.datasets import FASHION_MNIST_MD5, Settings, ensure_prepared, prepare
+from vaelab.data.datamodule import ImageData, TensorBatches
+from vaelab.data.prepare import ensure_prepared, prepare
+from vaelab.data.settings import Settings
+from vaelab.data.sources import FASHION_MNIST_MD5
 from vaelab.errors import DataError
 
 

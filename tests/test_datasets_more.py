@@ -12,9 +12,11 @@ from PIL import Image
 
 from conftest import TINY, idx_bytes, make_config, mnist_arrays, mnist_files, write_mnist
 from vaelab.config import problems
-from vaelab.datasets import IDX_FILES, Settings, ensure_prepared, prepare
+from vaelab.data.prepare import ensure_prepared, prepare
+from vaelab.data.settings import Settings
+from vaelab.data.sources import IDX_FILES
 from vaelab.errors import DataError
-from vaelab.training import train
+from vaelab.stages.train import train
 
 # ----------------------------------------------------------------------------------------------
 # MNIST: a tiny but well-formed set of IDX files (written by conftest's helpers)

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from vaelab.evaluation import active_units, evaluate_images, iw_batch, mutual_information
-from vaelab.likelihoods import Bernoulli
-from vaelab.model import VAE
-from vaelab.networks import build_mlp
-from vaelab.objectives import gaussian_log_prob, standard_normal_log_prob
+from vaelab.model.estimators import active_units, evaluate_images, iw_batch, mutual_information
+from vaelab.model.likelihoods import Bernoulli
+from vaelab.model.networks import build_mlp
+from vaelab.model.objectives import gaussian_log_prob, standard_normal_log_prob
+from vaelab.model.vae import VAE
 
 
 def digits_vae(seed: int = 0, latent_dim: int = 4) -> VAE:

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from conftest import CONF, all_runs, copy_processed, make_config, mnist_files, write_mnist
 from vaelab.config import validate
-from vaelab.training import train
+from vaelab.stages.train import train
 
 EXPERIMENTS = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml"))
 

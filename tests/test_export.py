@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from conftest import TINY, make_config, mlflow_client, subprocess_env
-from vaelab.training import train
+from vaelab.stages.train import train
 
 LOAD_AND_ENCODE = """
 import json, sys, mlflow, numpy as np

@@ -25,7 +25,8 @@ from conftest import (
     start_training,
 )
 from vaelab.errors import INTERRUPTED_EXIT
-from vaelab.tracking import Run, ensure_experiment
+from vaelab.tracking.run import Run
+from vaelab.tracking.store import ensure_experiment
 
 
 def test_ctrl_c_saves_a_checkpoint_marks_the_run_killed_exits_cleanly_and_resumes(project: Path):

@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 
 from vaelab.figures import MIN_SIDE, save_figures, save_training_curves
-from vaelab.likelihoods import Bernoulli
-from vaelab.model import VAE
-from vaelab.networks import build_mlp
+from vaelab.model.likelihoods import Bernoulli
+from vaelab.model.networks import build_mlp
+from vaelab.model.vae import VAE
 
 
 def grid_side(cells: int, image: int, padding: int = 2) -> int:

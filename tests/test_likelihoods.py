@@ -8,8 +8,8 @@ import torch
 from torch.distributions import Normal
 
 from conftest import TINY, all_runs, make_config
-from vaelab.likelihoods import Bernoulli, DiscretizedLogistic, Gaussian
-from vaelab.training import train
+from vaelab.model.likelihoods import Bernoulli, DiscretizedLogistic, Gaussian
+from vaelab.stages.train import train
 
 
 @pytest.mark.parametrize("levels", [17, 256])

@@ -9,9 +9,10 @@ from hydra.utils import instantiate
 from torch import nn
 
 from conftest import TINY, make_config
+from vaelab import config
 from vaelab.checkpoints import load_trained
 from vaelab.errors import ConfigError
-from vaelab.networks import (
+from vaelab.model.networks import (
     ACTIVATION_CLASSES,
     ACTIVATIONS,
     LOGVAR_MAX,
@@ -22,7 +23,7 @@ from vaelab.networks import (
     build_resnet,
     downsampling_plan,
 )
-from vaelab.training import build_module, train
+from vaelab.stages.train import build_module, train
 
 ARCHS = ["mlp", "conv", "resnet"]
 SHAPES = [(1, 28, 28), (1, 8, 8), (3, 32, 32)]  # MNIST-like, digits, colour
@@ -163,6 +164,10 @@ def test_arch_activation_replaces_every_nonlinearity(arch):
     assert n_tanh == n_silu > 0  # the same places, another function
 
 
+def test_config_validation_allows_exactly_the_activations_the_networks_know():
+    assert config.ACTIVATIONS == ACTIVATIONS == tuple(ACTIVATION_CLASSES)
+
+
 @pytest.mark.parametrize("name", ACTIVATIONS)
 def test_every_allowed_activation_builds_and_runs(name):
     encoder, decoder = build("mlp", (1, 8, 8), "arch.hidden=[16]", f"arch.activation={name}")
@@ -189,4 +194,4 @@ def test_every_arch_trains_end_to_end_on_digits_and_reloads(project: Path, arch,
     assert math.isfinite(summary["val/elbo"]) and summary["val/elbo"] < 0
     assert math.isfinite(summary["val/nll_iw"])  # the decoder took [k, B, D] latents
     module = load_trained(project / "models" / "latest" / "model.ckpt")  # rebuilt from hparams, weights_only=True
-    assert module.hparams.arch["_target_"] == f"vaelab.networks.build_{arch}"
+    assert module.hparams.arch["_target_"] == f"vaelab.model.networks.build_{arch}"

@@ -7,10 +7,9 @@ import torch
 from torch.distributions import Bernoulli as TorchBernoulli
 from torch.distributions import Normal
 
-from vaelab.likelihoods import Bernoulli
-from vaelab.model import VAE
-from vaelab.networks import build_mlp
-from vaelab.objectives import (
+from vaelab.model.likelihoods import Bernoulli
+from vaelab.model.networks import build_mlp
+from vaelab.model.objectives import (
     beta_vae_loss,
     bits_per_dim,
     capacity_loss,
@@ -20,6 +19,7 @@ from vaelab.objectives import (
     linear_ramp,
     standard_normal_log_prob,
 )
+from vaelab.model.vae import VAE
 
 
 def test_analytic_gaussian_kl_equals_a_monte_carlo_estimate():

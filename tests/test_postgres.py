@@ -27,9 +27,9 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import REPO, TINY_TRIAL, free_port, running_mlflow_server, subprocess_env
-from vaelab.search_study import WORKER_ATTR
-from vaelab.search_workers import PARENT_ATTR
-from vaelab.tracking import PARENT_TAG
+from vaelab.search.study import WORKER_ATTR
+from vaelab.search.workers import PARENT_ATTR
+from vaelab.tracking.run import PARENT_TAG
 
 pytestmark = pytest.mark.slow
 

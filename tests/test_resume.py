@@ -18,9 +18,9 @@ from conftest import (
     start_training,
 )
 from vaelab.errors import ConfigError, VaelabError
-from vaelab.evaluation import evaluate
-from vaelab.resume import resumption
-from vaelab.training import train
+from vaelab.stages.evaluate import evaluate
+from vaelab.stages.resume import resumption
+from vaelab.stages.train import train
 
 
 def test_a_sigkilled_run_resumes_in_the_same_mlflow_run(project: Path):

@@ -11,10 +11,10 @@ from optuna.trial import TrialState
 from conftest import CONF, TINY_TRIAL, all_runs, artifact_paths, make_config, mlflow_client, run_entry
 from vaelab.config import problems, search_problems
 from vaelab.errors import ConfigError
-from vaelab.search import search
-from vaelab.search_config import config_groups
-from vaelab.search_report import best_experiment_yaml
-from vaelab.tracking import PARENT_TAG, Run
+from vaelab.search.config import config_groups
+from vaelab.search.driver import search
+from vaelab.search.report import best_experiment_yaml
+from vaelab.tracking.run import PARENT_TAG, Run
 
 # Tiny trials: scikit-learn's digits, one epoch, a small MLP, few importance samples.
 BASE = [*TINY_TRIAL, "search.sampler=random"]  # seeded below: which trial samples what is fixed
@@ -133,7 +133,7 @@ def test_a_nan_objective_is_a_failed_trial_and_run_not_a_crash(project: Path, mo
         run.end("FINISHED")
         return {"val/elbo": math.nan, "run_id": run.run_id}
 
-    monkeypatch.setattr("vaelab.training.train", train_to_nan)
+    monkeypatch.setattr("vaelab.stages.train.train", train_to_nan)
     result = search([*BASE, *space(model__beta="{type:float,low:0.5,high:2}"), "search.n_trials=1"], CONF)
 
     [trial] = load_study(project).trials

@@ -21,10 +21,10 @@ from optuna.trial import TrialState
 
 from conftest import CONF, REPO, TINY_TRIAL, all_runs, subprocess_env
 from vaelab.errors import ConfigError
-from vaelab.search import search
-from vaelab.search_study import WORKER_ATTR, retry_of
-from vaelab.search_workers import PARENT_ATTR
-from vaelab.tracking import PARENT_TAG
+from vaelab.search.driver import search
+from vaelab.search.study import WORKER_ATTR, retry_of
+from vaelab.search.workers import PARENT_ATTR
+from vaelab.tracking.run import PARENT_TAG
 
 TESTS = Path(__file__).resolve().parent
 

@@ -16,7 +16,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF, TINY, all_runs, artifact_paths, mlflow_client, run_entry
-from vaelab.sweeps import Summary, aggregate, swept_axes
+from vaelab.sweep.summary import Summary, aggregate, swept_axes
 
 ONE_EPOCH = [o for o in TINY if not o.startswith(("trainer.max_epochs=", "model.latent_dim="))]
 ONE_EPOCH += ["trainer.max_epochs=1"]
@@ -165,7 +165,7 @@ def test_every_named_sweep_composes_into_sweeper_params(name: str):
         cfg = compose(config_name="train", overrides=[f"sweep={name}"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     assert params and all(isinstance(v, str) and "," in v for v in params.values())
-    assert cfg.hydra.callbacks.vaelab_sweep._target_ == "vaelab.sweeps.SweepCallback"
+    assert cfg.hydra.callbacks.vaelab_sweep._target_ == "vaelab.sweep.callback.SweepCallback"
     if name == "latent_beta_arch":
         assert math.prod(len(v.split(",")) for v in params.values()) == 18
 

@@ -10,9 +10,10 @@ from lightning.pytorch.callbacks import Callback
 
 from conftest import TINY, all_runs, artifact_paths, copy_processed, make_config, mlflow_client, run_entry
 from vaelab.checkpoints import load_trained
-from vaelab.module import SELECTION_METRIC, NonFiniteLossError, build_optimizer
-from vaelab.tracking import PARENT_TAG, Run
-from vaelab.training import end_status, train
+from vaelab.stages.train import end_status, train
+from vaelab.tracking.run import PARENT_TAG, Run
+from vaelab.training.builder import build_optimizer
+from vaelab.training.module import SELECTION_METRIC, NonFiniteLossError
 
 
 def test_one_short_training_makes_a_finished_run_linked_to_its_checkpoint(project: Path):

@@ -4,7 +4,6 @@ fit) is a CheckpointError naming the file."""
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import io
 import pickle
@@ -17,12 +16,12 @@ from typing import Any
 import torch
 
 from vaelab.errors import CheckpointError
-from vaelab.module import VAEModule
+from vaelab.training.builder import is_trusted
+from vaelab.training.module import VAEModule
 
-# Modules whose callables a checkpoint's `arch._target_` and `likelihood._target_` may name. Loading builds the
-# network with Hydra's instantiate, which calls whatever a `_target_` names: weights_only=True stops code hidden
-# in the pickle, and this stops code named in the hyper-parameters (a plain string passes weights_only).
-TRUSTED_TARGET_MODULES = ("vaelab.networks", "vaelab.likelihoods")
+# Where a checkpoint's hyper-parameters may hold a `_target_`: building the network calls what those name, so
+# weights_only=True stops code hidden in the pickle, and the builder's trusted-target list stops code named in the
+# hyper-parameters (a plain string passes weights_only).
 INSTANTIATED_HPARAMS = ("arch", "likelihood")
 NOT_A_CHECKPOINT = "not a PyTorch checkpoint, or a truncated or corrupted one"
 
@@ -57,17 +56,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def trusted_target(target: object) -> bool:
-    """Does `target` name a callable defined in one of TRUSTED_TARGET_MODULES (not merely imported there)?"""
-    if not isinstance(target, str):
-        return False
-    module_name, _, name = target.rpartition(".")
-    if module_name not in TRUSTED_TARGET_MODULES:
-        return False
-    found = getattr(importlib.import_module(module_name), name, None)
-    return callable(found) and getattr(found, "__module__", None) == module_name
-
-
 def targets_within(value: object, where: str = "") -> Iterator[tuple[str, object]]:
     """Every `_target_` anywhere inside `value` (dicts and lists), with the dotted location of its mapping."""
     if isinstance(value, dict):
@@ -93,10 +81,10 @@ def checked_hyperparameters(checkpoint: dict[str, Any], path: str | Path) -> dic
         )
     hparams = {name: value for name, value in hparams.items() if name in init}
     for where, target in targets_within(hparams):
-        if where not in INSTANTIATED_HPARAMS or not trusted_target(target):
+        if where not in INSTANTIATED_HPARAMS or not is_trusted(target):
             raise CheckpointError(
                 f"{path}: refused: {where}._target_ is {target!r}, and building the network would call it; "
-                f"only {'.*, '.join(TRUSTED_TARGET_MODULES)}.* may be named, at arch._target_ and likelihood._target_"
+                "only vaelab's own networks and likelihoods may be named, at arch._target_ and likelihood._target_"
             )
     return hparams
 

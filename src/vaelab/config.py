@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from vaelab.errors import ConfigError
 
 DATASETS = ("fashion_mnist", "mnist", "digits", "image_folder")
-ACTIVATIONS = ("silu", "relu", "leaky_relu", "elu", "gelu", "tanh", "softplus")  # vaelab.networks maps them
+ACTIVATIONS = ("silu", "relu", "leaky_relu", "elu", "gelu", "tanh", "softplus")  # vaelab.model.networks maps them (a test checks)
 NAN_POLICIES = ("fail", "skip")
 SCHEDULERS = (None, "cosine")
 TRACKING_SCHEMES = ("sqlite:///", "http://", "https://", "file:", "postgresql", "mysql", "databricks")

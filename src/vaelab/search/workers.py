@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
-from vaelab.search_config import Settings
-from vaelab.search_objective import Objective
-from vaelab.search_report import Progress, SearchResult, write_report
-from vaelab.search_study import (
+from vaelab.search.config import Settings
+from vaelab.search.objective import Objective
+from vaelab.search.report import Progress, SearchResult, write_report
+from vaelab.search.study import (
     RETRY_ATTR,
     WORKER_ATTR,
     Tally,
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     import optuna
     from filelock import FileLock
 
-    from vaelab.tracking import Run
+    from vaelab.tracking.run import Run
 
 WAIT_POLL_S = 2.0  # how often a worker with nothing left to start looks at the other workers' trials
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute: the MLflow parent run of the workers now running it
@@ -134,7 +134,7 @@ def running_parent(study: optuna.Study, tracking_uri: str) -> Run | None:
     """The study's parent run (its user attribute), if it is in this tracking store and still RUNNING."""
     from mlflow.exceptions import MlflowException
 
-    from vaelab.tracking import Run
+    from vaelab.tracking.run import Run
 
     run_id = study.user_attrs.get(PARENT_ATTR)
     if not run_id:
@@ -175,7 +175,8 @@ class SharedParent:
         cls, study: optuna.Study, base: DictConfig, settings: Settings, argv: Sequence[str], lock: FileLock
     ) -> SharedParent:
         """Join the study's parent run while it is RUNNING; else create one and name it in the study."""
-        from vaelab.tracking import Run, resolve_uri
+        from vaelab.tracking.run import Run
+        from vaelab.tracking.store import resolve_uri
 
         with lock:
             run = running_parent(study, resolve_uri(base.tracking.uri))
@@ -200,7 +201,7 @@ class SharedParent:
                     "optuna.metric": settings.metric,
                     "optuna.direction": settings.direction,
                     "optuna.pruner": settings.pruner,
-                    "vaelab.search_space": OmegaConf.to_yaml(OmegaConf.create(settings.space))[:5000],
+                    "vaelab.search.space": OmegaConf.to_yaml(OmegaConf.create(settings.space))[:5000],
                     "vaelab.workers": "1",
                 }
             )
@@ -214,7 +215,7 @@ class SharedParent:
         """Before a trial starts (under the lock): a worker with a smaller search.n_trials, or one that stopped on
         an error, may have ended the parent meanwhile. Its trials still belong under it."""
         if self.status() != "RUNNING":
-            from vaelab.tracking import Run
+            from vaelab.tracking.run import Run
 
             Run.reopen(self.run.uri, self.run.run_id)
 

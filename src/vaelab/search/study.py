@@ -1,7 +1,7 @@
 """The Optuna study in its persistent storage: created on first use, then loaded with this process's sampler and
 pruner and with heartbeats; the file lock that makes its bookkeeping one worker at a time; where it stands (Tally);
 and what becomes of a trial whose worker died (StaleTrials: FAIL, a retry with the same parameters, its MLflow run
-closed FAILED). How the workers use all this: vaelab.search_workers."""
+closed FAILED). How the workers use all this: vaelab.search.workers."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from vaelab import paths
 from vaelab.errors import ConfigError
-from vaelab.search_config import OverrideError, Settings
+from vaelab.search.config import OverrideError, Settings
 
 if TYPE_CHECKING:
     import optuna
@@ -268,7 +268,7 @@ def close_dead_run(tracking_uri: str, run_id: str, reason: str) -> bool:
     """End a run that a dead worker left RUNNING: FAILED, as its trial is, with `reason`. False if it had ended."""
     from mlflow.exceptions import MlflowException
 
-    from vaelab.tracking import Run
+    from vaelab.tracking.run import Run
 
     run = Run(tracking_uri, run_id, experiment="")
     try:

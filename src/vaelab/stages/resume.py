@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vaelab import paths
 from vaelab.errors import ConfigError, VaelabError
-from vaelab.tracking import ensure_experiment, resolve_uri
+from vaelab.tracking.store import ensure_experiment, resolve_uri
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 # Overrides that may come with resume=: where to find the run. Anything else would change a run in flight.

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vaelab.config import END_OF_TRAINING_METRICS
-from vaelab.search_config import Settings, compose_config
-from vaelab.search_space import Param
-from vaelab.search_study import RETRY_ATTR
+from vaelab.search.config import Settings, compose_config
+from vaelab.search.space import Param
+from vaelab.search.study import RETRY_ATTR
 
 if TYPE_CHECKING:
     import optuna
@@ -65,7 +65,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         import optuna
 
-        from vaelab.training import train
+        from vaelab.stages.train import train
 
         overrides = [*self.train_overrides, *(param.suggest(trial) for param in self.params)]
         trial.set_user_attr("overrides", overrides)
@@ -100,7 +100,7 @@ class Objective:
         value = float(summary[self.settings.metric])
         if not math.isfinite(value):
             # Training finished, but a NaN or infinite objective ranks nowhere: the trial FAILs, and so does its run.
-            from vaelab.tracking import Run
+            from vaelab.tracking.run import Run
 
             reason = f"non-finite {self.settings.metric} ({value})"
             trial.set_user_attr("failure", reason)

@@ -7,10 +7,8 @@ the MLflow run, so a bad config never leaves a dangling run.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
-import shutil
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,35 +16,37 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab import paths
-from vaelab.callbacks import AtomicCheckpointIO, EpochHistory, InterruptCheckpoint, RngState, ThrottledRichProgressBar
 from vaelab.config import validate
-from vaelab.data import ImageData
-from vaelab.datasets import Settings
+from vaelab.data.datamodule import ImageData
+from vaelab.data.settings import Settings
 from vaelab.errors import TrainingInterrupted, VaelabError, storage_problem
-from vaelab.evaluation import evaluate_images, warn_if_collapsed
-from vaelab.export import register, save_pyfunc
 from vaelab.figures import save_figures, save_training_curves
-from vaelab.files import check_writable, replacing_dir, write_json_atomic, write_text_atomic
-from vaelab.module import PROGRESS_EVERY, SELECTION_METRIC, VAEModule
-from vaelab.resume import Resumption, resumption
-from vaelab.tracking import Run, check_server
+from vaelab.files import check_writable, replacing_dir, write_text_atomic
+from vaelab.model.estimators import evaluate_images
+from vaelab.stages.evaluate import warn_if_collapsed
+from vaelab.stages.export import register, save_pyfunc
+from vaelab.stages.logger import lightning_logger
+from vaelab.stages.progress import progress_bar
+from vaelab.stages.publish import publish as publish_outputs
+from vaelab.stages.resume import Resumption, resumption
+from vaelab.tracking.run import Run
+from vaelab.tracking.store import check_server
+from vaelab.training.builder import resolve
+from vaelab.training.callbacks import (
+    AtomicCheckpointIO,
+    EpochHistory,
+    InterruptCheckpoint,
+    RngState,
+    ThrottledRichProgressBar,
+)
+from vaelab.training.module import PROGRESS_EVERY, SELECTION_METRIC, VAEModule
 
 VAL_ESTIMATES = ("val/nll_iw", "val/nll_iw_se", "val/inference_gap", "val/iw_ess")
-CURVE_COLUMNS = (
-    "epoch",
-    "train/elbo",
-    "val/elbo",
-    "train/rec",
-    "val/rec",
-    "train/kl",
-    "val/kl",
-    "train/loss",
-)
 
 
 def hydra_overrides() -> list[str]:
@@ -86,7 +86,7 @@ def build_data(cfg: DictConfig) -> ImageData:
         Settings.from_config(cfg.data),
         batch_size=cfg.data.batch_size,
         limit_train=cfg.data.limit_train,
-        likelihood=get_class(cfg.likelihood._target_),
+        likelihood=resolve(cfg.likelihood._target_),
         seed=cfg.seed,
     )
 
@@ -266,7 +266,7 @@ def fit_and_publish(
     extra = [instantiate(spec) for spec in cfg.get("callbacks", {}).values()]
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
-        logger=run.lightning_logger(cfg.logger) if run else False,
+        logger=lightning_logger(run, cfg.logger) if run else False,
         callbacks=[
             checkpoint,
             InterruptCheckpoint(out_dir / "checkpoints"),
@@ -304,7 +304,8 @@ def finish(
     module.eval()
 
     val_images = data.eval_images("val", cfg.eval.val_limit)
-    val_iw = evaluate_images(module.vae, val_images, k=cfg.eval.val_iw_k, description="val NLL")
+    with progress_bar(f"val NLL (k={cfg.eval.val_iw_k})", total=len(val_images)) as advance:
+        val_iw = evaluate_images(module.vae, val_images, k=cfg.eval.val_iw_k, on_batch=advance)
     out_dir = config_file.parent
     figures = out_dir / "figures"
     val_labels = data.split("val")["labels"][: len(val_images)]
@@ -331,9 +332,7 @@ def finish(
 
     summary["run_id"] = module.lineage["run_id"]
     if publish:
-        publish_latest(best, module.lineage["run_id"], config_file)
-        write_json_atomic(paths.metrics_dir() / "train.json", summary)
-        write_curve(history.rows, paths.plots_dir() / "train" / "curve.csv")
+        publish_outputs(best, module.lineage["run_id"], config_file, summary, history.rows)
     return summary
 
 
@@ -345,23 +344,3 @@ def log_model(cfg: DictConfig, run: Run, checkpoint: Path, folder: Path, data: I
     if cfg.tracking.get("register_as"):
         version = register(run.client, run.run_id, cfg.tracking.register_as, data.data_hash)
         run.set_tags({"vaelab.registered_model": f"{cfg.tracking.register_as}/{version}"})
-
-
-def publish_latest(checkpoint: Path, run_id: str, config_file: Path) -> Path:
-    """Make models/latest/ a real copy (not a link) of this run's best checkpoint: DVC tracks it."""
-    target = paths.latest_model_dir()
-    with replacing_dir(target) as fresh:
-        shutil.copy2(checkpoint, fresh / "model.ckpt")
-        shutil.copy2(config_file, fresh / "config.yaml")
-        (fresh / "run_id").write_text(run_id + "\n")
-    return target
-
-
-def write_curve(rows: list[dict[str, float]], path: Path) -> None:
-    """Per-epoch curve as CSV for `dvc plots` (column names without '/')."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([c.replace("/", "_") for c in CURVE_COLUMNS])
-        for row in rows:
-            writer.writerow([row.get(c, "") for c in CURVE_COLUMNS])

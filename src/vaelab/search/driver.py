@@ -5,7 +5,7 @@ process: `search.n_trials` is the study's *total* number of trials (each ends CO
 rerunning the same command runs only the missing ones.
 
 Several workers (processes running the same command) can share one study, and together run exactly search.n_trials
-trials: see vaelab.search_workers.
+trials: see vaelab.search.workers.
 
 The objective is a validation metric (`search.metric`, val/elbo by default): test numbers never choose a model.
 
@@ -24,12 +24,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vaelab.config import validate_search
-from vaelab.search_config import SEARCH_GROUP, CommandLine, OverrideError, Settings, compose_config, config_groups
-from vaelab.search_objective import Objective
-from vaelab.search_report import SearchResult, write_report
-from vaelab.search_space import parse_space
-from vaelab.search_study import StaleTrials, Tally, display_url, fail_stale_trials, open_study, study_lock
-from vaelab.search_workers import SharedParent, run_trials, running_parent
+from vaelab.search.config import SEARCH_GROUP, CommandLine, OverrideError, Settings, compose_config, config_groups
+from vaelab.search.objective import Objective
+from vaelab.search.report import SearchResult, write_report
+from vaelab.search.space import parse_space
+from vaelab.search.study import StaleTrials, Tally, display_url, fail_stale_trials, open_study, study_lock
+from vaelab.search.workers import SharedParent, run_trials, running_parent
 
 
 def search(argv: Sequence[str], config_dir: Path) -> SearchResult:
@@ -51,7 +51,7 @@ def search(argv: Sequence[str], config_dir: Path) -> SearchResult:
 
     import optuna
 
-    from vaelab.tracking import resolve_uri
+    from vaelab.tracking.store import resolve_uri
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # Progress prints one line per trial instead
     settings = Settings.from_config(full.search, name=full.hydra.runtime.choices[SEARCH_GROUP])

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import OmegaConf
 
 from vaelab import paths
-from vaelab.search_config import NOT_SEARCHABLE_GROUPS, Settings, compose_config
-from vaelab.search_study import RETRY_ATTR, Tally, best_trial, display_url, finished_trials, safe_file_name
+from vaelab.search.config import NOT_SEARCHABLE_GROUPS, Settings, compose_config
+from vaelab.search.study import RETRY_ATTR, Tally, best_trial, display_url, finished_trials, safe_file_name
 
 if TYPE_CHECKING:
     import optuna
 
-    from vaelab.tracking import Run
+    from vaelab.tracking.run import Run
 
 
 # Progress

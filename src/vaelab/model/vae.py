@@ -8,7 +8,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from vaelab.objectives import dreg_iw_bound, gaussian_kl, gaussian_log_prob, iw_bound, standard_normal_log_prob
+from vaelab.model.objectives import dreg_iw_bound, gaussian_kl, gaussian_log_prob, iw_bound, standard_normal_log_prob
 
 
 @dataclass

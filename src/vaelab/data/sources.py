@@ -1,20 +1,14 @@
-"""The prepare stage: raw dataset -> verified, deterministically split, compact uint8 tensors + manifest.
+"""Raw datasets: where each one's images come from, and the checks that they are what they claim to be.
 
-Output, in `data/processed/<name>/`:
-    train.pt, val.pt, test.pt   {"images": uint8 [N, C, H, W] grey levels, "labels": int64 [N],
-                                 "binary": uint8 [N, C, H, W] 0/1 (val and test only)}
-    manifest.json               counts, content hashes, seeds, grey levels, where the raw data came from
-
-Validation and test images are binarized *once* here, with `binarize_seed`, so every evaluation of
-every model sees the same binary images (SPEC.md, evaluation protocol). Training images stay grey:
-they are binarized afresh at each use (data.py).
+Every loader returns a RawDataset of uint8 images [N, C, H, W] with their labels and the checksums of what it read;
+vaelab.data.prepare splits and stores them. Fashion-MNIST and MNIST are IDX files (a default folder, `data.root`,
+or torchvision's download), digits ships inside scikit-learn, and image_folder reads any folder of images.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import math
 import shutil
 import struct
@@ -24,16 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock
 
-from vaelab import __version__, paths
+from vaelab import paths
+from vaelab.data.settings import Settings
 from vaelab.errors import DataError
-from vaelab.files import replacing_dir
-from vaelab.likelihoods import binarize
 
-SPLITS = ("train", "val", "test")
-# val and test are observed once (binarized here; dequantized in data.py) with seed binarize_seed + offset.
-EVAL_SEED_OFFSET = {"val": 1, "test": 2}
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 # The four files of an MNIST-format dataset, as torchvision names them once decompressed.
@@ -69,61 +58,6 @@ class RawDataset:
     raw_md5: dict[str, str]
     details: dict = field(default_factory=dict)  # more about the source for the manifest, e.g. a folder's classes
 
-
-@dataclass(frozen=True)
-class Settings:
-    """What determines the prepared data. The manifest records it; a change triggers a fresh prepare."""
-
-    name: str
-    root: str | None
-    val_size: int | float  # an int is a count, a float in (0, 1) a fraction of the images split
-    test_size: int | float
-    split_seed: int
-    binarize_seed: int
-    # Only data=image_folder has these keys; None elsewhere, so the other datasets' settings stay as they were.
-    image_size: int | None = None
-    channels: int | None = None  # None: 1 if every image is grey, else 3
-
-    @classmethod
-    def from_config(cls, data_cfg) -> Settings:
-        return cls(
-            name=str(data_cfg.name),
-            root=None if data_cfg.get("root") is None else str(data_cfg.root),
-            val_size=_hold_out_size(data_cfg.val_size),
-            test_size=_hold_out_size(data_cfg.get("test_size")),
-            split_seed=int(data_cfg.split_seed),
-            binarize_seed=int(data_cfg.binarize_seed),
-            image_size=_optional_int(data_cfg.get("image_size")),
-            channels=_optional_int(data_cfg.get("channels")),
-        )
-
-    def manifest_keys(self) -> dict:
-        # `root` belongs here because for image_folder (and MNIST from data.root) the folder *is* the data:
-        # pointing data.root elsewhere must re-prepare. A manifest written before a key existed reads it as
-        # None (ensure_prepared uses .get), so adding keys does not invalidate prepared data.
-        return {
-            "dataset": self.name,
-            "root": self.root,
-            "val_size": self.val_size,
-            "test_size": self.test_size,
-            "split_seed": self.split_seed,
-            "binarize_seed": self.binarize_seed,
-            "image_size": self.image_size,
-            "channels": self.channels,
-        }
-
-
-def _hold_out_size(value) -> int | float:
-    """A configured val/test size: a float stays a fraction, anything else (null included) is a count."""
-    return float(value) if isinstance(value, float) else int(value or 0)
-
-
-def _optional_int(value) -> int | None:
-    return None if value is None else int(value)
-
-
-# ----------------------------------------------------------------------------------------------
-# Raw sources
 
 
 def md5_of(path: Path) -> str:
@@ -440,114 +374,3 @@ LOADERS: dict[str, Callable[[Settings], RawDataset]] = {
     "image_folder": load_image_folder,
 }
 
-
-# ----------------------------------------------------------------------------------------------
-# Split, binarize once, store
-
-
-def hold_out_count(size: int | float, n: int) -> int:
-    """A val/test size as a count of images: an int is one already, a float in (0, 1) a fraction of `n` (at least 1)."""
-    if isinstance(size, float):
-        return max(1, round(size * n))
-    return size
-
-
-def split_indices(n: int, val_size: int, test_size: int, seed: int) -> dict[str, torch.Tensor]:
-    """A seeded permutation cut into val, test (when carved out of train) and train."""
-    if val_size + test_size >= n:
-        raise DataError(f"cannot hold out {val_size} val + {test_size} test images from {n}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return {
-        "val": perm[:val_size].sort().values,
-        "test": perm[val_size : val_size + test_size].sort().values,
-        "train": perm[val_size + test_size :].sort().values,
-    }
-
-
-def content_hash(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        digest.update(key.encode())
-        digest.update(tensors[key].contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def build_splits(raw: RawDataset, settings: Settings) -> dict[str, dict[str, torch.Tensor]]:
-    n = len(raw.train_images)
-    official_test = raw.test_images is not None
-    if not official_test and settings.test_size <= 0:
-        raise DataError(f"{settings.name} has no official test split: set data.test_size > 0")
-    val_size = hold_out_count(settings.val_size, n)
-    test_size = 0 if official_test else hold_out_count(settings.test_size, n)
-    idx = split_indices(n, val_size, test_size, settings.split_seed)
-    splits = {
-        "train": {"images": raw.train_images[idx["train"]], "labels": raw.train_labels[idx["train"]]},
-        "val": {"images": raw.train_images[idx["val"]], "labels": raw.train_labels[idx["val"]]},
-    }
-    if official_test:
-        splits["test"] = {"images": raw.test_images, "labels": raw.test_labels}
-    else:
-        splits["test"] = {"images": raw.train_images[idx["test"]], "labels": raw.train_labels[idx["test"]]}
-    for split in ("val", "test"):
-        generator = torch.Generator().manual_seed(settings.binarize_seed + EVAL_SEED_OFFSET[split])
-        splits[split]["binary"] = binarize(splits[split]["images"], raw.grey_levels, generator)
-    return splits
-
-
-def prepare(settings: Settings, out_dir: Path | None = None) -> dict:
-    """Read, verify, split and store one dataset. Returns the manifest. Never leaves partial output."""
-    if settings.name not in LOADERS:
-        raise DataError(f"unknown dataset {settings.name!r}; known: {sorted(LOADERS)}")
-    out_dir = out_dir or paths.processed_dir(settings.name)
-    raw = LOADERS[settings.name](settings)
-    splits = build_splits(raw, settings)
-    manifest = {
-        **settings.manifest_keys(),
-        "source": raw.source,
-        "image_shape": list(raw.train_images.shape[1:]),
-        "grey_levels": raw.grey_levels,
-        "raw_md5": raw.raw_md5,
-        **({"source_details": raw.details} if raw.details else {}),
-        "splits": {name: {"count": len(t["images"]), "sha256": content_hash(t)} for name, t in splits.items()},
-        "vaelab_version": __version__,
-    }
-    manifest["data_hash"] = hashlib.sha256(
-        json.dumps({k: manifest[k] for k in ("splits", "grey_levels", "image_shape")}, sort_keys=True).encode()
-    ).hexdigest()
-
-    with replacing_dir(out_dir) as fresh:
-        for name, tensors in splits.items():
-            torch.save(tensors, fresh / f"{name}.pt")
-        (fresh / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
-
-
-def read_manifest(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def ensure_prepared(settings: Settings) -> tuple[Path, dict]:
-    """The processed folder for these settings, preparing it first when it is missing or stale.
-
-    Training and evaluation call this, so a fresh clone can train without `dvc repro` first.
-    A file lock keeps parallel sweep jobs from preparing the same dataset twice at once.
-    """
-    folder = paths.processed_dir(settings.name)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder.parent / f".{settings.name}.lock")):
-        manifest = read_manifest(folder)
-        current = (
-            manifest is not None
-            and all(manifest.get(k) == v for k, v in settings.manifest_keys().items())
-            and all((folder / f"{split}.pt").is_file() for split in SPLITS)
-        )
-        if not current:
-            manifest = prepare(settings, folder)
-    return folder, manifest
-
-
-def load_split(folder: Path, split: str) -> dict[str, torch.Tensor]:
-    return torch.load(folder / f"{split}.pt", weights_only=True)

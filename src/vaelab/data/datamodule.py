@@ -4,7 +4,7 @@ Batches come straight from in-memory uint8 tensors: no per-sample Python Dataset
 tensors sit on the accelerator, so a GPU step copies nothing from the host. The loader shards by rank
 itself (Lightning's automatic DistributedSampler only applies to DataLoader).
 
-The likelihood class decides what the model sees (likelihoods.py, `observe`):
+The likelihood class decides what the model sees (vaelab.model.likelihoods, `observe`):
     train    uint8 batch -> observed afresh on the device at every use (e.g. dynamic binarization,
              fresh dequantization noise)
     val/test observed once with the manifest's seed, identical for every model and every evaluation
@@ -17,8 +17,9 @@ import math
 import lightning.pytorch as pl
 import torch
 
-from vaelab.datasets import EVAL_SEED_OFFSET, Settings, ensure_prepared, load_split
-from vaelab.likelihoods import Bernoulli, Likelihood
+from vaelab.data.prepare import EVAL_SEED_OFFSET, ensure_prepared, load_split
+from vaelab.data.settings import Settings
+from vaelab.model.likelihoods import Bernoulli, Likelihood
 
 
 def fixed_observations(

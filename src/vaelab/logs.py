@@ -1,0 +1,27 @@
+"""Console hygiene for the entry points: quiet the third-party chatter that would bury vaelab's own lines.
+
+Called by `pipelines/*.py` before they do anything else; importing vaelab itself configures nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip: For seamless cloud logging" not in record.getMessage()
+
+
+def quiet_third_party() -> None:
+    # lightning 2.6 on torch >= 2.14 warns about torch.utils._pytree.LeafSpec; it is harmless.
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    # Lightning prints through its own handler *and* propagates to the root logger that Hydra configures, so every
+    # line appeared twice; keep Lightning's handler only. Its rank-zero messages also carry an advert for a hosted
+    # service at every fit; drop that. (getLogger returns the same objects lightning will use once imported.)
+    logging.getLogger("lightning").propagate = False
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropAdverts())
+    # MLflow's system-metrics monitor announces at INFO that it starts, stops and finds no GPU, at every run.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)

@@ -1,0 +1,181 @@
+"""The evaluate stage: a trained checkpoint's test metrics (vaelab.model.estimators), figures and DVC outputs, logged
+into the run that trained it.
+
+    python pipelines/evaluate.py                     # models/latest/
+    python pipelines/evaluate.py ckpt=path/to.ckpt   # or a folder (outputs/<run_id>/), or run_id=<mlflow run id>
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from vaelab import paths
+from vaelab.data.datamodule import fixed_observations
+from vaelab.data.prepare import ensure_prepared, load_split
+from vaelab.data.settings import Settings
+from vaelab.errors import CheckpointError, ConfigError, DataError
+from vaelab.files import replacing_dir, write_json_atomic
+from vaelab.model.estimators import Evaluation, evaluate_images
+from vaelab.stages.progress import progress_bar
+
+
+def warn_if_collapsed(result: Evaluation, run=None) -> None:
+    """Say so, on the console and as the run's `vaelab.warning` tag, when the posterior has collapsed."""
+    warning = result.collapse_warning()
+    if warning:
+        print(f"vaelab: warning: {warning}")
+        if run is not None:
+            run.set_tags({"vaelab.warning": warning})
+
+
+def write_kl_per_dim(kl_per_dim: list[float], path: Path) -> None:
+    """test/kl_per_dim as CSV (dim, kl in nats): which latent dimensions carry information."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = "".join(f"{d},{kl:.6f}\n" for d, kl in enumerate(kl_per_dim))
+    path.write_text("dim,kl\n" + rows)
+
+
+# Where a folder passed as ckpt= keeps its checkpoint: models/latest/, outputs/<run_id>/, or its checkpoints/.
+CHECKPOINT_IN_FOLDER = ("model.ckpt", "checkpoints/best.ckpt", "best.ckpt")
+# The config keys that fix a network's shapes and its test images, as evaluate compares them with a checkpoint.
+MODEL_KEYS = ("arch", "likelihood", "model", "data")
+
+
+def resolve_checkpoint(cfg: DictConfig) -> Path:
+    """`ckpt=<file or folder>`, else the best checkpoint of `run_id=<id>`, else models/latest/model.ckpt."""
+    from vaelab.stages.resume import RUN_ID
+
+    if cfg.get("ckpt") and cfg.get("run_id"):
+        raise ConfigError([("ckpt", cfg.ckpt, f"null when run_id is given (run_id={cfg.run_id} names a checkpoint)")])
+    if cfg.get("ckpt"):
+        path, asked = Path(cfg.ckpt), f"ckpt={cfg.ckpt}"
+        if path.is_dir():
+            inside = [path / name for name in CHECKPOINT_IN_FOLDER if (path / name).is_file()]
+            if not inside:
+                raise CheckpointError(f"{asked}: a folder without {', '.join(CHECKPOINT_IN_FOLDER)} in it")
+            path = inside[0]
+    elif cfg.get("run_id"):
+        if not RUN_ID.match(str(cfg.run_id)):
+            raise ConfigError([("run_id", cfg.run_id, "null, or an MLflow run id (32 hex digits)")])
+        path, asked = paths.run_dir(cfg.run_id) / "checkpoints" / "best.ckpt", f"run_id={cfg.run_id}"
+    else:
+        path, asked = paths.latest_model_dir() / "model.ckpt", "the default, models/latest/"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} ({asked}; train a model first, or pass ckpt=<path>)")
+    return path
+
+
+def asked_keys(cfg: DictConfig) -> list[str]:
+    """The config keys this evaluation was explicitly given: its command line's overrides, or every model key when
+    the primary config is a whole file of its own (DVC's params.yaml, which also trained models/latest) or an
+    experiment. The rest of the composed config is defaults, which a checkpoint's own config rightly overrules."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    hydra = HydraConfig.get()
+    keys = [override.split("=", 1)[0].lstrip("+~") for override in hydra.overrides.task]
+    if hydra.job.config_name != "train" or "experiment" in keys:
+        return list(MODEL_KEYS)
+    return keys
+
+
+def model_entries(arch: dict, likelihood: dict, latent_dim: int, data: Settings) -> dict[str, object]:
+    """A model and its data as flat, comparable entries named by their config keys."""
+    settings = {f"data.{key}": value for key, value in asdict(data).items()}
+    return {"arch": arch, "likelihood": likelihood, "model.latent_dim": latent_dim, **settings}
+
+
+def check_checkpoint_fits(path: Path, module, cfg: DictConfig, keys: list[str]) -> Settings:
+    """The checkpoint's data settings, after checking that it is the model the config's `keys` ask for.
+
+    An evaluation of another model than the one asked for would report its numbers under the wrong name."""
+    from vaelab.checkpoints import trained_with
+
+    lineage, hparams = module.lineage, module.hparams
+    if not isinstance(lineage.get("data"), dict) or "data_hash" not in lineage:
+        raise CheckpointError(
+            f"{path}: has no vaelab lineage (its data settings and data hash), so which test images belong to it "
+            "is unknown; evaluate checkpoints written by vaelab training"
+        )
+    try:
+        settings = Settings(**lineage["data"])
+    except TypeError as error:
+        raise CheckpointError(f"{path}: its lineage's data settings are unreadable ({error})") from error
+    trained = model_entries(hparams["arch"], hparams["likelihood"], hparams["latent_dim"], settings)
+    asked = model_entries(
+        OmegaConf.to_container(cfg.arch, resolve=True),
+        OmegaConf.to_container(cfg.likelihood, resolve=True),
+        cfg.model.latent_dim,
+        Settings.from_config(cfg.data),
+    )
+
+    def is_asked(entry: str) -> bool:
+        return any(entry == key or entry.startswith(f"{key}.") or key.startswith(f"{entry}.") for key in keys)
+
+    differ = [entry for entry in trained if is_asked(entry) and trained[entry] != asked[entry]]
+    if differ:
+        lines = "\n".join(f"  {e}: trained with {trained[e]!r}; the config asks for {asked[e]!r}" for e in differ)
+        raise CheckpointError(
+            f"{path} is not the model this evaluation asks for:\n{lines}\n"
+            f"It is {trained_with(hparams)}, trained on {settings.name}. Leave these keys out to evaluate it "
+            "as it was trained, or pass the checkpoint of the model they describe."
+        )
+    return settings
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float | str | None]:
+    """Evaluate a checkpoint on the test split; write metrics/eval.json and plots/eval/; log into its run."""
+    from vaelab.checkpoints import load_trained, sides
+    from vaelab.figures import save_figures
+    from vaelab.tracking.run import Run
+    from vaelab.tracking.store import check_server
+
+    if cfg.get("logger") is not None:
+        check_server(cfg.tracking.uri)  # before the work whose results it would receive
+    path = resolve_checkpoint(cfg)
+    torch.manual_seed(cfg.seed)  # the importance samples too: the same checkpoint gives the same numbers
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    module = load_trained(path, map_location=device)
+    lineage = module.lineage
+    folder, manifest = ensure_prepared(check_checkpoint_fits(path, module, cfg, asked_keys(cfg)))
+    if list(manifest["image_shape"]) != list(module.hparams["image_shape"]):
+        raise CheckpointError(
+            f"{path} was trained on {sides(module.hparams['image_shape'])} images, but its data settings now "
+            f"give {sides(manifest['image_shape'])} images ({folder})"
+        )
+    if manifest["data_hash"] != lineage["data_hash"]:
+        raise DataError(
+            f"{folder} holds data {manifest['data_hash'][:12]}, but {path} was trained on "
+            f"{lineage['data_hash'][:12]}; re-run prepare with the checkpoint's data settings"
+        )
+    test = load_split(folder, "test")
+    images = fixed_observations(test, "test", type(module.vae.likelihood), manifest, cfg.eval.limit)
+
+    with progress_bar(f"test NLL (k={cfg.eval.iw_k})", total=len(images)) as advance:
+        result = evaluate_images(module.vae, images, k=cfg.eval.iw_k, on_batch=advance)
+    metrics = result.metrics("test")
+
+    plots = paths.plots_dir() / "eval"
+    with replacing_dir(plots) as fresh:  # no figure of an earlier evaluation survives
+        save_figures(module.vae, images, test["labels"][: len(images)], result.kl_per_dim, fresh, seed=cfg.seed)
+        write_kl_per_dim(result.kl_per_dim, fresh / "kl_per_dim.csv")
+    summary = {**metrics, "eval/iw_k": cfg.eval.iw_k, "eval/n_images": result.n_images}
+    write_json_atomic(paths.metrics_dir() / "eval.json", {**summary, "run_id": lineage.get("run_id")})
+
+    run_id, run = lineage.get("run_id"), None
+    if cfg.get("logger") is not None and run_id:
+        try:
+            run = Run.attach(cfg.tracking.uri, run_id)
+        except Exception as error:  # noqa: BLE001 - a missing run must not lose the evaluation
+            print(f"vaelab: results not logged to MLflow (run {run_id}: {error})")
+        else:
+            run.log_metrics(summary, step=0)
+            run.log_artifact(plots, "evaluation")
+            run.set_tags({"vaelab.eval.checkpoint": str(path), "vaelab.eval.iw_k": str(cfg.eval.iw_k)})
+    warn_if_collapsed(result, run)
+    return {**summary, "run_id": run_id}

@@ -1,0 +1,118 @@
+"""The Hydra callback that frames a multirun sweep: the parent MLflow run before the first job, the summary after the
+last (see vaelab.sweep.runs for how the sweep's pieces meet).
+
+Hydra instantiates this callback for every run, multirun or not, so importing it stays light: a single run's config
+typo still fails in a second.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, open_dict, read_write
+
+from vaelab import paths
+from vaelab.files import write_text_atomic
+from vaelab.sweep.runs import PARENT_ENV, PARENT_FILE, short_error
+
+if TYPE_CHECKING:
+    from vaelab.tracking.run import Run
+
+
+class SweepCallback(Callback):
+    """Hydra callback: the parent run of a multirun, and its summary when the last job has ended."""
+
+    def __init__(self) -> None:
+        self.parent: Run | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"parent": None}  # Hydra ships its callbacks to joblib's workers; they need none of this state
+
+    # Hydra turns an exception in a callback into a warning and carries on, so these methods exit themselves.
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("logger") is None:
+            stop("a sweep tracks its jobs in MLflow: logger=none cannot be used with -m", status=2)
+        try:
+            self.start(config)
+        except Exception as error:  # e.g. an unusable tracking.uri: one plain message before any job starts
+            stop(f"cannot start the sweep: {short_error(error)}", status=2)
+
+    def start(self, config: DictConfig) -> None:
+        from vaelab.config import problems
+        from vaelab.errors import ConfigError
+        from vaelab.tracking.run import Run
+
+        # Only the tracking keys, which the parent run needs: the other keys are each job's to check, since the
+        # config before the swept values are filled in need not be valid on its own.
+        tracking = [problem for problem in problems(config) if problem[0].startswith("tracking.")]
+        if tracking:
+            raise ConfigError(tracking)
+        name = sweep_name(config)
+        params = dict(config.hydra.sweeper.get("params") or {})
+        overrides = list(config.hydra.overrides.task)
+        tags = {
+            "kind": "sweep",
+            "sweep": name or "",
+            "sweep_params": " ".join(f"{k}={v}" for k, v in params.items()),
+            "sweep_dir": str(Path(config.hydra.sweep.dir).resolve()),
+            "launcher": str(config.hydra.runtime.choices.get("hydra/launcher")),
+        }
+        self.parent = Run.create(parent_config(config, name), "sweep", overrides, tags, log_params=False)
+        os.environ[PARENT_ENV] = self.parent.run_id  # before the launcher starts any worker process
+        write_text_atomic(Path(config.hydra.sweep.dir) / PARENT_FILE, self.parent.run_id + "\n")
+        atexit.register(self.end_abandoned)
+        folder = paths.run_dir(self.parent.run_id)
+        title = f"sweep {name}" if name else "sweep"
+        print(f"vaelab: {title}: parent MLflow run {self.parent.run_id}, summary in {folder}", flush=True)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.parent is None:
+            return
+        parent, self.parent = self.parent, None
+        try:
+            from vaelab.sweep.summary import summarize
+
+            summary = summarize(parent, paths.run_dir(parent.run_id))
+        except Exception as error:
+            parent.end("FAILED", reason=f"the sweep's summary failed: {short_error(error)}")
+            stop(f"the sweep's jobs ended, but its summary failed: {short_error(error)}", status=1)
+        print(summary.console(), flush=True)
+        if summary.failed:
+            failed = ", ".join(str(row["job"]) for row in summary.failed)
+            stop(
+                f"{len(summary.failed)} of {len(summary.rows)} sweep jobs failed (job {failed}); "
+                f"see {summary.folder / 'summary.md'}",
+                status=1,
+            )
+
+    def end_abandoned(self) -> None:
+        """At exit, a parent that never reached on_multirun_end: Ctrl-C (KILLED), or Hydra stopped the sweep."""
+        if self.parent is None:
+            return
+        interrupted = getattr(sys, "last_type", None) is KeyboardInterrupt
+        self.parent.end("KILLED" if interrupted else "FAILED", reason="the sweep stopped before all its jobs ended")
+
+
+def stop(message: str, status: int) -> NoReturn:
+    print(f"vaelab: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def sweep_name(config: DictConfig) -> str | None:
+    choice = config.hydra.runtime.choices.get("sweep")
+    return None if choice in (None, "null") else str(choice)
+
+
+def parent_config(config: DictConfig, name: str | None) -> DictConfig:
+    """The launching config with a readable parent run name, unless tracking.run_name sets one."""
+    cfg = copy.deepcopy(config)
+    with read_write(cfg), open_dict(cfg):
+        cfg.tracking.run_name = cfg.tracking.run_name or " ".join(filter(None, ["sweep", name]))
+    return cfg

@@ -1,0 +1,91 @@
+"""One job of a multirun sweep: trained as a nested child run of the sweep's parent, its failure recorded and
+contained (see vaelab.sweep.runs for how the sweep's pieces meet)."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from vaelab.files import write_text_atomic
+from vaelab.sweep.runs import METRICS, child_metric, find_child, job_tags, parent_run_id, short_error
+
+
+def run_job(cfg: DictConfig) -> float:
+    """Train one multirun job as a nested child run; return its val/elbo, or NaN when it failed.
+
+    A failure never propagates: the job's child run is FAILED with the reason in `vaelab.failure`, one plain line
+    goes to stderr, and the sweep goes on. A config error, which train() raises before any run exists, still gets
+    a FAILED child run (with the job's params), so the summary lists every job.
+    """
+    from vaelab.config import validate
+    from vaelab.tracking.run import Run
+    from vaelab.tracking.store import resolve_uri
+
+    hydra = HydraConfig.get()
+    num, overrides = hydra.job.num, list(hydra.overrides.task)
+    parent = parent_run_id(hydra.sweep.dir)
+    label = f"job {num} [{' '.join(overrides)}]"
+    started_ms = int(time.time() * 1000)
+    try:
+        validate(cfg)
+        from vaelab.stages.train import train
+
+        summary = train(cfg, parent_run_id=parent)
+    except Exception as error:
+        run_id = record_failure(cfg, parent, num, overrides, error, started_ms)
+        point_to(run_id, hydra.runtime.output_dir)
+        print(f"vaelab: {label} FAILED: {short_error(error)} (run {run_id})", file=sys.stderr, flush=True)
+        return math.nan
+    point_to(str(summary["run_id"]), hydra.runtime.output_dir)
+    run = Run(resolve_uri(cfg.tracking.uri), str(summary["run_id"]), cfg.tracking.experiment)
+    run.set_tags(job_tags(num, overrides))
+    run.log_metrics({child_metric(k): float(summary[k]) for k in METRICS})
+    print(
+        f"vaelab: {label} finished: val/elbo {summary['val/elbo']:.2f}, val/nll_iw {summary['val/nll_iw']:.2f} "
+        f"(best epoch {summary['best_epoch']:.0f}), run {summary['run_id']}",
+        flush=True,
+    )
+    return float(summary["val/elbo"])
+
+
+def point_to(run_id: str | None, job_dir: str) -> None:
+    """Hydra's folder for the job holds just its run id: its files are in outputs/<run_id>/."""
+    if run_id:
+        write_text_atomic(Path(job_dir) / "run_id", run_id + "\n")
+
+
+def record_failure(
+    cfg: DictConfig, parent: str, num: int, overrides: list[str], error: Exception, started_ms: int
+) -> str | None:
+    """The id of the job's FAILED child run: train() made and ended it if the failure came after the run started;
+    otherwise (an invalid config or missing data) it is made here. None if even MLflow failed."""
+    from vaelab.tracking.run import Run
+    from vaelab.tracking.store import resolve_uri
+
+    try:
+        uri = resolve_uri(cfg.tracking.uri)
+        found = find_child(uri, parent, " ".join(overrides), started_ms)
+        if found:
+            run = Run(uri, found, cfg.tracking.experiment)
+        else:
+            run = Run.create(cfg, "train", overrides, tags={}, parent_run_id=parent, log_params=resolvable(cfg))
+            run.end("FAILED", reason=short_error(error))
+        run.set_tags(job_tags(num, overrides))
+        return run.run_id
+    except Exception as tracking_error:  # the store itself is the problem: the job still only fails
+        print(f"vaelab: could not record the failed job in MLflow: {short_error(tracking_error)}", file=sys.stderr)
+        return None
+
+
+def resolvable(cfg: DictConfig) -> bool:
+    """Can the config be flattened into params? (A broken interpolation cannot; then the run goes without.)"""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except Exception:
+        return False
+    return True

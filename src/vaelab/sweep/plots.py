@@ -1,0 +1,80 @@
+"""The sweep's plots: val/elbo against each swept value, and rate against distortion when β was swept."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from vaelab.sweep.runs import SELECTION
+
+
+def axis_values(values: list[str]) -> tuple[list[float], list[str], bool]:
+    """Plot positions for an axis's values: the numbers themselves if all are numeric, else category indices."""
+    try:
+        numbers = [float(v) for v in values]
+    except ValueError:
+        categories = sorted(set(values))
+        return [float(categories.index(v)) for v in values], categories, False
+    return numbers, [], True
+
+
+def plot_metric_by_axis(rows: list[dict[str, Any]], axes: list[str], path: Path) -> list[Path]:
+    """val/elbo of every finished job against each swept value, with the mean over the other axes as a line."""
+    done = [row for row in rows if row["status"] == "FINISHED" and math.isfinite(row[SELECTION])]
+    if not done or not axes:
+        return []
+    import matplotlib.pyplot as plt
+
+    from vaelab.figures import save_figure
+
+    fig, panels = plt.subplots(1, len(axes), figsize=(3.6 * len(axes), 3.4), sharey=True, squeeze=False)
+    for axis, panel in zip(axes, panels[0], strict=True):
+        x, categories, numeric = axis_values([row["overrides"].get(axis, "") for row in done])
+        y = [row[SELECTION] for row in done]
+        panel.scatter(x, y, alpha=0.7)
+        means = sorted({xi: statistics.fmean(yi for xj, yi in zip(x, y, strict=True) if xj == xi) for xi in x}.items())
+        panel.plot([m[0] for m in means], [m[1] for m in means], color="black", lw=1, label="mean")
+        if numeric and min(x) > 0 and max(x) / min(x) >= 8:
+            panel.set_xscale("log", base=2)
+        if categories:
+            panel.set_xticks(range(len(categories)), categories)
+        else:
+            panel.set_xticks(sorted(set(x)), [f"{v:g}" for v in sorted(set(x))])
+            panel.minorticks_off()
+        panel.set_xlabel(axis)
+    panels[0][0].set_ylabel(f"{SELECTION} (nats, higher is better)")
+    panels[0][0].legend()
+    return [save_figure(fig, path)]
+
+
+def plot_rate_distortion(rows: list[dict[str, Any]], path: Path) -> list[Path]:
+    """Rate (val/kl) against distortion (val/rec), one point per finished job, labelled by beta.
+
+    Each dashed line is one ELBO value: -elbo = rate + distortion, so moving along it trades one for the other.
+    """
+    done = [row for row in rows if row["status"] == "FINISHED" and math.isfinite(row["val/kl"])]
+    if not done:
+        return []
+    import matplotlib.pyplot as plt
+
+    from vaelab.figures import save_figure
+
+    rate = [row["val/kl"] for row in done]
+    distortion = [row["val/rec"] for row in done]
+    beta = [float(row["overrides"].get("model.beta", "nan")) for row in done]
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    points = ax.scatter(rate, distortion, c=beta, cmap="viridis", zorder=3)
+    fig.colorbar(points, ax=ax, label="β")
+    for r, d, b in zip(rate, distortion, beta, strict=True):
+        ax.annotate(f"β={b:g}", (r, d), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    totals = [r + d for r, d in zip(rate, distortion, strict=True)]
+    for total in {min(totals), max(totals)}:
+        ax.plot([0, total], [total, 0], ls="--", lw=0.8, color="grey")
+    ax.set_xlim(0, max(rate) * 1.15 + 1e-9)
+    ax.set_ylim(min(distortion) * 0.95, max(distortion) * 1.05)
+    ax.set_xlabel("rate: val/kl (nats)")
+    ax.set_ylabel("distortion: val/rec (nats)")
+    ax.set_title("Rate–distortion (dashed: constant ELBO)")
+    return [save_figure(fig, path)]

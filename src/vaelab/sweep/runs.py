@@ -1,0 +1,96 @@
+"""How a sweep's runs find each other: the parent's id handed to the jobs, the tags that make a job's run a child,
+and the query that reads the children back.
+
+Hydra multirun sweeps have one parent MLflow run per sweep and one nested child run per job. How the pieces meet:
+- `SweepCallback` (vaelab.sweep.callback), a Hydra callback (conf/train.yaml, `hydra.callbacks`), runs in the
+  launching process. `on_multirun_start` creates the MLflow store and experiment before any job starts, so parallel
+  workers never race on a fresh sqlite schema. It then creates the parent run and hands its id to the jobs: in an
+  environment variable, which joblib's worker processes inherit since they start later, and in a file in the sweep
+  folder, for launchers that run jobs elsewhere.
+- `run_job` (vaelab.sweep.jobs) trains one job as a nested child run (pipelines/train.py calls it in `-m` mode). A
+  job that fails (an invalid config, a NaN loss, a crash) gets a FAILED child run, prints one line and returns NaN
+  instead of raising. Otherwise Hydra's sweeper would raise after the batch and skip `on_multirun_end`.
+- `on_multirun_end` reads the child runs back from MLflow rather than from the jobs' return values, since a
+  parallel or remote launcher may not return them, and writes the summary (vaelab.sweep.summary) to
+  outputs/<parent_run_id>/, logs it to the parent run and exits with status 1 if any job failed.
+
+Sweeps select on validation metrics only: the best job is the one with the highest val/elbo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
+from vaelab.tracking.run import TAG_PREFIX
+
+PARENT_ENV = "VAELAB_SWEEP_RUN_ID"  # the parent run's id, for the jobs
+PARENT_FILE = "parent_run_id"  # the same, in the Hydra sweep folder
+JOB_TAG = f"{TAG_PREFIX}sweep_job"  # a child run's Hydra job number
+JOB_OVERRIDES_TAG = f"{TAG_PREFIX}job_overrides"  # a child run's overrides, as a JSON list
+SELECTION = "val/elbo"  # what picks the best job: validation only, higher is better
+AGGREGATE_OVER = "seed"  # jobs that differ only in this key are one configuration
+# The summary's metrics, as train() returns them: at the best checkpoint (val/nll_iw is estimated on it).
+# Each child run also gets them as `best/<name>` metrics, since its `val/*` history ends at the last epoch.
+METRICS = ("val/elbo", "val/nll_iw", "val/rec", "val/kl", "best_epoch")
+
+
+def child_metric(name: str) -> str:
+    return f"best/{name.removeprefix('best_')}"  # val/elbo -> best/val/elbo, best_epoch -> best/epoch
+
+
+def is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def short_error(error: BaseException) -> str:
+    """One line: the exception's type and message (a ConfigError's problems, one per line, joined by `; `)."""
+    text = str(error).strip()
+    if "\n" in text:  # a ConfigError lists one problem per line
+        text = "; ".join(line.strip() for line in text.splitlines()[1:]) or text.splitlines()[0]
+    return f"{type(error).__name__}: {text}"
+
+
+def parent_run_id(sweep_dir: str) -> str:
+    """The sweep's parent run: from the launching process's environment, else from the sweep folder."""
+    found = os.environ.get(PARENT_ENV)
+    if not found and (Path(sweep_dir) / PARENT_FILE).is_file():
+        found = (Path(sweep_dir) / PARENT_FILE).read_text().strip()
+    if not found:
+        raise RuntimeError(
+            "this multirun job has no parent MLflow run: conf/train.yaml's hydra.callbacks.vaelab_sweep must be set"
+        )
+    return found
+
+
+def job_tags(num: int, overrides: list[str]) -> dict[str, str]:
+    return {JOB_TAG: str(num), JOB_OVERRIDES_TAG: json.dumps(overrides)}
+
+
+def find_child(uri: str, parent: str, overrides: str, since_ms: int) -> str | None:
+    """The child run that a job with these overrides started after `since_ms`, if train() got as far as making it."""
+    for run in child_runs(uri, parent):
+        if run.info.start_time >= since_ms and run.data.tags.get(f"{TAG_PREFIX}overrides") == overrides:
+            return run.info.run_id
+    return None
+
+
+def child_runs(uri: str, parent: str) -> list:
+    """Every run nested under `parent`, in any experiment of the store (a job may override tracking.experiment)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            experiments, f"tags.mlflow.parentRunId = '{parent}'", max_results=1000, page_token=token
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs

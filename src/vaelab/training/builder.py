@@ -1,0 +1,104 @@
+"""From plain config values to objects, through one list of trusted targets.
+
+A component's config is a plain mapping whose `_target_` names the callable that builds it, with its keyword
+arguments beside it (`{"_target_": "vaelab.model.networks.build_mlp", "hidden": [512]}`). Those mappings are what a
+checkpoint stores as hyper-parameters, so they also arrive from files: a `_target_` there is a string that passes
+torch's `weights_only=True`, and building from it calls whatever it names. So every target is resolved here, and only
+a callable of a trusted kind is returned:
+
+- anything defined in vaelab's component modules (the model layer, vaelab's own callbacks);
+- a torch.optim optimizer or learning-rate scheduler class;
+- `lightning.pytorch.Trainer`, or a Lightning `Callback` subclass.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from vaelab.model.likelihoods import Likelihood
+from vaelab.model.vae import VAE
+
+# The packages whose own callables a target may name (a callable merely imported into them does not count).
+TRUSTED_PACKAGES = ("vaelab.model", "vaelab.training.callbacks")
+
+
+class UntrustedTarget(ValueError):
+    """A `_target_` names something outside the trusted list, or nothing at all."""
+
+
+def _is_trusted(found: object, module_name: str) -> bool:
+    if not callable(found):
+        return False
+    in_trusted_package = any(module_name == p or module_name.startswith(f"{p}.") for p in TRUSTED_PACKAGES)
+    if in_trusted_package and getattr(found, "__module__", None) == module_name:
+        return True
+    if not inspect.isclass(found):
+        return False
+    if issubclass(found, torch.optim.Optimizer | torch.optim.lr_scheduler.LRScheduler):
+        return found.__module__.startswith("torch.optim")
+    return found is pl.Trainer or issubclass(found, Callback)
+
+
+def resolve(target: object) -> Callable[..., Any]:
+    """The callable that `target` (a dotted path) names, or UntrustedTarget when it is not on the trusted list.
+
+    Only the module the path names is imported: a module of vaelab, torch or Lightning, or an untrusted one whose
+    import is itself harmless because nothing from it is called."""
+    if not isinstance(target, str) or "." not in target:
+        raise UntrustedTarget(f"{target!r} is not a dotted path to a callable")
+    module_name, _, name = target.rpartition(".")
+    if not module_name.startswith(("vaelab.", "torch.", "lightning.")):
+        raise UntrustedTarget(f"{target!r} is outside vaelab, torch.optim and Lightning")
+    try:
+        found = getattr(importlib.import_module(module_name), name, None)
+    except ImportError as error:
+        raise UntrustedTarget(f"{target!r}: its module does not import ({error})") from None
+    if found is None or not _is_trusted(found, module_name):
+        raise UntrustedTarget(
+            f"{target!r} is not one of vaelab's components, a torch.optim optimizer or scheduler, or a Lightning "
+            "Trainer or Callback"
+        )
+    return found
+
+
+def is_trusted(target: object) -> bool:
+    try:
+        resolve(target)
+    except UntrustedTarget:
+        return False
+    return True
+
+
+def build(spec: dict[str, Any], **extra: Any) -> Any:
+    """Call `spec["_target_"]` with the rest of `spec` and `extra` as keyword arguments."""
+    kwargs = {key: value for key, value in spec.items() if key != "_target_"}
+    return resolve(spec.get("_target_"))(**kwargs, **extra)
+
+
+def build_vae(image_shape: list[int], arch: dict, likelihood: dict, latent_dim: int, grey_levels: int = 256) -> VAE:
+    """The VAE that `arch` and `likelihood` (plain mappings with a `_target_`) describe, for this image shape."""
+    p_x_z: Likelihood = build(likelihood, grey_levels=grey_levels)
+    encoder, decoder = build(
+        arch, image_shape=tuple(image_shape), latent_dim=latent_dim, params_per_channel=p_x_z.params_per_channel
+    )
+    return VAE(encoder, decoder, p_x_z, latent_dim)
+
+
+def build_optimizer(
+    params, optimizer: str = "torch.optim.Adam", lr: float = 1e-3, weight_decay: float = 0.0, fused: bool = True
+) -> torch.optim.Optimizer:
+    """`optimizer` (a class path) over `params`, with its fused kernel when asked for and the class has one.
+
+    Fused Adam updates all parameters in one kernel, a tenth of a small model's CPU step (benchmarks/README.md)."""
+    cls = resolve(optimizer)
+    kwargs = {"lr": lr, "weight_decay": weight_decay}
+    if fused and "fused" in inspect.signature(cls).parameters:
+        kwargs["fused"] = True
+    return cls(params, **kwargs)
