@@ -120,9 +120,9 @@ def test_without_debian_data_torchvision_downloads_and_a_failure_is_explained(
 ):
     from torchvision.datasets import FashionMNIST
 
-    from vaelab import datasets
+    from vaelab.data import sources
 
-    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", tmp_path / "not-installed")
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path / "not-installed")
     monkeypatch.setattr(FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])  # nothing listens on port 9
     with pytest.raises(DataError, match="torchvision could not download it") as error:
         prepare(Settings.from_config(make_config().data))

@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from vaelab.errors import ConfigError
 
 DATASETS = ("fashion_mnist", "mnist", "digits", "image_folder")
-ACTIVATIONS = ("silu", "relu", "leaky_relu", "elu", "gelu", "tanh", "softplus")  # vaelab.model.networks maps them (a test checks)
+# vaelab.model.networks maps these names to modules (a test checks the two lists agree)
+ACTIVATIONS = ("silu", "relu", "leaky_relu", "elu", "gelu", "tanh", "softplus")
 NAN_POLICIES = ("fail", "skip")
 SCHEDULERS = (None, "cosine")
 TRACKING_SCHEMES = ("sqlite:///", "http://", "https://", "file:", "postgresql", "mysql", "databricks")

@@ -201,7 +201,7 @@ class SharedParent:
                     "optuna.metric": settings.metric,
                     "optuna.direction": settings.direction,
                     "optuna.pruner": settings.pruner,
-                    "vaelab.search.space": OmegaConf.to_yaml(OmegaConf.create(settings.space))[:5000],
+                    "vaelab.search_space": OmegaConf.to_yaml(OmegaConf.create(settings.space))[:5000],
                     "vaelab.workers": "1",
                 }
             )
