@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 from throughput import compose_config, markdown_table, prepare_data  # noqa: E402
 from throughput import parse_args as throughput_args  # noqa: E402
 
-DEFAULT_SWEEP = "model.latent_dim=2,8 model.beta=1,4 arch=mlp,conv"
+DEFAULT_SWEEP = "model.latent_dim=2,8 objective.beta=1,4 arch=mlp,conv"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -189,11 +189,11 @@ def worker_bare(spec: dict) -> dict:
     images = images[: spec["limit_train"]] if spec["limit_train"] else images
     images = images.to(device)  # uint8 [N, 1, 28, 28], resident on the device
     vae = build_vae(spec["image_shape"], cfg["arch"], cfg["likelihood"], cfg["model"]["latent_dim"],
-                    spec["grey_levels"]).to(device)  # fmt: skip
+                    grey_levels=spec["grey_levels"]).to(device)  # fmt: skip
     observe, grey_levels = type(vae.likelihood).observe, spec["grey_levels"]
     optim = cfg["optim"]
     optimizer = build_optimizer(vae.parameters(), optim["_target_"], optim["lr"], optim["weight_decay"], optim["fused"])
-    beta, free_bits = float(cfg["model"]["beta"]), float(cfg["model"]["free_bits"])
+    beta, free_bits = float(cfg["objective"]["beta"]), float(cfg["objective"]["free_bits"])
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)
         if spec["precision"].startswith("bf16")
@@ -295,7 +295,7 @@ def worker_eval(spec: dict) -> dict:
     set_threads(spec)
     torch.manual_seed(spec["seed"])
     vae = build_vae(spec["image_shape"], cfg["arch"], cfg["likelihood"], cfg["model"]["latent_dim"],
-                    spec["grey_levels"]).to(device).eval()  # fmt: skip
+                    grey_levels=spec["grey_levels"]).to(device).eval()  # fmt: skip
     test = load_split(Path(spec["data_folder"]), "test")
     images = fixed_observations(test, "test", type(vae.likelihood), spec["manifest"])
     evaluate_images(vae, images[: EVAL_WARMUP["images"]], k=EVAL_WARMUP["k"], description="warm-up")

@@ -8,11 +8,14 @@ arch=conv, data=mnist) must match them, or evaluate stops with a message saying 
 """
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from vaelab.config import check_command_line, validate
+from vaelab.errors import exit_on_user_error
 from vaelab.logs import quiet_third_party
 
 os.environ.setdefault("VAELAB_ROOT", str(Path(__file__).resolve().parents[1]))
@@ -21,9 +24,6 @@ os.environ.setdefault("VAELAB_ROOT", str(Path(__file__).resolve().parents[1]))
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     quiet_third_party()
-    from vaelab.config import validate
-    from vaelab.errors import exit_on_user_error
-
     with exit_on_user_error():
         validate(cfg)
         from vaelab.stages.evaluate import evaluate
@@ -38,4 +38,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    with exit_on_user_error():
+        check_command_line(sys.argv[1:])  # a moved key, named with its new place before Hydra rejects it unnamed
     main()

@@ -1,16 +1,19 @@
 """Train stage: one VAE (or, with -m, a Hydra multirun sweep), tracked in MLflow.
 
-python pipelines/train.py model.latent_dim=8 model.beta=4
-python pipelines/train.py -m model.latent_dim=2,8,32 model.beta=0.5,1,4 arch=mlp,conv
+python pipelines/train.py model.latent_dim=8 objective.beta=4
+python pipelines/train.py -m model.latent_dim=2,8,32 objective.beta=0.5,1,4 arch=mlp,conv
 python pipelines/train.py -m sweep=latent_beta_arch hydra/launcher=joblib hydra.launcher.n_jobs=2
 """
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from vaelab.config import check_command_line, validate
+from vaelab.errors import exit_on_user_error
 from vaelab.logs import quiet_third_party
 
 os.environ.setdefault("VAELAB_ROOT", str(Path(__file__).resolve().parents[1]))
@@ -24,9 +27,6 @@ def main(cfg: DictConfig) -> float:
 
     if is_multirun():  # one job of a sweep: a nested MLflow run; a failure fails this job only (vaelab.sweep.jobs)
         return run_job(cfg)
-
-    from vaelab.config import validate
-    from vaelab.errors import exit_on_user_error
 
     with exit_on_user_error():
         validate(cfg)  # before the heavy imports: a typo fails in a second
@@ -44,4 +44,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    with exit_on_user_error():
+        check_command_line(sys.argv[1:])  # a moved key, named with its new place before Hydra rejects it unnamed
     main()

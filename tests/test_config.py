@@ -3,9 +3,12 @@
 from pathlib import Path
 
 import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import open_dict
 
 from conftest import CONF, make_config, run_entry
-from vaelab.config import problems
+from vaelab.config import check_command_line, problems
+from vaelab.errors import ConfigError
 
 
 def test_the_default_config_and_every_experiment_are_valid():
@@ -19,7 +22,12 @@ def test_the_default_config_and_every_experiment_are_valid():
     [
         ("model.latent_dim=0", "model.latent_dim"),
         ("model.latent_dim=2.5", "model.latent_dim"),
-        ("model.beta=-1", "model.beta"),
+        ("objective.beta=-1", "objective.beta"),
+        ("objective.kl_warmup_epochs=1.5", "objective.kl_warmup_epochs"),
+        ("objective=iwae objective.k=1", "objective.k"),
+        ("objective=iwae objective.dreg=maybe", "objective.dreg"),
+        ("objective=capacity objective.gamma=0", "objective.gamma"),
+        ("objective=capacity objective.nats=-1", "objective.nats"),
         ("optim.lr=0", "optim.lr"),
         ("data.batch_size=0", "data.batch_size"),
         ("eval.iw_k=0", "eval.iw_k"),
@@ -40,30 +48,60 @@ def test_a_bad_value_is_reported_by_key(override: str, key: str):
     assert [k for k, _, _ in found] == [key]
 
 
-def test_iwae_rejects_beta_free_bits_and_warmup():
-    found = problems(
-        make_config("model.iw_samples=5", "model.beta=2", "model.free_bits=0.5", "model.kl_warmup_epochs=3")
-    )
-    assert {k for k, _, _ in found} == {"model.beta", "model.free_bits", "model.kl_warmup_epochs"}
-    assert all("iw_samples > 1" in allowed for _, _, allowed in found)
-    assert problems(make_config("model.iw_samples=5")) == []
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["objective=iwae", "objective.beta=2"],
+        ["objective=iwae", "objective.free_bits=0.5"],
+        ["objective=capacity", "objective.kl_warmup_epochs=3"],
+        ["objective=elbo", "objective.k=5"],
+    ],
+)
+def test_an_objective_has_only_its_own_keys_so_a_meaningless_combination_cannot_be_written(overrides):
+    with pytest.raises(ConfigCompositionException, match=overrides[1].split("=")[0].split(".")[1]):
+        make_config(*overrides)
 
 
-def test_capacity_rejects_beta_and_iwae_and_dreg_needs_iwae():
-    found = problems(make_config("model.capacity.nats=25", "model.beta=4", "model.iw_samples=5"))
-    assert {k for k, _, _ in found} == {"model.beta", "model.capacity.nats"}
-    assert problems(make_config("model.capacity.nats=25")) == []
-    assert [(k, allowed) for k, _, allowed in problems(make_config("model.dreg=true"))] == [
-        ("model.dreg", "false unless model.iw_samples > 1 (DReG is a gradient for the IWAE bound)")
-    ]
-    assert problems(make_config("model.dreg=true", "model.iw_samples=5")) == []
+def test_every_objective_composes_and_is_valid():
+    for objective in sorted(p.stem for p in (CONF / "objective").glob("*.yaml")):
+        assert problems(make_config(f"objective={objective}")) == [], objective
+
+
+@pytest.mark.parametrize(
+    ("override", "new_place"),
+    [
+        ("model.beta=4", "objective.beta"),
+        ("+model.free_bits=0.5", "objective.free_bits"),
+        ("model.iw_samples=5", "objective.k (with objective=iwae)"),
+        ("model.capacity.nats=25", "objective.nats (with objective=capacity)"),
+        ("~model.dreg", "objective.dreg (with objective=iwae)"),
+    ],
+)
+def test_a_moved_key_on_the_command_line_names_its_new_place(override: str, new_place: str):
+    with pytest.raises(ConfigError) as error:
+        check_command_line(["-m", "data=digits", override])
+    assert f"moved to {new_place}" in str(error.value)
+    check_command_line(["-m", "objective.beta=0.5,1", "model.latent_dim=8"])  # the new keys pass
+
+
+def test_a_moved_key_in_a_config_file_names_its_new_place():
+    cfg = make_config()
+    with open_dict(cfg):
+        cfg.model.beta = 4.0
+        cfg.model.capacity = {"nats": 25.0}
+    found = {key: allowed for key, _, allowed in problems(cfg)}
+    assert found == {
+        "model.beta": "nowhere: it moved to objective.beta",
+        "model.capacity.nats": "nowhere: it moved to objective.nats (with objective=capacity)",
+    }
 
 
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
         ("model.latent_dim=0", ["model.latent_dim=0", "an integer >= 1"]),
-        ("model.beta=-0.5", ["model.beta=-0.5", "a number >= 0"]),
+        ("objective.beta=-0.5", ["objective.beta=-0.5", "a number >= 0"]),
+        ("model.beta=4", ["model.beta='4'", "moved to objective.beta"]),
         ("data.root=/no/such/folder", ["data.root='/no/such/folder'", "an existing directory"]),
     ],
 )

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
+from vaelab.model.distributions import gaussian_log_prob, standard_normal_log_prob
 from vaelab.model.estimators import active_units, evaluate_images, iw_batch, mutual_information
 from vaelab.model.likelihoods import Bernoulli
 from vaelab.model.networks import build_mlp
-from vaelab.model.objectives import gaussian_log_prob, standard_normal_log_prob
 from vaelab.model.vae import VAE
 
 

@@ -164,7 +164,7 @@ def test_secrets_and_environment_values_never_reach_params_or_tags(project: Path
         "+extra.path=${oc.env:VAELAB_TEST_SECRET_PATH}",
         "+extra.copy=${extra.path}",  # through another key: still the environment's value
     )
-    run = Run.create(cfg, "train", overrides=[*overrides, "model.beta=2"], tags={})
+    run = Run.create(cfg, "train", overrides=[*overrides, "objective.beta=2"], tags={})
     logged = mlflow_client(project).get_run(run.run_id).data
 
     assert logged.params["db.password"] == logged.params["tracking.api_token"] == "***"
@@ -175,4 +175,5 @@ def test_secrets_and_environment_values_never_reach_params_or_tags(project: Path
     recorded = " ".join([*logged.params.values(), *logged.tags.values()])
     for secret in ("hunter2", "abc123xyz", "k3y-s3cr3t", "/home/alice/very-private"):
         assert secret not in recorded, secret
-    assert "+db.password=***" in logged.tags["vaelab.overrides"] and "model.beta=2" in logged.tags["vaelab.overrides"]
+    overrides_tag = logged.tags["vaelab.overrides"]
+    assert "+db.password=***" in overrides_tag and "objective.beta=2" in overrides_tag

@@ -7,18 +7,10 @@ import torch
 from torch.distributions import Bernoulli as TorchBernoulli
 from torch.distributions import Normal
 
+from vaelab.model.distributions import gaussian_kl, gaussian_log_prob, standard_normal_log_prob
 from vaelab.model.likelihoods import Bernoulli
 from vaelab.model.networks import build_mlp
-from vaelab.model.objectives import (
-    beta_vae_loss,
-    bits_per_dim,
-    capacity_loss,
-    gaussian_kl,
-    gaussian_log_prob,
-    iw_bound,
-    linear_ramp,
-    standard_normal_log_prob,
-)
+from vaelab.model.objectives import beta_vae_loss, bits_per_dim, capacity_loss, iw_bound, linear_ramp
 from vaelab.model.vae import VAE
 
 

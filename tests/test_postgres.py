@@ -40,7 +40,7 @@ N_TRIALS = 4
 SEARCH = [
     *TINY_TRIAL,
     "~search.space",
-    "+search.space={model.beta:{type:float,low:0.5,high:2}}",
+    "+search.space={objective.beta:{type:float,low:0.5,high:2}}",
     "search.sampler=random",
     "search.pruner=none",
     f"search.n_trials={N_TRIALS}",

@@ -49,7 +49,7 @@ def test_a_sigkilled_run_resumes_in_the_same_mlflow_run(project: Path):
 
 def test_resume_refuses_other_overrides_and_unknown_runs(project: Path):
     with pytest.raises(ConfigError, match="no other overrides"):
-        resumption(make_config("resume=last"), ["resume=last", "model.beta=4"])
+        resumption(make_config("resume=last"), ["resume=last", "objective.beta=4"])
     with pytest.raises(VaelabError, match="no train run of experiment 'vaelab'"):
         resumption(make_config("resume=last"), ["resume=last"])
     missing = "0123456789abcdef0123456789abcdef"

@@ -21,7 +21,7 @@ BASE = [*TINY_TRIAL, "search.sampler=random"]  # seeded below: which trial sampl
 
 
 def space(**params: str) -> list[str]:
-    """Overrides that replace the search space: space(model__beta="{type:float,low:0.5,high:2}")."""
+    """Overrides that replace the search space: space(objective__beta="{type:float,low:0.5,high:2}")."""
     entries = ",".join(f"{name.replace('__', '.')}:{spec}" for name, spec in params.items())
     return ["~search.space", f"+search.space={{{entries}}}"]
 
@@ -44,7 +44,7 @@ def runs_by_kind(project: Path):
 def test_a_search_makes_one_nested_run_per_trial_and_a_rerun_with_more_trials_resumes_it(project: Path):
     command = [
         *BASE,
-        *space(model__latent_dim="{type:int,low:2,high:8}", model__beta="{type:float,low:0.5,high:2,log:true}"),
+        *space(model__latent_dim="{type:int,low:2,high:8}", objective__beta="{type:float,low:0.5,high:2,log:true}"),
         "search.seed=0",
         "search.pruner=none",
     ]
@@ -65,7 +65,7 @@ def test_a_search_makes_one_nested_run_per_trial_and_a_rerun_with_more_trials_re
         assert run.data.tags[PARENT_TAG] == parent.info.run_id and run.info.status == "FINISHED"
         assert run.data.tags["optuna.trial_number"] == str(trial.number)
         assert run.data.params["model.latent_dim"] == str(trial.params["model.latent_dim"])
-        assert float(run.data.params["model.beta"]) == pytest.approx(trial.params["model.beta"])
+        assert float(run.data.params["objective.beta"]) == pytest.approx(trial.params["objective.beta"])
         assert run.data.metrics["val/elbo"] == pytest.approx(trial.value)
 
     artifacts = artifact_paths(mlflow_client(project), parent.info.run_id)
@@ -85,7 +85,7 @@ def test_a_search_makes_one_nested_run_per_trial_and_a_rerun_with_more_trials_re
     assert problems(best_cfg) == []
     assert best_cfg.data.name == "digits" and best_cfg.trainer.max_epochs == 1 and list(best_cfg.arch.hidden) == [64]
     assert best_cfg.model.latent_dim == study.best_params["model.latent_dim"]
-    assert best_cfg.model.beta == pytest.approx(study.best_params["model.beta"])
+    assert best_cfg.objective.beta == pytest.approx(study.best_params["objective.beta"])
     assert "python pipelines/train.py data=digits" in (outputs / "reproduce.sh").read_text()
 
     # The same command with a larger n_trials runs only the missing trials, into the same study.
@@ -134,7 +134,7 @@ def test_a_nan_objective_is_a_failed_trial_and_run_not_a_crash(project: Path, mo
         return {"val/elbo": math.nan, "run_id": run.run_id}
 
     monkeypatch.setattr("vaelab.stages.train.train", train_to_nan)
-    result = search([*BASE, *space(model__beta="{type:float,low:0.5,high:2}"), "search.n_trials=1"], CONF)
+    result = search([*BASE, *space(objective__beta="{type:float,low:0.5,high:2}"), "search.n_trials=1"], CONF)
 
     [trial] = load_study(project).trials
     assert trial.state == TrialState.FAIL and "non-finite val/elbo" in trial.user_attrs["failure"]
@@ -174,7 +174,7 @@ def test_a_bad_search_space_fails_before_anything_runs_naming_each_key(project: 
         *BASE,
         *space(
             model__latent_dim="{type:fancy,low:2,high:8}",
-            model__beta="{type:float,low:2,high:0.5}",
+            objective__beta="{type:float,low:2,high:0.5}",
             optim__lr="{type:float,low:0,high:0.01,log:true}",
             model__latnt_dim="{type:int,low:2,high:8}",
         ),
@@ -184,7 +184,7 @@ def test_a_bad_search_space_fails_before_anything_runs_naming_each_key(project: 
     assert done.returncode == 2 and "Traceback" not in done.stderr
     for key in (
         "search.space.model.latent_dim.type='fancy'",
-        "search.space.model.beta.low=2",
+        "search.space.objective.beta.low=2",
         "search.space.optim.lr.low=0",
         "search.space.model.latnt_dim",
     ):
@@ -220,8 +220,8 @@ def test_every_search_space_in_conf_is_valid():
 
 
 def test_a_searched_key_cannot_also_be_fixed_on_the_command_line(project: Path):
-    with pytest.raises(Exception, match="model.beta is searched"):
-        search(["model.beta=2", *space(model__beta="{type:float,low:0.5,high:2}")], CONF)
+    with pytest.raises(Exception, match="objective.beta is searched"):
+        search(["objective.beta=2", *space(objective__beta="{type:float,low:0.5,high:2}")], CONF)
     with pytest.raises(ConfigError, match="search.n_trials"):
         search(["search.n_trials=-1"], CONF)
 
@@ -232,7 +232,7 @@ def test_the_best_trials_experiment_file_composes_the_same_config_as_its_command
         "arch=conv",
         "arch.hidden=[8,16]",
         "+trainer.limit_val_batches=2",
-        "model.beta=0.5",
+        "objective.beta=0.5",
         "optim.scheduler=cosine",
     ]
     (tmp_path / "experiment").mkdir()

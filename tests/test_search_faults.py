@@ -33,7 +33,7 @@ TESTS = Path(__file__).resolve().parent
 WORKER = [
     *TINY_TRIAL,
     "~search.space",
-    "+search.space={model.beta:{type:float,low:0.5,high:2}}",
+    "+search.space={objective.beta:{type:float,low:0.5,high:2}}",
     "search.sampler=random",
     "search.pruner=none",
     "search.heartbeat_interval=1",
@@ -113,7 +113,7 @@ def test_two_workers_started_together_on_a_new_study_share_it_and_stop_at_exactl
     study = load_study(project)
     assert [trial.state for trial in study.trials] == [TrialState.COMPLETE] * 3
     assert len({trial.user_attrs[WORKER_ATTR] for trial in study.trials}) == 2  # both ran trials
-    assert len({trial.params["model.beta"] for trial in study.trials}) == 3  # the seeded workers drew apart
+    assert len({trial.params["objective.beta"] for trial in study.trials}) == 3  # the seeded workers drew apart
     parent, _ = check_stores(project, study)
     assert parent.data.tags["vaelab.workers"] == "2" and parent.data.metrics["search/complete"] == 3
     assert sum("joining MLflow parent run" in output for output in outputs) == 1

@@ -44,7 +44,8 @@ def markdown_rows(path: Path) -> list[str]:
 
 def test_a_grid_sweep_nests_every_job_under_one_parent_and_summarises_them(project: Path):
     # 2 x 2 x 2: latent size x beta x seed, run one after another (Hydra's basic launcher).
-    done = run_entry("train.py", "-m", *ONE_EPOCH, "model.latent_dim=2,4", "model.beta=1,4", "seed=0,1", root=project)
+    sweep = ("model.latent_dim=2,4", "objective.beta=1,4", "seed=0,1")
+    done = run_entry("train.py", "-m", *ONE_EPOCH, *sweep, root=project)
 
     parents, children = sweep_runs(project)
     assert len(parents) == 1
@@ -55,8 +56,8 @@ def test_a_grid_sweep_nests_every_job_under_one_parent_and_summarises_them(proje
     assert {c.info.status for c in children} == {"FINISHED"}
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["vaelab.stage"] == "sweep"
-    assert "model.beta=1,4" in parent.data.tags["vaelab.overrides"]
-    assert parent.data.tags["vaelab.sweep_axes"] == "model.latent_dim,model.beta,seed"
+    assert "objective.beta=1,4" in parent.data.tags["vaelab.overrides"]
+    assert parent.data.tags["vaelab.sweep_axes"] == "model.latent_dim,objective.beta,seed"
     assert sorted(int(c.data.tags["vaelab.sweep_job"]) for c in children) == list(range(8))
 
     # One summary row per job, with the metrics of the job's best checkpoint, as CSV and Markdown.
@@ -70,7 +71,7 @@ def test_a_grid_sweep_nests_every_job_under_one_parent_and_summarises_them(proje
         assert float(row["val/elbo"]) == pytest.approx(best_elbo[row["run_id"]])
         assert float(row["val/nll_iw"]) > 0 and float(row["val/rec"]) > 0 and float(row["val/kl"]) >= 0
         assert row["best_epoch"] == "0.0"
-    assert {(r["model.latent_dim"], r["model.beta"], r["seed"]) for r in rows} == set(
+    assert {(r["model.latent_dim"], r["objective.beta"], r["seed"]) for r in rows} == set(
         itertools.product(["2", "4"], ["1", "4"], ["0", "1"])
     )
 
@@ -82,7 +83,7 @@ def test_a_grid_sweep_nests_every_job_under_one_parent_and_summarises_them(proje
         seeds = [
             float(r["val/elbo"])
             for r in rows
-            if (r["model.latent_dim"], r["model.beta"]) == (entry["model.latent_dim"], entry["model.beta"])
+            if (r["model.latent_dim"], r["objective.beta"]) == (entry["model.latent_dim"], entry["objective.beta"])
         ]
         assert float(entry["val/elbo mean"]) == pytest.approx(statistics.fmean(seeds))
         assert float(entry["val/elbo std"]) == pytest.approx(statistics.stdev(seeds))
@@ -114,15 +115,14 @@ def test_a_grid_sweep_nests_every_job_under_one_parent_and_summarises_them(proje
 
 
 def test_a_parallel_sweep_survives_failing_jobs_and_exits_non_zero(project: Path):
-    # joblib, 2 worker processes. lr = 1e30 makes the loss NaN; IWAE (iw_samples=2) with beta=4 is an invalid config.
+    # joblib, 2 worker processes. lr = 1e30 makes the loss NaN; latent_dim=0 is an invalid config.
     done = run_entry(
         "train.py",
         "-m",
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
         *ONE_EPOCH,
-        "model.beta=4",
-        "model.iw_samples=1,2",
+        "model.latent_dim=4,0",
         "optim.lr=1e-3,1e30",
         root=project,
         check=False,
@@ -145,8 +145,8 @@ def test_a_parallel_sweep_survives_failing_jobs_and_exits_non_zero(project: Path
     assert jobs[1].data.tags["vaelab.failure"].startswith("NonFiniteLossError")
     for invalid in (jobs[2], jobs[3]):  # rejected before training, still a FAILED child run with its params
         assert invalid.info.status == "FAILED"
-        assert invalid.data.tags["vaelab.failure"].startswith("ConfigError: model.beta=4")
-        assert invalid.data.params["model.iw_samples"] == "2"
+        assert invalid.data.tags["vaelab.failure"].startswith("ConfigError: model.latent_dim=0")
+        assert invalid.data.params["model.latent_dim"] == "0"
 
     folder = project / "outputs" / parent.info.run_id
     rows = {int(r["job"]): r for r in read_csv(folder / "summary.csv")}
@@ -156,7 +156,7 @@ def test_a_parallel_sweep_survives_failing_jobs_and_exits_non_zero(project: Path
     assert {p.name for p in folder.iterdir()} == SUMMARY_FILES  # no seeds, no beta axis: no aggregate, no R-D plot
     assert parent.data.tags["vaelab.best_run_id"] == rows[0]["run_id"]
     assert "3 of 4 sweep jobs failed" in done.stderr
-    assert "FAILED: ConfigError: model.beta=4" in done.stderr
+    assert "FAILED: ConfigError: model.latent_dim=0" in done.stderr
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "sweep").glob("*.yaml")))

@@ -152,7 +152,7 @@ class SelectionSpy(Callback):
 def test_epochs_before_the_kl_warmup_ends_are_never_the_best_checkpoint(project: Path):
     """During a warm-up the KL weight is below beta, which flatters val/elbo: those epochs are not candidates."""
     spy = SelectionSpy()
-    overrides = ("trainer.max_epochs=4", "model.beta=4", "model.kl_warmup_epochs=3")
+    overrides = ("trainer.max_epochs=4", "objective.beta=4", "objective.kl_warmup_epochs=3")
     summary = train(make_config(*TINY, *overrides), callbacks=[spy])
     assert spy.values[:2] == [float("-inf")] * 2  # the ramp ends within epoch 2 (0-based)
     assert all(math.isfinite(v) for v in spy.values[2:])

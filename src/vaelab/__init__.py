@@ -6,4 +6,4 @@ the component builder), `tracking` (the MLflow store and runs), `stages` (train,
 what `pipelines/` call), `sweep` and `search`. docs/architecture.md walks through them.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from vaelab import __version__
 from vaelab.errors import CheckpointError
 from vaelab.training.builder import is_trusted
 from vaelab.training.module import VAEModule
@@ -22,7 +23,7 @@ from vaelab.training.module import VAEModule
 # Where a checkpoint's hyper-parameters may hold a `_target_`: building the network calls what those name, so
 # weights_only=True stops code hidden in the pickle, and the builder's trusted-target list stops code named in the
 # hyper-parameters (a plain string passes weights_only).
-INSTANTIATED_HPARAMS = ("arch", "likelihood")
+INSTANTIATED_HPARAMS = ("arch", "likelihood", "objective", "posterior", "prior")
 NOT_A_CHECKPOINT = "not a PyTorch checkpoint, or a truncated or corrupted one"
 
 
@@ -71,6 +72,11 @@ def targets_within(value: object, where: str = "") -> Iterator[tuple[str, object
 def checked_hyperparameters(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
     """VAEModule's constructor arguments from the checkpoint, refused unless every `_target_` in them is trusted."""
     hparams = checkpoint.get("hyper_parameters")
+    if isinstance(hparams, dict) and "arch" in hparams and "objective" not in hparams:
+        raise CheckpointError(
+            f"{path}: written by vaelab 0.1, whose checkpoints vaelab {__version__} no longer reads (the objective, "
+            "posterior and prior became components); train the model again"
+        )
     init = inspect.signature(VAEModule.__init__).parameters
     required = [name for name, p in init.items() if name != "self" and p.default is inspect.Parameter.empty]
     missing = [name for name in required if not isinstance(hparams, dict) or name not in hparams]
@@ -84,7 +90,8 @@ def checked_hyperparameters(checkpoint: dict[str, Any], path: str | Path) -> dic
         if where not in INSTANTIATED_HPARAMS or not is_trusted(target):
             raise CheckpointError(
                 f"{path}: refused: {where}._target_ is {target!r}, and building the network would call it; "
-                "only vaelab's own networks and likelihoods may be named, at arch._target_ and likelihood._target_"
+                "only vaelab's own components may be named, at the _target_ of "
+                f"{', '.join(INSTANTIATED_HPARAMS)}"
             )
     return hparams
 

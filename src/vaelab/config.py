@@ -79,14 +79,6 @@ RULES: dict[str, Rule] = {
     "data.root": ((lambda v: v is None or Path(str(v)).is_dir()), "null or an existing directory"),
     "arch.hidden": SIZES,
     "model.latent_dim": _int_at_least(1),
-    "model.beta": _number_at_least(0),
-    "model.kl_warmup_epochs": _int_at_least(0),
-    "model.free_bits": _number_at_least(0),
-    "model.iw_samples": _int_at_least(1),
-    "model.dreg": ((lambda v: isinstance(v, bool)), "true or false"),
-    "model.capacity.nats": _optional(_number_at_least(0)),
-    "model.capacity.epochs": _int_at_least(0),
-    "model.capacity.gamma": POSITIVE_NUMBER,
     "optim.lr": POSITIVE_NUMBER,
     "optim.weight_decay": _number_at_least(0),
     "optim.grad_clip": ((lambda v: v is None or (_is_number(v) and v > 0)), "null or a number > 0"),
@@ -113,8 +105,16 @@ RULES: dict[str, Rule] = {
 }
 
 
-# Keys only some configs have (data=image_folder's, likelihood=gaussian's): checked where present.
+# Keys only some configs have (data=image_folder's, likelihood=gaussian's, each objective's): checked where present.
 OPTIONAL_RULES: dict[str, Rule] = {
+    "objective.beta": _number_at_least(0),
+    "objective.kl_warmup_epochs": _int_at_least(0),
+    "objective.free_bits": _number_at_least(0),
+    "objective.nats": _number_at_least(0),
+    "objective.epochs": _int_at_least(0),
+    "objective.gamma": POSITIVE_NUMBER,
+    "objective.k": _int_at_least(2),
+    "objective.dreg": ((lambda v: isinstance(v, bool)), "true or false"),
     "tracking.lock_timeout_s": _number_at_least(0),
     "channels_last": ((lambda v: isinstance(v, bool)), "true or false"),
     "optim.fused": ((lambda v: isinstance(v, bool)), "true or false"),
@@ -140,9 +140,51 @@ def _rule_problems(cfg: DictConfig, rules: dict[str, Rule], optional: dict[str, 
     return found
 
 
+# Keys that moved when the objective became a component (conf/objective/): where each one lives now.
+MOVED_KEYS = {
+    "model.beta": "objective.beta",
+    "model.kl_warmup_epochs": "objective.kl_warmup_epochs",
+    "model.free_bits": "objective.free_bits",
+    "model.iw_samples": "objective.k (with objective=iwae)",
+    "model.dreg": "objective.dreg (with objective=iwae)",
+    "model.capacity": "objective=capacity",
+    "model.capacity.nats": "objective.nats (with objective=capacity)",
+    "model.capacity.epochs": "objective.epochs (with objective=capacity)",
+    "model.capacity.gamma": "objective.gamma (with objective=capacity)",
+}
+
+
+def moved(key: str, value: object) -> tuple[str, object, str]:
+    return (key, value, f"nowhere: it moved to {MOVED_KEYS[key]}")
+
+
+def moved_key_problems(overrides: list[str]) -> list[tuple[str, object, str]]:
+    """Command-line overrides that name a moved key. Checked before Hydra composes the config, which would only say
+    the key does not exist."""
+    found = []
+    for override in overrides:
+        if override.startswith("-") or "=" not in override and not override.startswith("~"):
+            continue
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
+        if key in MOVED_KEYS:
+            found.append(moved(key, value))
+    return found
+
+
+def check_command_line(overrides: list[str]) -> None:
+    """Raise ConfigError for the overrides that name a moved key."""
+    found = moved_key_problems(overrides)
+    if found:
+        raise ConfigError(found)
+
+
 def problems(cfg: DictConfig) -> list[tuple[str, object, str]]:
     """All rule violations of `cfg` as (key, value, allowed) triples; empty when the config is valid."""
     found = _rule_problems(cfg, RULES, OPTIONAL_RULES)
+    # A moved key set in a config file (an old experiment, a hand-written params.yaml).
+    leaves = [key for key in MOVED_KEYS if not any(other.startswith(f"{key}.") for other in MOVED_KEYS)]
+    found += [moved(key, OmegaConf.select(cfg, key)) for key in leaves if OmegaConf.select(cfg, key) is not None]
 
     # image_folder has no default source to fall back on: its images are wherever data.root points.
     data = cfg.get("data", {})
@@ -155,22 +197,6 @@ def problems(cfg: DictConfig) -> list[tuple[str, object, str]]:
         uri = OmegaConf.select(cfg, "tracking.uri")
         if not (isinstance(uri, str) and uri.startswith(("http://", "https://"))):
             found.append(("tracking.uri", uri, "an http:// or https:// server URI when logger=mlflow_server"))
-
-    # Combinations. The IWAE bound has no separate KL term for beta, warm-up or free bits to act on, and
-    # the capacity objective replaces beta's weighting with its own gamma and target.
-    model = cfg.get("model", {})
-    iwae = _is_int(model.get("iw_samples")) and model.iw_samples > 1
-    capacity = OmegaConf.select(model, "capacity.nats") is not None
-    for active, name in ((iwae, "model.iw_samples > 1 (IWAE objective)"), (capacity, "model.capacity.nats is set")):
-        if not active:
-            continue
-        for key, neutral in (("beta", 1), ("free_bits", 0), ("kl_warmup_epochs", 0)):
-            if model.get(key) != neutral:
-                found.append((f"model.{key}", model.get(key), f"{neutral} when {name}"))
-    if iwae and capacity:
-        found.append(("model.capacity.nats", model.capacity.nats, "null when model.iw_samples > 1 (IWAE objective)"))
-    if model.get("dreg") is True and not iwae:
-        found.append(("model.dreg", True, "false unless model.iw_samples > 1 (DReG is a gradient for the IWAE bound)"))
 
     # Lightning's 16-bit gradient scaler cannot clip the gradients of an optimizer that unscales inside its step.
     optim = cfg.get("optim", {})

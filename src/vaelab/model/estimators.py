@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vaelab.model.objectives import LOG_2PI, bits_per_dim, gaussian_log_prob
+from vaelab.model.distributions import LOG_2PI, gaussian_log_prob
+from vaelab.model.objectives import bits_per_dim
 
 # Latents decoded at once (k-chunk x images): bounds memory at about rows x pixels x a few floats.
 # On a CPU, 4096 rows keep the working set in cache and ran 2x faster than 32768 (784 pixels, 2 cores).

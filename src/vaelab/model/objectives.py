@@ -16,39 +16,31 @@ Training objectives built on it (each reported as `train/loss` = minus the objec
   * free bits:  each latent dimension's batch-averaged KL is floored at `free_bits` nats, so the
                 optimizer gains nothing by pushing a dimension's rate below it (Kingma et al. 2016).
   * capacity:   E_q[log p(x|z)] - gamma * |KL(q || p(z)) - C|, with C ramped linearly from 0 to
-                `capacity.nats` (Burgess et al. 2018). Instead of weighting the rate, it pins it to C:
+                `nats` (Burgess et al. 2018). Instead of weighting the rate, it pins it to C:
                 a beta-VAE with a moving, rate-dependent beta. At C = 0 it is a strong beta-VAE; it is
                 a bound on log p(x) only through the ELBO logged beside it.
   * IWAE:       log (1/k) sum_i p(x, z_i) / q(z_i|x) with z_i ~ q(z|x). It is >= the ELBO and
                 tends to log p(x) as k grows (Burda et al. 2016); its gap is a tighter measure of
                 KL(q || p(z|x)). It has no separate KL term, so beta and free bits do not apply.
                 As k grows the encoder's gradient gets noisier relative to its size (Rainforth et al.
-                2018); `model.dreg` swaps in the doubly reparameterized estimator (Tucker et al. 2019),
+                2018); `dreg` swaps in the doubly reparameterized estimator (Tucker et al. 2019),
                 which has the same expectation and no score-function term.
+
+Each is a component, chosen with `objective=<name>` (conf/objective/): `ELBO` (beta, warm-up, free bits; the
+default), `Capacity` and `IWAE`. An option holds only its own keys, so a combination that means nothing (IWAE with
+beta != 1, capacity with free bits) cannot be written.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-LOG_2PI = math.log(2 * math.pi)
-
-
-def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean, exp(logvar)) || N(0, I)) per dimension, in closed form. [..., D] -> [..., D]."""
-    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
-
-
-def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """log N(z; mean, diag(exp(logvar))), summed over the last dimension. [..., D] -> [...]."""
-    return -0.5 * (LOG_2PI + logvar + (z - mean).pow(2) * torch.exp(-logvar)).sum(-1)
-
-
-def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
-    """log N(z; 0, I), summed over the last dimension. [..., D] -> [...]."""
-    return -0.5 * (LOG_2PI + z.pow(2)).sum(-1)
+if TYPE_CHECKING:
+    from vaelab.model.vae import Pass
 
 
 def linear_ramp(final: float, epochs: float, progress: float) -> float:
@@ -84,16 +76,15 @@ def iw_bound(log_weights: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(log_weights, dim=0) - math.log(log_weights.shape[0])
 
 
-def dreg_iw_bound(log_px_z: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+def dreg_iw_bound(log_w: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """The IWAE bound [B], whose gradient is the doubly reparameterized one (DReG, Tucker et al. 2019).
 
-    log_px_z: [k, B]; z: [k, B, D], drawn as mean + std * eps so gradients reach the encoder through it.
-    The decoder's gradient is the IWAE gradient, sum_i w~_i d log w_i. The encoder's drops the
-    score-function term (q's parameters are detached inside log q) and weights the path term by w~_i^2
-    instead of w~_i, w~ being the normalized weights; in expectation the two are equal. When q(z|x) is the
-    true posterior, log w is constant in z and the encoder's gradient is exactly 0.
+    log_w: [k, B] = log p(x|z_i) + log p(z_i) - log q(z_i|x) with q's parameters *detached*, so that the encoder
+    reaches log w only through z: [k, B, D], drawn as a reparameterized sample. The decoder's gradient is the IWAE
+    gradient, sum_i w~_i d log w_i. The encoder's drops the score-function term and weights the path term by w~_i^2
+    instead of w~_i, w~ being the normalized weights; in expectation the two are equal. When q(z|x) is the true
+    posterior, log w is constant in z and the encoder's gradient is exactly 0.
     """
-    log_w = log_px_z + standard_normal_log_prob(z) - gaussian_log_prob(z, mean.detach(), logvar.detach())
     w = torch.softmax(log_w.detach(), dim=0)  # [k, B]
     if z.requires_grad:
         # Only log w depends on z here, so scaling dL/dz by w~ turns w~ * path term into w~^2 * path term.
@@ -105,3 +96,83 @@ def dreg_iw_bound(log_px_z: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, l
 def bits_per_dim(nats_per_image: torch.Tensor | float, dims: int) -> torch.Tensor | float:
     """Convert nats per image to bits per dimension (dims = C * H * W)."""
     return nats_per_image / (dims * math.log(2))
+
+
+# -- the objectives as components (conf/objective/<name>.yaml names one with its `_target_`) -------------------------
+
+
+class Objective:
+    """A training objective. `loss` is minus it, averaged over the batch: what is minimized and logged as train/loss.
+
+    `latent_samples` is how many latents per image a training pass draws; `ramp_epochs` how many epochs the objective
+    keeps changing (a warm-up, a capacity ramp): earlier epochs optimised another objective and are never chosen as
+    the best checkpoint."""
+
+    latent_samples: int = 1
+
+    @property
+    def ramp_epochs(self) -> int:
+        return 0
+
+    def loss(self, out: Pass, progress: float) -> torch.Tensor:
+        """Minus the objective for one pass [scalar]; `progress` is the training progress in fractional epochs."""
+        raise NotImplementedError
+
+    def logged(self) -> dict[str, float]:
+        """Values of the objective's own schedule to log at the epoch's end (e.g. the capacity target)."""
+        return {}
+
+
+@dataclass
+class ELBO(Objective):
+    """E_q[log p(x|z)] - beta * KL(q(z|x) || p(z)), beta ramped up over `kl_warmup_epochs`, each latent dimension's KL
+    floored at `free_bits` nats. beta = 1 with neither is the plain ELBO."""
+
+    beta: float = 1.0
+    kl_warmup_epochs: int = 0
+    free_bits: float = 0.0
+
+    @property
+    def ramp_epochs(self) -> int:
+        return self.kl_warmup_epochs
+
+    def loss(self, out: Pass, progress: float) -> torch.Tensor:
+        weight = linear_ramp(self.beta, self.kl_warmup_epochs, progress) if self.kl_warmup_epochs else self.beta
+        return beta_vae_loss(out.rec, out.kl_per_dim, weight, self.free_bits)
+
+
+@dataclass
+class Capacity(Objective):
+    """E_q[log p(x|z)] - gamma * |KL(q(z|x) || p(z)) - C|, the target C ramped from 0 to `nats` over `epochs`."""
+
+    nats: float = 25.0
+    epochs: int = 10
+    gamma: float = 1000.0
+    current: float = field(default=0.0, init=False)  # C at the last step, logged as train/capacity
+
+    @property
+    def ramp_epochs(self) -> int:
+        return self.epochs
+
+    def loss(self, out: Pass, progress: float) -> torch.Tensor:
+        self.current = linear_ramp(self.nats, self.epochs, progress)
+        return capacity_loss(out.rec, out.kl, self.gamma, self.current)
+
+    def logged(self) -> dict[str, float]:
+        return {"train/capacity": float(self.current)}
+
+
+@dataclass
+class IWAE(Objective):
+    """log (1/k) sum_i p(x, z_i) / q(z_i|x) over k latents per image; `dreg` for the doubly reparameterized encoder
+    gradient."""
+
+    k: int = 5
+    dreg: bool = False
+
+    @property
+    def latent_samples(self) -> int:  # type: ignore[override]
+        return self.k
+
+    def loss(self, out: Pass, progress: float) -> torch.Tensor:
+        return -(out.dreg_iw_bound if self.dreg else out.iw_bound).mean()

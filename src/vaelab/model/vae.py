@@ -1,4 +1,6 @@
-"""The VAE: encoder q(z|x) (diagonal Gaussian), decoder p(x|z) (a likelihood), prior p(z) = N(0, I)."""
+"""The VAE: an encoder that picks q(z|x) from the posterior family, a decoder whose output parametrizes the
+likelihood p(x|z), and the prior p(z). Each of the four is a component (conf/arch, conf/likelihood, conf/posterior,
+conf/prior)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from vaelab.model.objectives import dreg_iw_bound, gaussian_kl, gaussian_log_prob, iw_bound, standard_normal_log_prob
+from vaelab.model.objectives import dreg_iw_bound, iw_bound
+from vaelab.model.posteriors import DiagonalGaussian
+from vaelab.model.priors import Prior, StandardNormal
 
 
 @dataclass
@@ -21,11 +25,13 @@ class Pass:
     logvar: torch.Tensor  # [B, D]
     z: torch.Tensor  # [k, B, D]
     log_px_z: torch.Tensor  # [k, B]   log p(x|z_i)
+    posterior: DiagonalGaussian
+    prior: Prior
 
     @cached_property
     def kl_per_dim(self) -> torch.Tensor:
         """KL(q(z_d|x) || p(z_d)) in closed form, [B, D]."""
-        return gaussian_kl(self.mean, self.logvar)
+        return self.posterior.kl_per_dim(self.mean, self.logvar, self.prior)
 
     @cached_property
     def rec(self) -> torch.Tensor:
@@ -44,7 +50,7 @@ class Pass:
     @property
     def log_weights(self) -> torch.Tensor:
         """log p(x, z_i) - log q(z_i|x), [k, B]."""
-        return self.log_px_z + standard_normal_log_prob(self.z) - gaussian_log_prob(self.z, self.mean, self.logvar)
+        return self.log_px_z + self.prior.log_prob(self.z) - self.posterior.log_prob(self.z, self.mean, self.logvar)
 
     @property
     def iw_bound(self) -> torch.Tensor:
@@ -54,26 +60,36 @@ class Pass:
     @property
     def dreg_iw_bound(self) -> torch.Tensor:
         """The same bound, [B], with the doubly reparameterized encoder gradient (for training only)."""
-        return dreg_iw_bound(self.log_px_z, self.z, self.mean, self.logvar)
+        log_q = self.posterior.log_prob(self.z, self.mean.detach(), self.logvar.detach())  # q's parameters detached
+        return dreg_iw_bound(self.log_px_z + self.prior.log_prob(self.z) - log_q, self.z)
 
 
 class VAE(nn.Module):
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: nn.Module, latent_dim: int):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        likelihood: nn.Module,
+        latent_dim: int,
+        posterior: DiagonalGaussian | None = None,
+        prior: Prior | None = None,
+    ):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.likelihood = likelihood
         self.latent_dim = latent_dim
+        self.posterior = posterior if posterior is not None else DiagonalGaussian()
+        self.prior = prior if prior is not None else StandardNormal()
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder(x)
 
     def decode_pass(self, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, k: int = 1) -> Pass:
-        """Draw k reparameterized latents z = mean + std * eps from q(z|x) and score x under each."""
-        eps = torch.randn((k, *mean.shape), device=mean.device, dtype=mean.dtype)  # [k, B, D]
-        z = mean + torch.exp(0.5 * logvar) * eps
+        """Draw k reparameterized latents from q(z|x) and score x under each."""
+        z = self.posterior.rsample(mean, logvar, k)  # [k, B, D]
         log_px_z = self.likelihood.log_prob(x, self.decoder(z))  # [k, B]
-        return Pass(mean=mean, logvar=logvar, z=z, log_px_z=log_px_z)
+        return Pass(mean=mean, logvar=logvar, z=z, log_px_z=log_px_z, posterior=self.posterior, prior=self.prior)
 
     def forward(self, x: torch.Tensor, k: int = 1) -> Pass:
         return self.decode_pass(x, *self.encode(x), k=k)
@@ -88,5 +104,5 @@ class VAE(nn.Module):
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """E[x|z] for z ~ p(z): images from the prior, [n, C, H, W]."""
         device = next(self.parameters()).device
-        z = torch.randn((n, self.latent_dim), generator=generator).to(device)  # seeded on the CPU
+        z = self.prior.sample(n, self.latent_dim, generator).to(device)  # seeded on the CPU
         return self.likelihood.mean(self.decoder(z))

@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab import paths
+from vaelab.config import check_command_line
 from vaelab.errors import ConfigError, VaelabError
 
 SEARCH_GROUP = "search"
@@ -48,6 +49,7 @@ class CommandLine:
             parsed = OverridesParser.create().parse_overrides(list(argv))
         except HydraException as error:
             raise OverrideError(f"cannot parse the command line as Hydra overrides: {error}") from None
+        check_command_line(list(argv))
         train, search = [], []
         for override, text in zip(parsed, argv, strict=True):
             if override.is_sweep_override():

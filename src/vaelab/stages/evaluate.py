@@ -42,7 +42,7 @@ def write_kl_per_dim(kl_per_dim: list[float], path: Path) -> None:
 # Where a folder passed as ckpt= keeps its checkpoint: models/latest/, outputs/<run_id>/, or its checkpoints/.
 CHECKPOINT_IN_FOLDER = ("model.ckpt", "checkpoints/best.ckpt", "best.ckpt")
 # The config keys that fix a network's shapes and its test images, as evaluate compares them with a checkpoint.
-MODEL_KEYS = ("arch", "likelihood", "model", "data")
+MODEL_KEYS = ("arch", "likelihood", "posterior", "prior", "model", "data")
 
 
 def resolve_checkpoint(cfg: DictConfig) -> Path:
@@ -84,10 +84,13 @@ def asked_keys(cfg: DictConfig) -> list[str]:
     return keys
 
 
-def model_entries(arch: dict, likelihood: dict, latent_dim: int, data: Settings) -> dict[str, object]:
+COMPONENTS = ("arch", "likelihood", "posterior", "prior")  # what a model is built from, beside its latent size
+
+
+def model_entries(components: dict[str, dict], latent_dim: int, data: Settings) -> dict[str, object]:
     """A model and its data as flat, comparable entries named by their config keys."""
     settings = {f"data.{key}": value for key, value in asdict(data).items()}
-    return {"arch": arch, "likelihood": likelihood, "model.latent_dim": latent_dim, **settings}
+    return {**{name: components[name] for name in COMPONENTS}, "model.latent_dim": latent_dim, **settings}
 
 
 def check_checkpoint_fits(path: Path, module, cfg: DictConfig, keys: list[str]) -> Settings:
@@ -106,10 +109,9 @@ def check_checkpoint_fits(path: Path, module, cfg: DictConfig, keys: list[str]) 
         settings = Settings(**lineage["data"])
     except TypeError as error:
         raise CheckpointError(f"{path}: its lineage's data settings are unreadable ({error})") from error
-    trained = model_entries(hparams["arch"], hparams["likelihood"], hparams["latent_dim"], settings)
+    trained = model_entries(hparams, hparams["latent_dim"], settings)
     asked = model_entries(
-        OmegaConf.to_container(cfg.arch, resolve=True),
-        OmegaConf.to_container(cfg.likelihood, resolve=True),
+        {name: OmegaConf.to_container(cfg[name], resolve=True) for name in COMPONENTS},
         cfg.model.latent_dim,
         Settings.from_config(cfg.data),
     )

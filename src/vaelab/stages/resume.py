@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from vaelab import paths
+from vaelab import __version__, paths
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.tracking.store import ensure_experiment, resolve_uri
 
@@ -82,6 +82,11 @@ def resumption(cfg: DictConfig, overrides: list[str]) -> Resumption:
         if not path.is_file():
             raise VaelabError(f"cannot resume run {run_id}: {path} does not exist")
     stored = OmegaConf.load(config_file)
+    if "objective" not in stored:
+        raise VaelabError(
+            f"cannot resume run {run_id}: {config_file} was written by vaelab 0.1, whose runs vaelab {__version__} "
+            "cannot continue (the objective, posterior and prior became components); start a new run"
+        )
     stored.resume = run_id
     if any(o.startswith("tracking.uri=") for o in overrides):
         stored.tracking.uri = cfg.tracking.uri  # the store moved, e.g. to a server: this command says where

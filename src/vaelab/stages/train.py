@@ -20,7 +20,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from vaelab import paths
+from vaelab import __version__, paths
+from vaelab.checkpoints import read_checkpoint
 from vaelab.config import validate
 from vaelab.data.datamodule import ImageData
 from vaelab.data.settings import Settings
@@ -55,29 +56,25 @@ def hydra_overrides() -> list[str]:
 
 
 def build_module(cfg: DictConfig, image_shape: tuple[int, ...], grey_levels: int) -> VAEModule:
+    """The LightningModule for `cfg`, given the components' configs as plain values (what its checkpoints store)."""
     container = OmegaConf.to_container(cfg, resolve=True)
-    model, optim = container["model"], container["optim"]
+    optim = container["optim"]
     return VAEModule(
         image_shape=list(image_shape),
         arch=container["arch"],
         likelihood=container["likelihood"],
-        latent_dim=model["latent_dim"],
-        beta=float(model["beta"]),
-        kl_warmup_epochs=model["kl_warmup_epochs"],
-        free_bits=float(model["free_bits"]),
-        iw_samples=model["iw_samples"],
-        dreg=model["dreg"],
-        capacity_nats=None if model["capacity"]["nats"] is None else float(model["capacity"]["nats"]),
-        capacity_epochs=model["capacity"]["epochs"],
-        capacity_gamma=float(model["capacity"]["gamma"]),
+        latent_dim=container["model"]["latent_dim"],
+        objective=container["objective"],
+        posterior=container["posterior"],
+        prior=container["prior"],
         optimizer=optim["_target_"],
         lr=float(optim["lr"]),
         weight_decay=float(optim["weight_decay"]),
-        fused=optim.get("fused", True),  # absent from configs saved before it existed
+        fused=optim["fused"],
         scheduler=optim["scheduler"],
         nan_policy=cfg.nan_policy,
         grey_levels=grey_levels,
-        channels_last=cfg.get("channels_last", False),  # absent from configs saved before it existed
+        channels_last=cfg.channels_last,
     )
 
 
@@ -210,7 +207,7 @@ def skip_gpu_probe_without_gpu() -> None:
 
 def check_same_data(resume: Resumption, data_hash: str) -> None:
     """A resumed run must see the data it started on: a changed dataset would make it two runs in one."""
-    started_on = torch.load(resume.checkpoint, map_location="cpu", weights_only=True).get("vaelab", {}).get("data_hash")
+    started_on = read_checkpoint(resume.checkpoint).get("vaelab", {}).get("data_hash")
     if started_on is not None and started_on != data_hash:
         raise VaelabError(
             f"cannot resume run {resume.run_id}: it started on data {started_on}, but the data is now {data_hash}; "
@@ -252,6 +249,7 @@ def fit_and_publish(
         write_text_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True)) if rank_zero else None
     )
     module.lineage = {
+        "vaelab_version": __version__,
         "run_id": run_id,
         "data": dataclasses.asdict(data.settings),
         "data_hash": data.data_hash,
@@ -299,7 +297,7 @@ def finish(
 ) -> dict[str, float | str]:
     """After fit: reload the best weights, estimate val/nll_iw, draw figures, log artifacts, publish."""
     best = Path(checkpoint.best_model_path)
-    state = torch.load(best, map_location=module.device, weights_only=True)
+    state = read_checkpoint(best)
     module.load_state_dict(state["state_dict"])
     module.eval()
 

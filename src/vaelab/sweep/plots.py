@@ -63,7 +63,7 @@ def plot_rate_distortion(rows: list[dict[str, Any]], path: Path) -> list[Path]:
 
     rate = [row["val/kl"] for row in done]
     distortion = [row["val/rec"] for row in done]
-    beta = [float(row["overrides"].get("model.beta", "nan")) for row in done]
+    beta = [float(row["overrides"].get("objective.beta", "nan")) for row in done]
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     points = ax.scatter(rate, distortion, c=beta, cmap="viridis", zorder=3)
     fig.colorbar(points, ax=ax, label="β")

@@ -94,7 +94,7 @@ def summarize(parent: Run, folder: Path) -> Summary:
     summary = Summary(collect(parent.uri, parent.run_id), folder)
     files = write_tables(summary, folder)
     files += plot_metric_by_axis(summary.rows, summary.axes, folder / "val_elbo_by_axis.png")
-    if "model.beta" in summary.axes:
+    if "objective.beta" in summary.axes:
         files += plot_rate_distortion(summary.rows, folder / "rate_distortion.png")
     for path in files:
         parent.log_artifact(path, "summary")

@@ -62,7 +62,7 @@ def loggable_params(cfg: DictConfig) -> dict[str, str]:
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, str]:
-    """{'model': {'beta': 1.0}} -> {'model.beta': '1.0'}: the composed config as MLflow params."""
+    """{'objective': {'beta': 1.0}} -> {'objective.beta': '1.0'}: the composed config as MLflow params."""
     if isinstance(node, dict):
         flat: dict[str, str] = {}
         for key, value in node.items():

@@ -82,13 +82,24 @@ def build(spec: dict[str, Any], **extra: Any) -> Any:
     return resolve(spec.get("_target_"))(**kwargs, **extra)
 
 
-def build_vae(image_shape: list[int], arch: dict, likelihood: dict, latent_dim: int, grey_levels: int = 256) -> VAE:
-    """The VAE that `arch` and `likelihood` (plain mappings with a `_target_`) describe, for this image shape."""
+def build_vae(
+    image_shape: list[int],
+    arch: dict,
+    likelihood: dict,
+    latent_dim: int,
+    grey_levels: int = 256,
+    posterior: dict | None = None,
+    prior: dict | None = None,
+) -> VAE:
+    """The VAE that `arch`, `likelihood`, `posterior` and `prior` (plain mappings with a `_target_`) describe, for
+    this image shape; without `posterior` and `prior`, a diagonal Gaussian q(z|x) and a standard normal p(z)."""
     p_x_z: Likelihood = build(likelihood, grey_levels=grey_levels)
     encoder, decoder = build(
         arch, image_shape=tuple(image_shape), latent_dim=latent_dim, params_per_channel=p_x_z.params_per_channel
     )
-    return VAE(encoder, decoder, p_x_z, latent_dim)
+    q_z_x = build(posterior) if posterior is not None else None
+    p_z = build(prior) if prior is not None else None
+    return VAE(encoder, decoder, p_x_z, latent_dim, posterior=q_z_x, prior=p_z)
 
 
 def build_optimizer(

@@ -1,7 +1,7 @@
 """The LightningModule: a VAE, its training objective, and its logged metrics.
 
 Logged, in nats per image (signs as in the README):
-    train/loss   minus the training objective (beta, warm-up, free bits or IWAE included)
+    train/loss   minus the training objective (the `objective` component: beta, warm-up, free bits, capacity, IWAE)
     */elbo       the plain bound, beta = 1, so runs with different objectives stay comparable
     */rec, */kl  -E_q[log p(x|z)] and KL(q(z|x) || p(z)), both >= 0
     val/bpd      -val/elbo in bits per dimension (an upper bound on the NLL in bits/dim)
@@ -15,8 +15,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from vaelab.model.objectives import beta_vae_loss, bits_per_dim, capacity_loss, linear_ramp
-from vaelab.training.builder import build_optimizer, build_vae
+from vaelab.model.objectives import Objective, bits_per_dim
+from vaelab.training.builder import build, build_optimizer, build_vae
 
 SELECTION_METRIC = "select/val_elbo"
 PROGRESS_EVERY = 20  # batches between updates of the progress bar's loss
@@ -35,14 +35,9 @@ class VAEModule(pl.LightningModule):
         arch: dict,
         likelihood: dict,
         latent_dim: int,
-        beta: float = 1.0,
-        kl_warmup_epochs: int = 0,
-        free_bits: float = 0.0,
-        iw_samples: int = 1,
-        dreg: bool = False,
-        capacity_nats: float | None = None,
-        capacity_epochs: int = 0,
-        capacity_gamma: float = 1000.0,
+        objective: dict,
+        posterior: dict,
+        prior: dict,
         optimizer: str = "torch.optim.Adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -55,7 +50,8 @@ class VAEModule(pl.LightningModule):
         super().__init__()
         # logger=False: tracking logs the whole composed config once; Lightning must not log it again.
         self.save_hyperparameters(logger=False)
-        self.vae = build_vae(image_shape, arch, likelihood, latent_dim, grey_levels)
+        self.vae = build_vae(image_shape, arch, likelihood, latent_dim, grey_levels, posterior, prior)
+        self.objective: Objective = build(objective)
         if channels_last:
             # Conv weights only (linear ones have no such format); convolutions then run in that format. On one
             # CPU core the default conv VAE's step is ~6% faster, the resnet's ~2%; on GPUs it is cuDNN's fast path.
@@ -71,23 +67,12 @@ class VAEModule(pl.LightningModule):
         return self.current_epoch + batch_idx / max(1, self.trainer.num_training_batches)
 
     def training_step(self, x: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
-        hp = self.hparams
-        out = self.vae(x, k=hp.iw_samples)
-        if hp.iw_samples > 1:
-            loss = -(out.dreg_iw_bound if hp.dreg else out.iw_bound).mean()
-        elif hp.capacity_nats is not None:
-            self._capacity = linear_ramp(hp.capacity_nats, hp.capacity_epochs, self.progress(batch_idx))
-            loss = capacity_loss(out.rec, out.kl, hp.capacity_gamma, self._capacity)
-        else:
-            weight = (
-                linear_ramp(hp.beta, hp.kl_warmup_epochs, self.progress(batch_idx)) if hp.kl_warmup_epochs else hp.beta
-            )
-            loss = beta_vae_loss(out.rec, out.kl_per_dim, weight, hp.free_bits)
-
+        out = self.vae(x, k=self.objective.latent_samples)
+        loss = self.objective.loss(out, self.progress(batch_idx))
         finite = bool(torch.isfinite(loss))
         if finite:
             self.accumulate(loss, out, len(x), batch_idx)
-        elif hp.nan_policy == "skip":
+        elif self.hparams.nan_policy == "skip":
             self._skipped += 1
         else:
             raise NonFiniteLossError(
@@ -104,7 +89,7 @@ class VAEModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._sums = torch.zeros(len(self.SUMMED), device=self.device, dtype=torch.float64)
-        self._images, self._skipped, self._capacity = 0, 0, None
+        self._images, self._skipped = 0, 0
 
     def accumulate(self, loss: torch.Tensor, out, n: int, batch_idx: int) -> None:
         with torch.no_grad():
@@ -120,20 +105,16 @@ class VAEModule(pl.LightningModule):
             metrics = {"train/loss": loss, "train/elbo": -(rec + kl), "train/rec": rec, "train/kl": kl}
         if self._skipped:
             metrics["train/skipped_steps"] = float(self._skipped)
-        if self._capacity is not None:
-            metrics["train/capacity"] = float(self._capacity)
+        if self._images:
+            metrics.update(self.objective.logged())
         self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
-
-    def ramp_epochs(self) -> int:
-        """Epochs until the objective stops changing: the KL warm-up's or the capacity ramp's."""
-        hp = self.hparams
-        return max(hp.kl_warmup_epochs, hp.capacity_epochs if hp.capacity_nats is not None else 0)
 
     def selectable(self) -> bool:
         """May this epoch's weights be chosen as the best? Only once the objective is the final one: during a
         warm-up the KL weight is below beta, so those epochs would win on val/elbo without being the model asked
         for. The last epoch is always a candidate, for runs shorter than their ramp."""
-        ramp_done_after = min(self.ramp_epochs(), self.trainer.max_epochs) - 1  # the ramp ends within this epoch
+        # The ramp ends within this epoch.
+        ramp_done_after = min(self.objective.ramp_epochs, self.trainer.max_epochs) - 1
         return self.current_epoch >= ramp_done_after
 
     def validation_step(self, x: torch.Tensor, batch_idx: int) -> None:
@@ -156,7 +137,7 @@ class VAEModule(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = build_optimizer(self.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.get("fused", True))
+        optimizer = build_optimizer(self.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.fused)
         if hp.scheduler == "cosine":
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.trainer.max_epochs)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
