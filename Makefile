@@ -6,10 +6,11 @@ SYSTEM_PYTHON ?= python3
 # DVC stages run `python`: it must be the venv's, so the venv comes first on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test test-slow ui bench params lock lint clean
+.PHONY: setup repro test test-quick test-slow ui bench params lock lint clean
 
 setup: $(VENV)/.installed
-	@if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] \
+	@if [ -z "$$VAELAB_FASHION_MNIST" ] && [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] \
+	    && [ "$$(id -u)" = 0 ] \
 	    && command -v apt-get >/dev/null; then \
 	  echo "vaelab: installing Debian's dataset-fashion-mnist"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
@@ -36,6 +37,10 @@ repro: setup
 test: setup
 	$(PYTHON) -m pytest -m "not slow"
 
+# The quick tier, for iterating: no training runs and no subprocesses (pyproject.toml's markers), under 2 minutes.
+test-quick: setup
+	$(PYTHON) -m pytest -m "not slow and not integration and not subprocess"
+
 test-slow: setup
 	$(PYTHON) -m pytest -m slow
 
@@ -60,7 +65,7 @@ params: setup
 
 # Refresh the exact pins after changing dependency ranges in pyproject.toml.
 lock: setup
-	{ sed -n '1,2p' requirements/constraints.txt; $(PYTHON) -m pip freeze --exclude-editable; } > requirements/constraints.tmp
+	{ sed -n '1,3p' requirements/constraints.txt; $(PYTHON) -m pip freeze --exclude-editable; } > requirements/constraints.tmp
 	mv requirements/constraints.tmp requirements/constraints.txt
 
 # ruff, then the layer contracts in pyproject.toml (import-linter): which layer may import what.

@@ -39,7 +39,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # timing.py
 try:
     import vaelab  # noqa: F401
-except ImportError:  # a bare checkout, e.g. on the lent GPU machine: use the source tree
+except ImportError:  # a bare checkout, e.g. on a CUDA machine without the venv: use the source tree
     sys.path.insert(1, str(REPO / "src"))
 
 from timing import TrainingClock, peak_rss_mib, write_result  # noqa: E402

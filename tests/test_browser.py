@@ -22,8 +22,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pytest
 from PIL import Image
 
-from conftest import REPO, TINY, make_config, mlflow_client, running_mlflow_server
+from helpers.config import REPO, TINY, make_config
+from helpers.processes import running_mlflow_server
+from helpers.stores import mlflow_client
 from vaelab.stages.train import train
+
+pytestmark = pytest.mark.subprocess
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's `chromium` package
 PLAYWRIGHT = "playwright-core@1.65.1"  # the library only: it drives the Chromium above, downloads no browser

@@ -1,4 +1,4 @@
-"""Issue 8's fault matrix, the checkpoint rows: evaluate refuses a checkpoint that is not the model asked for, or not
+"""The fault matrix (README), the checkpoint rows: evaluate refuses a checkpoint that is not the model asked for, or not
 a checkpoint at all, with a plain message naming the file; it never runs code from one; nothing is written or logged.
 
 Every evaluation here is refused, so they share one tiny trained model (mlp [64], latent_dim 4, 1x8x8 digits).
@@ -14,7 +14,10 @@ import torch
 import yaml
 from hydra.utils import instantiate
 
-from conftest import REPO, TINY, all_runs, make_config, mnist_files, run_entry, write_mnist
+from helpers.config import REPO, TINY, make_config
+from helpers.mnist import mnist_files, write_mnist
+from helpers.processes import run_entry
+from helpers.stores import all_runs
 from vaelab.checkpoints import load_trained
 from vaelab.errors import CheckpointError, ConfigError
 from vaelab.params import compose_params
@@ -57,6 +60,7 @@ def tampered(source: Path, target: Path, edit: Callable[[dict], None]) -> Path:
 # -- Row: a checkpoint from another architecture or latent size ---------------------------------------
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     ("naming", "override", "difference"),
     [
@@ -88,6 +92,7 @@ def test_evaluate_refuses_a_checkpoint_that_is_not_the_model_the_command_line_as
     assert ".ckpt" in message and all(fact in message for fact in TRAINED_WITH)
 
 
+@pytest.mark.subprocess
 def test_evaluate_under_dvc_refuses_a_model_its_params_file_does_not_describe(
     trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -107,6 +112,7 @@ def test_evaluate_under_dvc_refuses_a_model_its_params_file_does_not_describe(
     assert str(trained / "models" / "latest" / "model.ckpt") in message
 
 
+@pytest.mark.subprocess
 def test_weights_that_do_not_fit_the_checkpoints_own_hyperparameters_are_a_clear_error(trained: Path, tmp_path: Path):
     """Weights of another network under these hyper-parameters: named shapes, not torch's wall of size mismatches."""
     source = trained / "models" / "latest" / "model.ckpt"
@@ -116,6 +122,7 @@ def test_weights_that_do_not_fit_the_checkpoints_own_hyperparameters_are_a_clear
     assert "latent_dim 8" in message and "is 8x64 in the file but 16x64 in that network" in message
 
 
+@pytest.mark.subprocess
 def test_a_checkpoint_whose_data_now_holds_other_images_is_named_with_both_shapes(
     trained: Path, project: Path, tmp_path: Path
 ):
@@ -130,6 +137,7 @@ def test_a_checkpoint_whose_data_now_holds_other_images_is_named_with_both_shape
         evaluate(make_config(f"ckpt={moved}", "logger=none"))
 
 
+@pytest.mark.subprocess
 def test_a_checkpoint_of_another_model_or_without_lineage_is_named_as_such(
     trained: Path, project: Path, tmp_path: Path
 ):
@@ -203,6 +211,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_file_that_is_not_a_checkpoint_is_refused_without_running_anything(trained: Path, tmp_path: Path, kind):
     marker = tmp_path / "code-ran"
@@ -231,6 +240,7 @@ def test_the_hostile_payloads_are_live(tmp_path: Path):
     assert marker.exists()
 
 
+@pytest.mark.subprocess
 def test_evaluate_refuses_a_pickle_with_code_plainly(trained: Path, tmp_path: Path):
     marker = tmp_path / "code-ran"
     source = trained / "models" / "latest" / "model.ckpt"
@@ -240,6 +250,7 @@ def test_evaluate_refuses_a_pickle_with_code_plainly(trained: Path, tmp_path: Pa
     assert not marker.exists()
 
 
+@pytest.mark.subprocess
 def test_the_project_checkpoints_still_load_and_name_what_they_are(trained: Path):
     module = load_trained(trained / "models" / "latest" / "model.ckpt")
     assert module.hparams.latent_dim == 4 and module.lineage["run_id"] == run_id_of(trained)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import CONF, make_config
+from helpers.config import CONF, make_config
 from vaelab.checkpoints import load_trained
 from vaelab.errors import CheckpointError, VaelabError
 from vaelab.model.likelihoods import Bernoulli

@@ -6,7 +6,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import open_dict
 
-from conftest import CONF, make_config, run_entry
+from helpers.config import CONF, make_config
+from helpers.processes import run_entry
 from vaelab.config import check_command_line, problems
 from vaelab.errors import ConfigError
 
@@ -96,6 +97,7 @@ def test_a_moved_key_in_a_config_file_names_its_new_place():
     }
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
@@ -115,6 +117,7 @@ def test_the_train_entry_point_exits_plainly_before_creating_a_run(project: Path
     assert not (project / "outputs").exists()
 
 
+@pytest.mark.subprocess
 def test_an_unknown_dataset_lists_the_options(project: Path):
     done = run_entry("train.py", "data=nope", root=project, check=False)
     assert done.returncode != 0

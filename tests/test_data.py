@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import DEBIAN_FASHION, make_config, needs_fashion_mnist
+from helpers.config import DEBIAN_FASHION, make_config, needs_fashion_mnist
 from vaelab.data.datamodule import ImageData, TensorBatches
 from vaelab.data.prepare import ensure_prepared, prepare
 from vaelab.data.settings import Settings
@@ -122,13 +122,14 @@ def test_without_debian_data_torchvision_downloads_and_a_failure_is_explained(
 
     from vaelab.data import sources
 
-    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path / "not-installed")
+    monkeypatch.setenv(sources.FASHION_MNIST_ENV, str(tmp_path / "not-installed"))
     monkeypatch.setattr(FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])  # nothing listens on port 9
     with pytest.raises(DataError, match="torchvision could not download it") as error:
         prepare(Settings.from_config(make_config().data))
     assert "apt-get install dataset-fashion-mnist" in str(error.value) and "data.root" in str(error.value)
 
 
+@pytest.mark.subprocess
 def test_real_fashion_mnist_is_split_55k_5k_10k(fashion_processed: Path):
     manifest = json.loads((fashion_processed / "manifest.json").read_text())
     assert {name: s["count"] for name, s in manifest["splits"].items()} == {

@@ -2,7 +2,13 @@
 
 from pathlib import Path
 
-from conftest import TINY, all_runs, mlflow_client, run_entry
+import pytest
+
+from helpers.config import TINY
+from helpers.processes import run_entry
+from helpers.stores import all_runs, mlflow_client
+
+pytestmark = pytest.mark.subprocess
 
 EPOCHS = 3
 GLOBAL_BATCH = 128

@@ -5,7 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import all_runs, copy_repo, needs_fashion_mnist, sh
+from helpers.config import needs_fashion_mnist
+from helpers.processes import copy_repo, sh
+from helpers.stores import all_runs
+
+pytestmark = pytest.mark.subprocess
 
 
 @pytest.mark.slow

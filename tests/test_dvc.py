@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TINY, all_runs, copy_repo, idx_bytes, mnist_arrays, sh, write_mnist
+from helpers.config import REPO, TINY
+from helpers.mnist import idx_bytes, mnist_arrays, write_mnist
+from helpers.processes import copy_repo, sh
+from helpers.stores import all_runs
 from vaelab.checkpoints import load_trained
 from vaelab.params import compose_params
 
@@ -30,6 +33,7 @@ def prepared_data_hash(root: Path) -> str:
     return out["md5"]
 
 
+@pytest.mark.subprocess
 def test_dvc_repro_runs_the_three_stages_then_only_rechecks_the_raw_data(repo_copy):
     root, env = repo_copy
     out = sh("dvc", "repro", cwd=root, env=env)
@@ -60,6 +64,7 @@ def test_dvc_repro_runs_the_three_stages_then_only_rechecks_the_raw_data(repo_co
     assert load_trained(root / "models" / "latest" / "model.ckpt").hparams.latent_dim == 6
 
 
+@pytest.mark.subprocess
 def test_dvc_exp_run_set_param_reaches_the_training_code(repo_copy):
     root, env = repo_copy
     overrides = [arg for o in TINY_EVAL if not o.startswith("model.latent_dim") for arg in ("-S", o)]
@@ -79,6 +84,7 @@ def test_the_committed_params_yaml_is_conf_composed(tmp_path: Path, monkeypatch:
     assert fresh.read_text() == (REPO / "params.yaml").read_text(), "run `make params` after editing conf/"
 
 
+@pytest.mark.subprocess
 def test_dvc_repro_after_the_raw_data_changed_reruns_every_stage_and_logs_the_new_data_hash(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

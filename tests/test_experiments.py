@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import CONF, all_runs, copy_processed, make_config, mnist_files, write_mnist
+from helpers.config import CONF, make_config
+from helpers.mnist import mnist_files, write_mnist
+from helpers.processes import copy_processed
+from helpers.stores import all_runs
 from vaelab.config import validate
 from vaelab.stages.train import train
 
@@ -62,6 +65,7 @@ def data_for(name: str, project: Path, tmp_path: Path, request: pytest.FixtureRe
     return []
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_an_experiment_trains_a_few_steps_on_cpu(name, project: Path, tmp_path: Path, request):
     overrides = [f"experiment={name}", *data_for(name, project, tmp_path, request), *FEW_STEPS]
@@ -79,13 +83,3 @@ def test_an_experiment_trains_a_few_steps_on_cpu(name, project: Path, tmp_path: 
     assert summary["val/elbo"] < 0 and summary["val/nll_iw"] > 0
     train_json = json.loads((project / "metrics" / "train.json").read_text())
     assert train_json["run_id"] == run.info.run_id
-
-
-def test_mnist_burda_is_the_papers_one_stochastic_layer_setup():
-    # Its training on the tiny IDX folder above is what shows data.root reaches the MNIST reader:
-    # nothing can be downloaded here.
-    cfg = make_config("experiment=mnist_burda")
-    assert cfg.data.name == "mnist" and cfg.likelihood._target_.endswith("Bernoulli")
-    assert list(cfg.arch.hidden) == [200, 200] and cfg.arch.activation == "tanh" and cfg.model.latent_dim == 50
-    assert cfg.objective._target_.endswith("IWAE") and cfg.objective.k == 5 and cfg.eval.iw_k == 5000
-    assert cfg.optim.lr == 1e-3 and cfg.data.batch_size == 20

@@ -6,9 +6,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from conftest import TINY, make_config, mlflow_client, subprocess_env
+from helpers.config import TINY, make_config
+from helpers.processes import subprocess_env
+from helpers.stores import mlflow_client
 from vaelab.stages.train import train
+
+pytestmark = pytest.mark.subprocess
 
 LOAD_AND_ENCODE = """
 import json, sys, mlflow, numpy as np

@@ -1,4 +1,4 @@
-"""Issue 8's fault matrix, the rows about a single training run: each fault ends with a clear message, the right
+"""The fault matrix (README), the rows about a single training run: each fault ends with a clear message, the right
 MLflow state and nothing lost. (Config, data, search, checkpoint and DVC rows live beside the code they test.)"""
 
 import re
@@ -13,22 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (
-    SIGNAL_EPOCHS,
-    SIGNALLABLE,
-    TINY,
-    all_runs,
-    make_config,
-    mlflow_client,
-    run_entry,
-    signal_after_first_checkpoint,
-    start_training,
-)
+from helpers.config import SIGNAL_EPOCHS, SIGNALLABLE, TINY, make_config
+from helpers.processes import run_entry, signal_after_first_checkpoint, start_training
+from helpers.stores import all_runs, mlflow_client
 from vaelab.errors import INTERRUPTED_EXIT
 from vaelab.tracking.run import Run
 from vaelab.tracking.store import ensure_experiment
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_saves_a_checkpoint_marks_the_run_killed_exits_cleanly_and_resumes(project: Path):
     log = project / "train.log"
     process = start_training(project, *SIGNALLABLE, log=log)
@@ -71,6 +64,7 @@ def tmpfs(at: Path, options: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(at)], check=False)
 
 
+@pytest.mark.subprocess
 def test_a_read_only_output_folder_fails_before_the_run_naming_the_folder(project: Path):
     with tmpfs(project / "outputs", "ro,size=1m"):
         done = run_entry("train.py", *TINY, root=project, check=False)
@@ -80,6 +74,7 @@ def test_a_read_only_output_folder_fails_before_the_run_naming_the_folder(projec
     assert not (project / "mlflow.db").exists() or all_runs(project) == []  # no run was started
 
 
+@pytest.mark.subprocess
 def test_a_file_in_the_way_of_an_output_folder_is_named(project: Path):
     (project / "metrics").write_text("not a folder")
     done = run_entry("train.py", *TINY, root=project, check=False)
@@ -88,6 +83,7 @@ def test_a_file_in_the_way_of_an_output_folder_is_named(project: Path):
     assert not (project / "mlflow.db").exists() or all_runs(project) == []
 
 
+@pytest.mark.subprocess
 def test_a_full_disk_fails_the_run_naming_the_file_and_leaves_no_partial_checkpoint(project: Path):
     # 64 KiB: the run's config.yaml fits, its first checkpoint (~110 KB with Adam's moments) does not.
     with tmpfs(project / "outputs", "size=64k"):
@@ -124,6 +120,7 @@ def store_is_intact(db: Path) -> bool:
         return connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+@pytest.mark.subprocess
 def test_training_waits_out_a_briefly_locked_store(project: Path):
     ensure_experiment(f"sqlite:///{project / 'mlflow.db'}", "vaelab")  # the store exists, as after earlier runs
     # 15 s: the process reaches the store within ~5 s of starting, and sqlite's own busy wait gives up after 5 s
@@ -135,6 +132,7 @@ def test_training_waits_out_a_briefly_locked_store(project: Path):
     assert store_is_intact(project / "mlflow.db")
 
 
+@pytest.mark.subprocess
 def test_a_store_locked_for_too_long_fails_clearly_before_the_run_and_stays_intact(project: Path):
     db = project / "mlflow.db"
     ensure_experiment(f"sqlite:///{db}", "vaelab")
@@ -146,6 +144,7 @@ def test_a_store_locked_for_too_long_fails_clearly_before_the_run_and_stays_inta
     assert all_runs(project) == []  # nothing half-created
 
 
+@pytest.mark.subprocess
 def test_concurrent_first_use_of_a_new_store_creates_it_once(project: Path):
     starts = [start_training(project, *TINY, "trainer.max_epochs=1", f"seed={seed}") for seed in range(2)]
     assert [process.wait(timeout=300) for process in starts] == [0, 0]

@@ -1,5 +1,6 @@
 """Every figure is written, and is a valid PNG of the expected size."""
 
+
 from pathlib import Path
 
 import torch

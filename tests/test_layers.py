@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from helpers.config import REPO
+from helpers.processes import subprocess_env
+
+pytestmark = pytest.mark.subprocess
 
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 

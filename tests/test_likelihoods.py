@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from conftest import TINY, all_runs, make_config
+from helpers.config import TINY, make_config
+from helpers.stores import all_runs
 from vaelab.model.likelihoods import Bernoulli, DiscretizedLogistic, Gaussian
 from vaelab.stages.train import train
 
@@ -71,6 +72,7 @@ def test_observations_dequantize_within_the_bin_and_fixed_ones_repeat():
     assert torch.equal(DiscretizedLogistic.observe(images, 256), images / 255)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("likelihood", ["gaussian", "logistic"])
 def test_each_likelihood_trains_and_reports_8bit_nats(project: Path, likelihood: str):
     summary = train(make_config(*TINY, f"likelihood={likelihood}", "trainer.max_epochs=1"))

@@ -8,7 +8,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from conftest import TINY, make_config
+from helpers.config import TINY, make_config
 from vaelab import config
 from vaelab.checkpoints import load_trained
 from vaelab.errors import ConfigError
@@ -184,6 +184,7 @@ def test_an_unknown_activation_is_a_config_error_naming_the_key_value_and_choice
     assert all(name in message for name in ACTIVATIONS)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "arch, hidden",
     [("mlp", "arch.hidden=[64]"), ("conv", "arch.hidden=[8,16]"), ("resnet", "arch.hidden=[8,16]")],

@@ -26,10 +26,13 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import REPO, TINY_TRIAL, free_port, running_mlflow_server, subprocess_env
+from helpers.config import REPO, TINY_TRIAL
+from helpers.processes import free_port, running_mlflow_server, subprocess_env
 from vaelab.search.study import WORKER_ATTR
 from vaelab.search.workers import PARENT_ATTR
 from vaelab.tracking.run import PARENT_TAG
+
+pytestmark = pytest.mark.subprocess
 
 pytestmark = pytest.mark.slow
 

@@ -6,23 +6,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (
-    SIGNAL_EPOCHS,
-    SIGNALLABLE,
-    TINY,
-    all_runs,
-    make_config,
-    mlflow_client,
-    run_entry,
-    signal_after_first_checkpoint,
-    start_training,
-)
+from helpers.config import SIGNAL_EPOCHS, SIGNALLABLE, TINY, make_config
+from helpers.processes import run_entry, signal_after_first_checkpoint, start_training
+from helpers.stores import all_runs, mlflow_client
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.stages.evaluate import evaluate
 from vaelab.stages.resume import resumption
 from vaelab.stages.train import train
 
 
+@pytest.mark.subprocess
 def test_a_sigkilled_run_resumes_in_the_same_mlflow_run(project: Path):
     checkpoint = signal_after_first_checkpoint(start_training(project, *SIGNALLABLE), project, signal.SIGKILL)
     killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
@@ -47,6 +40,7 @@ def test_a_sigkilled_run_resumes_in_the_same_mlflow_run(project: Path):
     assert (project / "models" / "latest" / "run_id").read_text().strip() == run_id
 
 
+@pytest.mark.subprocess
 def test_resume_refuses_other_overrides_and_unknown_runs(project: Path):
     with pytest.raises(ConfigError, match="no other overrides"):
         resumption(make_config("resume=last"), ["resume=last", "objective.beta=4"])
@@ -59,6 +53,7 @@ def test_resume_refuses_other_overrides_and_unknown_runs(project: Path):
     assert done.returncode == 2 and "resume='not-a-run'" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.integration
 def test_resume_continues_a_finished_run_with_its_own_config_and_evaluate_finds_it_by_run_id(project: Path):
     """Resuming uses the run's stored config, not the defaults the resume command composes."""
     first = train(make_config(*TINY, "model.latent_dim=3"))

@@ -8,7 +8,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import CONF, TINY_TRIAL, all_runs, artifact_paths, make_config, mlflow_client, run_entry
+from helpers.config import CONF, TINY_TRIAL, make_config
+from helpers.processes import run_entry
+from helpers.stores import all_runs, artifact_paths, mlflow_client
 from vaelab.config import problems, search_problems
 from vaelab.errors import ConfigError
 from vaelab.search.config import config_groups
@@ -41,6 +43,7 @@ def runs_by_kind(project: Path):
     return parents, children
 
 
+@pytest.mark.subprocess
 def test_a_search_makes_one_nested_run_per_trial_and_a_rerun_with_more_trials_resumes_it(project: Path):
     command = [
         *BASE,
@@ -102,6 +105,7 @@ def test_a_search_makes_one_nested_run_per_trial_and_a_rerun_with_more_trials_re
     assert result.counts["COMPLETE"] == 6 and result.parent_run_id is None and len(all_runs(project)) == 8
 
 
+@pytest.mark.integration
 def test_a_trial_whose_loss_becomes_nan_fails_and_the_study_completes_the_others(project: Path, capsys):
     # Random sampling with seed 0 draws lr = 1e30, 1e-3, 1e30: the absurd rate overflows the weights at once.
     result = search(
@@ -125,6 +129,7 @@ def test_a_trial_whose_loss_becomes_nan_fails_and_the_study_completes_the_others
     assert "trial 2 FAIL NonFiniteLossError" in capsys.readouterr().out
 
 
+@pytest.mark.integration
 def test_a_nan_objective_is_a_failed_trial_and_run_not_a_crash(project: Path, monkeypatch: pytest.MonkeyPatch):
     """Training can finish with a NaN validation metric (nan_policy=skip, say): Optuna must not rank it."""
 
@@ -143,6 +148,7 @@ def test_a_nan_objective_is_a_failed_trial_and_run_not_a_crash(project: Path, mo
     assert result.best_number is None and result.counts["FAIL"] == 1
 
 
+@pytest.mark.integration
 def test_an_aggressive_pruner_prunes_a_clearly_worse_trial(project: Path):
     # Seed 11 draws lr = 3e-3, then 1e-5. After one finished trial the median pruner (no warm-up) compares each
     # epoch with it, and a rate 300x too small is far behind after the first epoch.
@@ -168,6 +174,7 @@ def test_an_aggressive_pruner_prunes_a_clearly_worse_trial(project: Path):
     assert run.data.tags["optuna.trial_number"] == "1"
 
 
+@pytest.mark.subprocess
 def test_a_bad_search_space_fails_before_anything_runs_naming_each_key(project: Path):
     done = run_entry(
         "search.py",

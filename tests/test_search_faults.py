@@ -19,7 +19,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import CONF, REPO, TINY_TRIAL, all_runs, subprocess_env
+from helpers.config import CONF, REPO, TINY_TRIAL
+from helpers.processes import subprocess_env
+from helpers.stores import all_runs
 from vaelab.errors import ConfigError
 from vaelab.search.driver import search
 from vaelab.search.study import WORKER_ATTR, retry_of
@@ -45,7 +47,8 @@ RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}  # M
 def faults(**options: object) -> str:
     """The override that adds the fault-injecting callback: faults(kill="[0]"), faults(rate=0.2, seed=1)."""
     entries = "".join(f",{key}:{value}" for key, value in options.items())
-    return "+callbacks.faults={_target_:faults_callbacks.InjectFaults,run_name:${tracking.run_name}" + entries + "}"
+    target = "helpers.faults_callbacks.InjectFaults"
+    return f"+callbacks.faults={{_target_:{target},run_name:${{tracking.run_name}}{entries}}}"
 
 
 def start_worker(project: Path, overrides: list[str], log: Path) -> subprocess.Popen:
@@ -98,6 +101,7 @@ def check_stores(project: Path, study: optuna.Study):
     return parent, by_trial
 
 
+@pytest.mark.subprocess
 def test_two_workers_started_together_on_a_new_study_share_it_and_stop_at_exactly_n_trials(
     project: Path, tmp_path: Path
 ):
@@ -119,6 +123,7 @@ def test_two_workers_started_together_on_a_new_study_share_it_and_stop_at_exactl
     assert sum("joining MLflow parent run" in output for output in outputs) == 1
 
 
+@pytest.mark.subprocess
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # retried_trial_number
 def test_a_killed_workers_trial_fails_is_retried_and_its_run_is_closed_by_the_next_worker(
     project: Path, tmp_path: Path
@@ -156,6 +161,7 @@ def test_a_killed_workers_trial_fails_is_retried_and_its_run_is_closed_by_the_ne
     assert f"{summary} worker died: 1)" in output
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_a_run_that_a_dead_worker_never_linked_to_its_trial_is_closed_when_the_study_ends(
     project: Path, tmp_path: Path
@@ -187,6 +193,7 @@ def test_heartbeat_settings_are_checked_before_anything_runs(project: Path):
     assert not (project / "optuna.db").exists() and not (project / "mlflow.db").exists()
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_soak_two_workers_with_random_faults_leave_both_stores_complete_and_consistent(project: Path, tmp_path: Path):
     """Two workers share a study of 30 trials (15 each, as it happens); 20% of the trials get a fault: an exception

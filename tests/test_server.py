@@ -3,12 +3,15 @@
 import time
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
-from conftest import TINY, free_port, make_config, run_entry
+from helpers.config import TINY, make_config
+from helpers.processes import free_port, run_entry
 from vaelab.config import problems
 
 
+@pytest.mark.subprocess
 def test_training_logs_to_a_running_server_with_artifacts_in_its_store(project: Path, mlflow_server):
     uri, store = mlflow_server
     run_entry("train.py", *TINY, "logger=mlflow_server", f"tracking.uri={uri}", root=project)
@@ -19,6 +22,7 @@ def test_training_logs_to_a_running_server_with_artifacts_in_its_store(project: 
     assert not (project / "mlflow.db").exists()  # nothing went to the local store
 
 
+@pytest.mark.subprocess
 def test_an_unreachable_server_fails_before_training_naming_the_uri(project: Path):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()

@@ -8,7 +8,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from conftest import TINY, all_runs, artifact_paths, copy_processed, make_config, mlflow_client, run_entry
+from helpers.config import TINY, make_config
+from helpers.processes import copy_processed, run_entry
+from helpers.stores import all_runs, artifact_paths, mlflow_client
 from vaelab.checkpoints import load_trained
 from vaelab.stages.train import end_status, train
 from vaelab.tracking.run import PARENT_TAG, Run
@@ -16,6 +18,7 @@ from vaelab.training.builder import build_optimizer
 from vaelab.training.module import SELECTION_METRIC, NonFiniteLossError
 
 
+@pytest.mark.integration
 def test_one_short_training_makes_a_finished_run_linked_to_its_checkpoint(project: Path):
     summary = train(make_config(*TINY))
 
@@ -70,6 +73,7 @@ def test_one_short_training_makes_a_finished_run_linked_to_its_checkpoint(projec
     assert (project / "metrics" / "train.json").is_file()
 
 
+@pytest.mark.integration
 def test_a_failure_after_the_run_exists_marks_it_failed_not_running(project: Path):
     with pytest.raises(Exception, match="[Pp]recision"):
         train(make_config(*TINY, "trainer.precision=bogus"))  # Lightning rejects it when building the Trainer
@@ -86,6 +90,7 @@ class PoisonBatch(Callback):
             batch.fill_(float("nan"))
 
 
+@pytest.mark.integration
 def test_a_nan_loss_fails_the_run_with_the_reason(project: Path):
     with pytest.raises(NonFiniteLossError):
         train(make_config(*TINY, "nan_policy=fail"), callbacks=[PoisonBatch()])
@@ -96,6 +101,7 @@ def test_a_nan_loss_fails_the_run_with_the_reason(project: Path):
     assert not (project / "models" / "latest").exists()  # a failed run publishes nothing
 
 
+@pytest.mark.integration
 def test_nan_policy_skip_drops_the_step_and_finishes(project: Path):
     train(make_config(*TINY, "nan_policy=skip"), callbacks=[PoisonBatch()])
     [run] = all_runs(project)
@@ -106,6 +112,7 @@ def test_nan_policy_skip_drops_the_step_and_finishes(project: Path):
         assert torch.isfinite(parameter).all()
 
 
+@pytest.mark.subprocess
 def test_train_then_evaluate_on_fashion_mnist_log_into_one_run(project: Path, fashion_processed: Path):
     copy_processed(project, fashion_processed)
     run_entry("train.py", "data.limit_train=2000", "trainer.max_epochs=1", "eval.val_limit=200", root=project)
@@ -131,6 +138,7 @@ def test_train_then_evaluate_on_fashion_mnist_log_into_one_run(project: Path, fa
     assert (project / "metrics" / "eval.json").is_file()
 
 
+@pytest.mark.subprocess
 def test_evaluation_is_reproducible(project: Path):
     train(make_config(*TINY))
     first = run_entry("evaluate.py", "data=digits", "eval.iw_k=20", root=project)
@@ -149,6 +157,7 @@ class SelectionSpy(Callback):
             self.values.append(float(trainer.callback_metrics[SELECTION_METRIC]))
 
 
+@pytest.mark.integration
 def test_epochs_before_the_kl_warmup_ends_are_never_the_best_checkpoint(project: Path):
     """During a warm-up the KL weight is below beta, which flatters val/elbo: those epochs are not candidates."""
     spy = SelectionSpy()
@@ -161,6 +170,7 @@ def test_epochs_before_the_kl_warmup_ends_are_never_the_best_checkpoint(project:
     assert best["epoch"] == summary["best_epoch"]
 
 
+@pytest.mark.integration
 def test_a_nested_run_sits_under_its_parent_and_publishes_nothing_shared(project: Path):
     cfg = make_config(*TINY)
     parent = Run.create(cfg, stage="sweep", overrides=[], tags={}, log_params=False)

@@ -75,7 +75,6 @@ RULES: dict[str, Rule] = {
     "data.test_size": _count_or_fraction(0),
     "data.split_seed": _int_at_least(0),
     "data.binarize_seed": _int_at_least(0),
-    "data.num_workers": _int_at_least(0),
     "data.root": ((lambda v: v is None or Path(str(v)).is_dir()), "null or an existing directory"),
     "arch.hidden": SIZES,
     "model.latent_dim": _int_at_least(1),
@@ -90,6 +89,9 @@ RULES: dict[str, Rule] = {
     "eval.limit": _optional(_int_at_least(1)),
     "nan_policy": _one_of(NAN_POLICIES),
     "compile": ((lambda v: isinstance(v, bool)), "true or false"),
+    "channels_last": ((lambda v: isinstance(v, bool)), "true or false"),
+    "optim.fused": ((lambda v: isinstance(v, bool)), "true or false"),
+    "tracking.lock_timeout_s": _number_at_least(0),
     "seed": _int_at_least(0),
     "resume": (
         (lambda v: v is None or v == "last" or (isinstance(v, str) and re.fullmatch(r"[0-9a-f]{32}", v) is not None)),
@@ -115,9 +117,6 @@ OPTIONAL_RULES: dict[str, Rule] = {
     "objective.gamma": POSITIVE_NUMBER,
     "objective.k": _int_at_least(2),
     "objective.dreg": ((lambda v: isinstance(v, bool)), "true or false"),
-    "tracking.lock_timeout_s": _number_at_least(0),
-    "channels_last": ((lambda v: isinstance(v, bool)), "true or false"),
-    "optim.fused": ((lambda v: isinstance(v, bool)), "true or false"),
     "arch.blocks_per_stage": _int_at_least(0),
     "arch.activation": _one_of(ACTIVATIONS),
     "likelihood.variance": _one_of(("pixel", "global")),
@@ -201,7 +200,7 @@ def problems(cfg: DictConfig) -> list[tuple[str, object, str]]:
     # Lightning's 16-bit gradient scaler cannot clip the gradients of an optimizer that unscales inside its step.
     optim = cfg.get("optim", {})
     precision = str(OmegaConf.select(cfg, "trainer.precision", default=""))
-    if precision.startswith("16") and optim.get("grad_clip") is not None and optim.get("fused", True) is True:
+    if precision.startswith("16") and optim.get("grad_clip") is not None and optim.get("fused") is True:
         found.append(("optim.fused", True, "false when trainer.precision is 16-bit and optim.grad_clip is set"))
     return found
 

@@ -1,4 +1,4 @@
-"""Where vaelab keeps things, relative to the project root (SPEC.md, "Where things are stored").
+"""Where vaelab keeps things, relative to the project root (the README, "Where the results are").
 
 Two roots, because `dvc exp run --temp` runs the stages in a temporary copy of the repository:
 the *workspace* (data, outputs, models, metrics) is that copy, so DVC can collect the outputs,

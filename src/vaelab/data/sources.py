@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import math
+import os
 import shutil
 import struct
 from collections.abc import Callable
@@ -23,7 +24,10 @@ from vaelab import paths
 from vaelab.data.settings import Settings
 from vaelab.errors import DataError
 
-DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# Where Fashion-MNIST is looked for when data.root is null: Debian's dataset-fashion-mnist package puts the IDX files
+# here, and the environment variable names another folder (a copy on a shared disk, say).
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_ENV = "VAELAB_FASHION_MNIST"
 
 # The four files of an MNIST-format dataset, as torchvision names them once decompressed.
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -32,7 +36,7 @@ IDX_MAGIC = {"images": 2051, "labels": 2049}
 MNIST_IMAGE_SHAPE = [28, 28]
 
 # MD5 of the *decompressed* IDX files: Debian recompressed the .gz files, so only the content
-# is comparable between Debian's copy and torchvision's download (ENVIRONMENT.md).
+# is comparable between Debian's copy and torchvision's download.
 FASHION_MNIST_MD5 = {
     "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
     "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
@@ -239,12 +243,21 @@ def _load_idx_dataset(
     )
 
 
+def fashion_mnist_folder() -> Path:
+    """Where to look for Fashion-MNIST when data.root is null: $VAELAB_FASHION_MNIST, else Debian's folder."""
+    return Path(os.environ.get(FASHION_MNIST_ENV) or DEBIAN_FASHION_MNIST)
+
+
 def load_fashion_mnist(settings: Settings) -> RawDataset:
     """Fashion-MNIST from data.root, else Debian's package, else torchvision's downloader."""
-    debian = DEBIAN_FASHION_MNIST  # read at call time: tests point it elsewhere
-    installed = _find_idx(debian, IDX_FILES[0], FASHION_MNIST.torchvision_name) is not None
-    local_copy = (debian, f"debian package dataset-fashion-mnist: {debian}") if installed else None
-    not_found = f"Fashion-MNIST not found in {debian} (apt-get install dataset-fashion-mnist)"
+    folder = fashion_mnist_folder()
+    installed = _find_idx(folder, IDX_FILES[0], FASHION_MNIST.torchvision_name) is not None
+    what = "debian package dataset-fashion-mnist" if str(folder) == DEBIAN_FASHION_MNIST else FASHION_MNIST_ENV
+    local_copy = (folder, f"{what}: {folder}") if installed else None
+    not_found = (
+        f"Fashion-MNIST not found in {folder} (apt-get install dataset-fashion-mnist, or point {FASHION_MNIST_ENV} "
+        "at a folder holding its IDX files)"
+    )
     return _load_idx_dataset(FASHION_MNIST, settings.root, local_copy, not_found)
 
 

@@ -25,7 +25,7 @@ from vaelab.model.distributions import LOG_2PI, gaussian_log_prob
 from vaelab.model.objectives import bits_per_dim
 
 # Latents decoded at once (k-chunk x images): bounds memory at about rows x pixels x a few floats.
-# On a CPU, 4096 rows keep the working set in cache and ran 2x faster than 32768 (784 pixels, 2 cores).
+# On a CPU, 4096 rows keep the working set in cache (benchmarks/README.md has the measurement).
 ROWS = {"cpu": 1 << 12, "cuda": 1 << 18}
 ACTIVE_UNIT_THRESHOLD = 0.01
 COLLAPSE_FRACTION = 0.1

@@ -19,10 +19,6 @@ from vaelab.errors import ConfigError, VaelabError
 SEARCH_GROUP = "search"
 DEFAULT_SEARCH = "default"
 NOT_SEARCHABLE_GROUPS = ("search", "sweep")  # config groups a trial cannot choose
-# A running trial records a heartbeat; one silent for the grace period (its process died) is marked FAIL and
-# retried, so a crashed worker's trial neither blocks the study nor is waited for forever. Defaults for search
-# configs that predate the keys search.heartbeat_interval, search.grace_period and search.max_retry.
-HEARTBEAT_S, GRACE_S, MAX_RETRY = 30, 180, 2
 
 
 class OverrideError(VaelabError):
@@ -101,9 +97,11 @@ class Settings:
     pruner: str
     pruner_options: dict[str, Any]
     space: dict[str, Any]
-    heartbeat_interval: int = HEARTBEAT_S  # seconds between a running trial's heartbeats
-    grace_period: int = GRACE_S  # seconds of silence after which a trial's worker counts as dead
-    max_retry: int = MAX_RETRY  # retries of a dead worker's trial
+    # A running trial records a heartbeat; one silent for the grace period (its process died) is marked FAIL and
+    # retried, so a crashed worker's trial neither blocks the study nor is waited for forever.
+    heartbeat_interval: int  # seconds between a running trial's heartbeats
+    grace_period: int  # seconds of silence after which a trial's worker counts as dead
+    max_retry: int  # retries of a dead worker's trial
 
     @classmethod
     def from_config(cls, search: DictConfig, name: str) -> Settings:
@@ -119,9 +117,9 @@ class Settings:
             pruner=search.pruner,
             pruner_options=OmegaConf.to_container(search.get("pruner_options") or {}, resolve=True),
             space=OmegaConf.to_container(search.space, resolve=True),
-            heartbeat_interval=search.get("heartbeat_interval", HEARTBEAT_S),
-            grace_period=search.get("grace_period", GRACE_S),
-            max_retry=search.get("max_retry", MAX_RETRY),
+            heartbeat_interval=search.heartbeat_interval,
+            grace_period=search.grace_period,
+            max_retry=search.max_retry,
         )
         settings.check()
         return settings

@@ -183,7 +183,7 @@ class SharedParent:
             if run is not None:
                 workers = int(run.client.get_run(run.run_id).data.tags.get("vaelab.workers", "1")) + 1
                 run.set_tags({"vaelab.workers": str(workers)})
-                print(f"search: joining MLflow parent run {run.run_id} (worker {workers} of this session)", flush=True)
+                print(f"search: joining MLflow parent run {run.run_id} (its worker {workers})", flush=True)
                 return cls(run, lock)
             named = base.copy()
             named.tracking.run_name = base.tracking.run_name or f"{settings.study_name}/search"

@@ -199,7 +199,7 @@ def skip_gpu_probe_without_gpu() -> None:
     """Say there is no GPU, where there is none, so torch stops looking for one at every optimizer step.
 
     Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1. With a CUDA build of torch, Adam's step then asks
-    NVML for the GPU count afresh every time (a library load: ~45 us a step, 0.5% of a small model's CPU step).
+    NVML for the GPU count afresh every time, a library load per step (benchmarks/README.md has the cost).
     An empty CUDA_VISIBLE_DEVICES answers it at once, and changes nothing where no GPU is visible anyway."""
     if "CUDA_VISIBLE_DEVICES" not in os.environ and torch.cuda.device_count() == 0:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""

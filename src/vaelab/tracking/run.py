@@ -126,7 +126,7 @@ class Run:
         from mlflow.entities import Param
 
         uri = resolve_uri(cfg.tracking.uri)
-        lock_timeout_s = float(cfg.tracking.get("lock_timeout_s", STORE_LOCK_TIMEOUT_S))
+        lock_timeout_s = float(cfg.tracking.lock_timeout_s)
         experiment_id = ensure_experiment(uri, cfg.tracking.experiment, lock_timeout_s)
         run = cls(uri, "", cfg.tracking.experiment, lock_timeout_s)
         all_tags = lineage_tags(cfg, stage, overrides, tags)

@@ -102,7 +102,7 @@ class ThrottledRichProgressBar(RichProgressBar):
     """Lightning's Rich progress bar, redrawn every `refresh_rate` training batches and at the epoch's last.
 
     Lightning's own redraws (and re-reads the progress-bar metrics) after every batch whatever `refresh_rate` says:
-    about 0.2 ms a step, 2% of a small MLP's step on one CPU core."""
+    a measurable share of a small model's step (benchmarks/README.md, "Hand-written paths kept for speed")."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         done = batch_idx + 1

@@ -54,7 +54,7 @@ class VAEModule(pl.LightningModule):
         self.objective: Objective = build(objective)
         if channels_last:
             # Conv weights only (linear ones have no such format); convolutions then run in that format. On one
-            # CPU core the default conv VAE's step is ~6% faster, the resnet's ~2%; on GPUs it is cuDNN's fast path.
+            # CPU the conv and resnet steps are faster (benchmarks/README.md); on GPUs it is cuDNN's fast path.
             self.vae.to(memory_format=torch.channels_last)
         self.dims = math.prod(image_shape)
         # Provenance written into every checkpoint: run id, data hash, composed config (set by training).
@@ -82,8 +82,9 @@ class VAEModule(pl.LightningModule):
             self.log_epoch_metrics()
         return loss if finite else None  # None: Lightning skips backward and the optimizer step
 
-    # Per-step self.log calls cost ~0.4 ms each in Lightning's bookkeeping, a third of a small model's step. So
-    # the epoch's training metrics are summed on the device, with no host sync, and logged once, at its last batch.
+    # Per-step self.log calls cost a large share of a small model's step in Lightning's bookkeeping (benchmarks/
+    # README.md). So the epoch's training metrics are summed on the device, with no host sync, and logged once, at
+    # its last batch.
     # train/elbo is -(rec + kl) image by image, so its mean needs no sum of its own.
     SUMMED = ("train/loss", "train/rec", "train/kl")
 

@@ -3,7 +3,7 @@
 A trial's config gets it through the `callbacks` key (with tests/ on PYTHONPATH), and learns its trial number from
 the run name the search gives each trial (`<study>/trial-<n>`):
 
-    '+callbacks.faults={_target_:faults_callbacks.InjectFaults,run_name:${tracking.run_name},kill:[0]}'
+    '+callbacks.faults={_target_:helpers.faults_callbacks.InjectFaults,run_name:${tracking.run_name},kill:[0]}'
 
 Nothing is simulated: `kill` SIGKILLs the training process, `fail` raises from inside the training loop, and `nan`
 overwrites the weights with NaN so that the next loss is NaN and `nan_policy` decides. Faults are chosen by trial
