@@ -12,7 +12,7 @@ from helpers.config import TINY, make_config
 from helpers.processes import copy_processed, run_entry
 from helpers.stores import all_runs, artifact_paths, mlflow_client
 from vaelab.checkpoints import load_trained
-from vaelab.stages.train import end_status, train
+from vaelab.stages.train import train
 from vaelab.tracking.run import PARENT_TAG, Run
 from vaelab.training.builder import build_optimizer
 from vaelab.training.module import SELECTION_METRIC, NonFiniteLossError
@@ -181,14 +181,6 @@ def test_a_nested_run_sits_under_its_parent_and_publishes_nothing_shared(project
     assert mlflow_client(project).get_run(parent.run_id).data.params == {}
     assert (project / "outputs" / summary["run_id"] / "checkpoints" / "best.ckpt").is_file()
     assert not (project / "models").exists() and not (project / "metrics").exists()
-
-
-def test_a_pruned_trial_is_killed_and_tagged():
-    import optuna
-
-    assert end_status(optuna.TrialPruned("epoch 1")) == ("KILLED", {"optuna.state": "PRUNED"})
-    assert end_status(KeyboardInterrupt()) == ("KILLED", {})
-    assert end_status(ValueError("x")) == ("FAILED", {})
 
 
 def test_the_fused_optimizer_takes_the_same_steps_as_the_plain_one():

@@ -29,12 +29,52 @@ def raw_dir(dataset: str) -> Path:
     return project_root() / "data" / "raw" / dataset
 
 
+# The files of one run, in outputs/<run_id>/, and of the published model, in models/latest/.
+RUN_CONFIG = "config.yaml"  # the composed config the run trained with
+CHECKPOINTS = "checkpoints"
+BEST = "best.ckpt"  # the epoch with the highest val/elbo once the objective stopped changing
+LAST = "last.ckpt"  # the end of the last complete epoch: what resume= continues from
+INTERRUPTED = "interrupted.ckpt"  # the state at a Ctrl-C or SIGTERM
+PUBLISHED_MODEL = "model.ckpt"  # models/latest/'s copy of the published run's best checkpoint
+RUN_ID_FILE = "run_id"  # models/latest/'s, and a multirun job folder's, pointer to its run
+FIGURES = "figures"  # the run's figures on val images
+PYFUNC_MODEL = "model"  # the MLflow pyfunc model folder, also the run's artifact path (runs:/<run_id>/model)
+
+
+def outputs_dir() -> Path:
+    return project_root() / "outputs"
+
+
 def run_dir(run_id: str) -> Path:
-    return project_root() / "outputs" / run_id
+    return outputs_dir() / run_id
+
+
+def run_config(run_id: str) -> Path:
+    return run_dir(run_id) / RUN_CONFIG
+
+
+def checkpoints_dir(run_id: str) -> Path:
+    return run_dir(run_id) / CHECKPOINTS
+
+
+def best_checkpoint(run_id: str) -> Path:
+    return checkpoints_dir(run_id) / BEST
+
+
+def last_checkpoint(run_id: str) -> Path:
+    return checkpoints_dir(run_id) / LAST
+
+
+def interrupted_checkpoint(run_id: str) -> Path:
+    return checkpoints_dir(run_id) / INTERRUPTED
 
 
 def latest_model_dir() -> Path:
     return project_root() / "models" / "latest"
+
+
+def published_model() -> Path:
+    return latest_model_dir() / PUBLISHED_MODEL
 
 
 def metrics_dir() -> Path:

@@ -19,6 +19,8 @@ from vaelab.config import END_OF_TRAINING_METRICS
 from vaelab.search.config import Settings, compose_config
 from vaelab.search.space import Param
 from vaelab.search.study import RETRY_ATTR
+from vaelab.tracking.lifecycle import end_run
+from vaelab.tracking.run import Run
 
 if TYPE_CHECKING:
     import optuna
@@ -81,7 +83,10 @@ class Objective:
             if cfg.tracking.run_name is None:  # a readable name in the MLflow UI; the config is otherwise train.py's
                 cfg.tracking.run_name = f"{self.settings.study_name}/trial-{trial.number}"
             summary = train(
-                cfg, callbacks=trial_callbacks(trial, self.settings.metric, tags), parent_run_id=self.parent_run_id
+                cfg,
+                callbacks=trial_callbacks(trial, self.settings.metric, tags),
+                parent_run_id=self.parent_run_id,
+                pruned=(optuna.TrialPruned,),
             )
         except optuna.TrialPruned:
             raise
@@ -100,10 +105,9 @@ class Objective:
         value = float(summary[self.settings.metric])
         if not math.isfinite(value):
             # Training finished, but a NaN or infinite objective ranks nowhere: the trial FAILs, and so does its run.
-            from vaelab.tracking.run import Run
-
             reason = f"non-finite {self.settings.metric} ({value})"
             trial.set_user_attr("failure", reason)
-            Run.attach(cfg.tracking.uri, summary["run_id"]).end("FAILED", reason=reason)
-            raise NonFiniteObjectiveError(reason)
+            error = NonFiniteObjectiveError(reason)
+            end_run(Run.attach(cfg.tracking.uri, summary["run_id"]), error)
+            raise error
         return value

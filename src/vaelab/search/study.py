@@ -268,6 +268,7 @@ def close_dead_run(tracking_uri: str, run_id: str, reason: str) -> bool:
     """End a run that a dead worker left RUNNING: FAILED, as its trial is, with `reason`. False if it had ended."""
     from mlflow.exceptions import MlflowException
 
+    from vaelab.tracking.lifecycle import end_run
     from vaelab.tracking.run import Run
 
     run = Run(tracking_uri, run_id, experiment="")
@@ -276,6 +277,5 @@ def close_dead_run(tracking_uri: str, run_id: str, reason: str) -> bool:
             return False
     except MlflowException:  # not in this store (the dead worker logged elsewhere)
         return False
-    run.set_tags({"optuna.state": "FAIL"})
-    run.end("FAILED", reason=reason)
+    end_run(run, RuntimeError(reason), reason=reason, tags={"optuna.state": "FAIL"})
     return True

@@ -44,12 +44,13 @@ from vaelab.search.study import (
     fail_stale_trials,
     study_trial,
 )
+from vaelab.tracking.lifecycle import end_run
+from vaelab.tracking.run import Run
+from vaelab.tracking.store import resolve_uri
 
 if TYPE_CHECKING:
     import optuna
     from filelock import FileLock
-
-    from vaelab.tracking.run import Run
 
 WAIT_POLL_S = 2.0  # how often a worker with nothing left to start looks at the other workers' trials
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute: the MLflow parent run of the workers now running it
@@ -134,8 +135,6 @@ def running_parent(study: optuna.Study, tracking_uri: str) -> Run | None:
     """The study's parent run (its user attribute), if it is in this tracking store and still RUNNING."""
     from mlflow.exceptions import MlflowException
 
-    from vaelab.tracking.run import Run
-
     run_id = study.user_attrs.get(PARENT_ATTR)
     if not run_id:
         return None
@@ -175,8 +174,6 @@ class SharedParent:
         cls, study: optuna.Study, base: DictConfig, settings: Settings, argv: Sequence[str], lock: FileLock
     ) -> SharedParent:
         """Join the study's parent run while it is RUNNING; else create one and name it in the study."""
-        from vaelab.tracking.run import Run
-        from vaelab.tracking.store import resolve_uri
 
         with lock:
             run = running_parent(study, resolve_uri(base.tracking.uri))
@@ -215,8 +212,6 @@ class SharedParent:
         """Before a trial starts (under the lock): a worker with a smaller search.n_trials, or one that stopped on
         an error, may have ended the parent meanwhile. Its trials still belong under it."""
         if self.status() != "RUNNING":
-            from vaelab.tracking.run import Run
-
             Run.reopen(self.run.uri, self.run.run_id)
 
     def finish(self, study: optuna.Study, settings: Settings, config_dir: Path) -> SearchResult:
@@ -232,13 +227,12 @@ class SharedParent:
             if closed:
                 print(f"search: closed {len(closed)} MLflow run(s) left RUNNING by dead workers: {closed}")
             result = write_report(study, settings, config_dir, self.run)
-            self.run.end("FINISHED")
+            end_run(self.run)
             return result
 
     def abandon(self, study: optuna.Study, error: BaseException) -> None:
         """This worker stops on an error or Ctrl-C: it ends the parent KILLED or FAILED, unless other workers still
         run trials under it (the last of them ends it)."""
-        interrupted = isinstance(error, KeyboardInterrupt | SystemExit)
         with self.lock:
             try:
                 fail_stale_trials(study)
@@ -248,4 +242,4 @@ class SharedParent:
             if busy:
                 print("search: this worker stops; the MLflow parent run stays open for the workers still running")
                 return
-            self.run.end("KILLED" if interrupted else "FAILED", reason=f"{type(error).__name__}: {error}")
+            end_run(self.run, error)

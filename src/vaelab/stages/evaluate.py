@@ -40,7 +40,7 @@ def write_kl_per_dim(kl_per_dim: list[float], path: Path) -> None:
 
 
 # Where a folder passed as ckpt= keeps its checkpoint: models/latest/, outputs/<run_id>/, or its checkpoints/.
-CHECKPOINT_IN_FOLDER = ("model.ckpt", "checkpoints/best.ckpt", "best.ckpt")
+CHECKPOINT_IN_FOLDER = (paths.PUBLISHED_MODEL, f"{paths.CHECKPOINTS}/{paths.BEST}", paths.BEST)
 # The config keys that fix a network's shapes and its test images, as evaluate compares them with a checkpoint.
 MODEL_KEYS = ("arch", "likelihood", "posterior", "prior", "model", "data")
 
@@ -61,9 +61,9 @@ def resolve_checkpoint(cfg: DictConfig) -> Path:
     elif cfg.get("run_id"):
         if not RUN_ID.match(str(cfg.run_id)):
             raise ConfigError([("run_id", cfg.run_id, "null, or an MLflow run id (32 hex digits)")])
-        path, asked = paths.run_dir(cfg.run_id) / "checkpoints" / "best.ckpt", f"run_id={cfg.run_id}"
+        path, asked = paths.best_checkpoint(cfg.run_id), f"run_id={cfg.run_id}"
     else:
-        path, asked = paths.latest_model_dir() / "model.ckpt", "the default, models/latest/"
+        path, asked = paths.published_model(), "the default, models/latest/"
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} ({asked}; train a model first, or pass ckpt=<path>)")
     return path

@@ -33,9 +33,9 @@ def publish_latest(checkpoint: Path, run_id: str, config_file: Path) -> Path:
     """Make models/latest/ a real copy (not a link) of this run's best checkpoint: DVC tracks it."""
     target = paths.latest_model_dir()
     with replacing_dir(target) as fresh:
-        shutil.copy2(checkpoint, fresh / "model.ckpt")
-        shutil.copy2(config_file, fresh / "config.yaml")
-        (fresh / "run_id").write_text(run_id + "\n")
+        shutil.copy2(checkpoint, fresh / paths.PUBLISHED_MODEL)
+        shutil.copy2(config_file, fresh / paths.RUN_CONFIG)
+        (fresh / paths.RUN_ID_FILE).write_text(run_id + "\n")
     return target
 
 

@@ -31,7 +31,7 @@ class Resumption:
 
 
 def last_checkpoint(run_id: str) -> Path:
-    return paths.run_dir(run_id) / "checkpoints" / "last.ckpt"
+    return paths.last_checkpoint(run_id)
 
 
 def newest_resumable(uri: str, experiment: str) -> str:
@@ -77,7 +77,7 @@ def resumption(cfg: DictConfig, overrides: list[str]) -> Resumption:
     else:
         raise ConfigError([("resume", requested, "null, `last`, or an MLflow run id (32 hex digits)")])
 
-    checkpoint, config_file = last_checkpoint(run_id), paths.run_dir(run_id) / "config.yaml"
+    checkpoint, config_file = last_checkpoint(run_id), paths.run_config(run_id)
     for path in (checkpoint, config_file):
         if not path.is_file():
             raise VaelabError(f"cannot resume run {run_id}: {path} does not exist")

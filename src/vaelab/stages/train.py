@@ -35,6 +35,7 @@ from vaelab.stages.logger import lightning_logger
 from vaelab.stages.progress import progress_bar
 from vaelab.stages.publish import publish as publish_outputs
 from vaelab.stages.resume import Resumption, resumption
+from vaelab.tracking.lifecycle import ending_of, run_lifecycle
 from vaelab.tracking.run import Run
 from vaelab.tracking.store import check_server
 from vaelab.training.builder import resolve
@@ -89,9 +90,15 @@ def build_data(cfg: DictConfig) -> ImageData:
 
 
 def train(
-    cfg: DictConfig, callbacks: Sequence[Callback] = (), parent_run_id: str | None = None
+    cfg: DictConfig,
+    callbacks: Sequence[Callback] = (),
+    parent_run_id: str | None = None,
+    pruned: Sequence[type[BaseException]] = (),
 ) -> dict[str, float | str]:
     """Train one VAE as configured; return the summary metrics plus its `run_id`.
+
+    `pruned`: exceptions a callback raises to stop a trial that will not pay off (a search's pruner); the run then
+    ends KILLED with the tag optuna.state=PRUNED (vaelab.tracking.lifecycle).
 
     A top-level run publishes models/latest/, metrics/train.json and plots/train/ for DVC. A nested run (a sweep's
     job or a search's trial, `parent_run_id` set) publishes nothing shared: its checkpoint and figures stay in
@@ -132,37 +139,32 @@ def train(
             },
             parent_run_id=parent_run_id,
         )
+    run_id = run.run_id if run else resume.run_id if resume else None
+    saved = paths.interrupted_checkpoint(run_id) if run_id else None
+
+    def where_saved() -> dict[str, str]:
+        return {"vaelab.interrupted_checkpoint": str(saved)} if saved and saved.is_file() else {}
+
     monitor = run.monitor_system(resume=resume is not None) if run and cfg.tracking.system_metrics else None
     try:
-        summary = fit_and_publish(cfg, module, data, run, callbacks, publish=parent_run_id is None, resume=resume)
+        with run_lifecycle(run, pruned=tuple(pruned), interrupt_tags=where_saved):
+            try:
+                return fit_and_publish(cfg, module, data, run, callbacks, publish=parent_run_id is None, resume=resume)
+            finally:
+                if monitor:
+                    monitor.finish()
     except BaseException as error:
-        status, tags = end_status(error)
-        interrupted = status == "KILLED" and not tags  # Ctrl-C or SIGTERM, not a pruned trial
-        run_id = run.run_id if run else resume.run_id if resume else None
-        saved = paths.run_dir(run_id) / "checkpoints" / "interrupted.ckpt" if run_id else None
-        if run:
-            if interrupted and saved and saved.is_file():
-                tags = {**tags, "vaelab.interrupted_checkpoint": str(saved)}
-            run.set_tags(tags)
-            reason = "interrupted (Ctrl-C or SIGTERM)" if interrupted else f"{type(error).__name__}: {error}"
-            run.end(status, reason=reason)
-        if interrupted:
+        if ending_of(error, tuple(pruned)).interrupted:
             raise TrainingInterrupted(interrupt_message(run_id, saved)) from None
         problem = storage_problem(error)
         if problem is not None:
             raise problem from error
         raise
-    finally:
-        if monitor:
-            monitor.finish()
-    if run:
-        run.end("FINISHED")
-    return summary
 
 
 def check_outputs_writable(publish: bool) -> None:
     """A full disk or a read-only folder fails here, naming it, before the run exists or any epoch is spent."""
-    folders = [paths.project_root() / "outputs"]
+    folders = [paths.outputs_dir()]
     if publish:
         folders += [paths.latest_model_dir().parent, paths.metrics_dir(), paths.plots_dir()]
     for folder in folders:
@@ -179,7 +181,7 @@ def interrupt_message(run_id: str | None, saved: Path | None) -> str:
     if run_id is None or saved is None:
         return "training interrupted"
     state = f"its state at the interrupt is in {saved}" if saved.is_file() else "nothing was saved"
-    if not (saved.parent / "last.ckpt").is_file():
+    if not (saved.parent / paths.LAST).is_file():
         return f"training interrupted during its first epoch; {state}, but there is no complete epoch to resume from"
     return (
         f"training interrupted; {state}. "
@@ -215,21 +217,6 @@ def check_same_data(resume: Resumption, data_hash: str) -> None:
         )
 
 
-def end_status(error: BaseException) -> tuple[str, dict[str, str]]:
-    """The MLflow status (and extra tags) of a run that `error` ended.
-
-    Ctrl-C (Lightning turns it into a graceful shutdown, then SystemExit) is KILLED. A pruned Optuna trial is
-    KILLED too, tagged `optuna.state=PRUNED`, since MLflow has no PRUNED status. Anything else FAILED.
-    """
-    if isinstance(error, KeyboardInterrupt | SystemExit):
-        return "KILLED", {}
-    from optuna import TrialPruned
-
-    if isinstance(error, TrialPruned):
-        return "KILLED", {"optuna.state": "PRUNED"}
-    return "FAILED", {}
-
-
 def fit_and_publish(
     cfg: DictConfig,
     module: VAEModule,
@@ -246,7 +233,7 @@ def fit_and_publish(
     run_id = run.run_id if run else resume.run_id if resume else uuid.uuid4().hex
     out_dir = paths.run_dir(run_id)
     config_file = (
-        write_text_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True)) if rank_zero else None
+        write_text_atomic(paths.run_config(run_id), OmegaConf.to_yaml(cfg, resolve=True)) if rank_zero else None
     )
     module.lineage = {
         "vaelab_version": __version__,
@@ -257,7 +244,11 @@ def fit_and_publish(
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     checkpoint = ModelCheckpoint(
-        dirpath=out_dir / "checkpoints", filename="best", monitor=SELECTION_METRIC, mode="max", save_last=True
+        dirpath=paths.checkpoints_dir(run_id),
+        filename=Path(paths.BEST).stem,  # Lightning adds the suffix, and names the last one last.ckpt itself
+        monitor=SELECTION_METRIC,
+        mode="max",
+        save_last=True,
     )
     history = EpochHistory()
     progress = ThrottledRichProgressBar(refresh_rate=PROGRESS_EVERY)
@@ -267,7 +258,7 @@ def fit_and_publish(
         logger=lightning_logger(run, cfg.logger) if run else False,
         callbacks=[
             checkpoint,
-            InterruptCheckpoint(out_dir / "checkpoints"),
+            InterruptCheckpoint(paths.checkpoints_dir(run_id)),
             history,
             RngState(),
             progress,
@@ -305,7 +296,7 @@ def finish(
     with progress_bar(f"val NLL (k={cfg.eval.val_iw_k})", total=len(val_images)) as advance:
         val_iw = evaluate_images(module.vae, val_images, k=cfg.eval.val_iw_k, on_batch=advance)
     out_dir = config_file.parent
-    figures = out_dir / "figures"
+    figures = out_dir / paths.FIGURES
     val_labels = data.split("val")["labels"][: len(val_images)]
     save_figures(module.vae, val_images, val_labels, val_iw.kl_per_dim, figures, seed=cfg.seed)
     save_training_curves(history.rows, figures / "training_curves.png")
@@ -324,9 +315,9 @@ def finish(
     if run:
         run.log_metrics({**val_estimates, "val/iw_k": float(cfg.eval.val_iw_k)}, step=trainer.global_step)
         run.log_artifact(config_file, "config")
-        run.log_artifact(best, "checkpoints")
-        run.log_artifact(figures, "figures")
-        log_model(cfg, run, best, out_dir / "model", data, module)
+        run.log_artifact(best, paths.CHECKPOINTS)
+        run.log_artifact(figures, paths.FIGURES)
+        log_model(cfg, run, best, out_dir / paths.PYFUNC_MODEL, data, module)
 
     summary["run_id"] = module.lineage["run_id"]
     if publish:
@@ -338,7 +329,7 @@ def log_model(cfg: DictConfig, run: Run, checkpoint: Path, folder: Path, data: I
     """The best weights as an MLflow pyfunc (runs:/<run_id>/model), registered when `tracking.register_as` names it."""
     with replacing_dir(folder) as fresh:  # MLflow refuses to save over an earlier model (e.g. before a resume)
         save_pyfunc(checkpoint, fresh, data.image_shape, module.vae.latent_dim)
-    run.log_artifact(folder, "model")
+    run.log_artifact(folder, paths.PYFUNC_MODEL)
     if cfg.tracking.get("register_as"):
         version = register(run.client, run.run_id, cfg.tracking.register_as, data.data_hash)
         run.set_tags({"vaelab.registered_model": f"{cfg.tracking.register_as}/{version}"})

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, open_dict, read_write
 from vaelab import paths
 from vaelab.files import write_text_atomic
 from vaelab.sweep.runs import PARENT_ENV, PARENT_FILE, short_error
+from vaelab.tracking.lifecycle import end_run
 
 if TYPE_CHECKING:
     from vaelab.tracking.run import Run
@@ -81,7 +82,7 @@ class SweepCallback(Callback):
 
             summary = summarize(parent, paths.run_dir(parent.run_id))
         except Exception as error:
-            parent.end("FAILED", reason=f"the sweep's summary failed: {short_error(error)}")
+            end_run(parent, error, reason=f"the sweep's summary failed: {short_error(error)}")
             stop(f"the sweep's jobs ended, but its summary failed: {short_error(error)}", status=1)
         print(summary.console(), flush=True)
         if summary.failed:
@@ -96,8 +97,8 @@ class SweepCallback(Callback):
         """At exit, a parent that never reached on_multirun_end: Ctrl-C (KILLED), or Hydra stopped the sweep."""
         if self.parent is None:
             return
-        interrupted = getattr(sys, "last_type", None) is KeyboardInterrupt
-        self.parent.end("KILLED" if interrupted else "FAILED", reason="the sweep stopped before all its jobs ended")
+        stopped = sys.last_type() if getattr(sys, "last_type", None) is KeyboardInterrupt else RuntimeError()
+        end_run(self.parent, stopped, reason="the sweep stopped before all its jobs ended")
 
 
 def stop(message: str, status: int) -> NoReturn:

@@ -11,6 +11,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from vaelab import paths
 from vaelab.files import write_text_atomic
 from vaelab.sweep.runs import METRICS, child_metric, find_child, job_tags, parent_run_id, short_error
 
@@ -56,7 +57,7 @@ def run_job(cfg: DictConfig) -> float:
 def point_to(run_id: str | None, job_dir: str) -> None:
     """Hydra's folder for the job holds just its run id: its files are in outputs/<run_id>/."""
     if run_id:
-        write_text_atomic(Path(job_dir) / "run_id", run_id + "\n")
+        write_text_atomic(Path(job_dir) / paths.RUN_ID_FILE, run_id + "\n")
 
 
 def record_failure(
@@ -64,6 +65,7 @@ def record_failure(
 ) -> str | None:
     """The id of the job's FAILED child run: train() made and ended it if the failure came after the run started;
     otherwise (an invalid config or missing data) it is made here. None if even MLflow failed."""
+    from vaelab.tracking.lifecycle import end_run
     from vaelab.tracking.run import Run
     from vaelab.tracking.store import resolve_uri
 
@@ -74,7 +76,7 @@ def record_failure(
             run = Run(uri, found, cfg.tracking.experiment)
         else:
             run = Run.create(cfg, "train", overrides, tags={}, parent_run_id=parent, log_params=resolvable(cfg))
-            run.end("FAILED", reason=short_error(error))
+            end_run(run, error, reason=short_error(error))
         run.set_tags(job_tags(num, overrides))
         return run.run_id
     except Exception as tracking_error:  # the store itself is the problem: the job still only fails

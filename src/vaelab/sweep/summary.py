@@ -22,6 +22,7 @@ from vaelab.sweep.runs import (
     child_runs,
 )
 from vaelab.sweep.tables import markdown_table, mean_std, text_table, write_csv
+from vaelab.tracking.lifecycle import end_run
 from vaelab.tracking.run import Run
 
 
@@ -112,10 +113,8 @@ def summarize(parent: Run, folder: Path) -> Summary:
         tags[f"{TAG_PREFIX}best_config"] = " ".join(f"{k}={v}" for k, v in summary.best_config["config"].items())
     parent.set_tags(tags)
     parent.log_metrics(metrics)
-    if summary.failed:
-        parent.end("FAILED", reason=f"{len(summary.failed)} of {len(summary.rows)} jobs failed")
-    else:
-        parent.end("FINISHED")
+    failed = f"{len(summary.failed)} of {len(summary.rows)} jobs failed"
+    end_run(parent, RuntimeError(failed) if summary.failed else None, reason=failed)
     return summary
 
 

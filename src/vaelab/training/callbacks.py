@@ -14,6 +14,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vaelab.files import write_bytes_atomic
+from vaelab.paths import INTERRUPTED
 
 
 class EpochHistory(Callback):
@@ -87,7 +88,7 @@ class InterruptCheckpoint(Callback):
     checkpoint path look for one to resume from.)"""
 
     def __init__(self, dirpath: str | Path) -> None:
-        self.path = Path(dirpath) / "interrupted.ckpt"
+        self.path = Path(dirpath) / INTERRUPTED
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt | SIGTERMException):
