@@ -133,7 +133,7 @@ def test_a_trial_whose_loss_becomes_nan_fails_and_the_study_completes_the_others
 def test_a_nan_objective_is_a_failed_trial_and_run_not_a_crash(project: Path, monkeypatch: pytest.MonkeyPatch):
     """Training can finish with a NaN validation metric (nan_policy=skip, say): Optuna must not rank it."""
 
-    def train_to_nan(cfg, callbacks=(), parent_run_id=None):
+    def train_to_nan(cfg, callbacks=(), parent_run_id=None, pruned=()):
         run = Run.create(cfg, stage="train", overrides=[], tags={}, parent_run_id=parent_run_id)
         run.end("FINISHED")
         return {"val/elbo": math.nan, "run_id": run.run_id}
