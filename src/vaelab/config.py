@@ -162,7 +162,7 @@ def moved_key_problems(overrides: list[str]) -> list[tuple[str, object, str]]:
     the key does not exist."""
     found = []
     for override in overrides:
-        if override.startswith("-") or "=" not in override and not override.startswith("~"):
+        if override.startswith("-") or ("=" not in override and not override.startswith("~")):
             continue
         key, _, value = override.partition("=")
         key = key.lstrip("+~")

@@ -22,4 +22,3 @@ def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor)
 def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     """log N(z; 0, I), summed over the last dimension. [..., D] -> [...]."""
     return -0.5 * (LOG_2PI + z.pow(2)).sum(-1)
-

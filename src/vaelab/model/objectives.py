@@ -137,7 +137,7 @@ class ELBO(Objective):
         return self.kl_warmup_epochs
 
     def loss(self, out: Pass, progress: float) -> torch.Tensor:
-        weight = linear_ramp(self.beta, self.kl_warmup_epochs, progress) if self.kl_warmup_epochs else self.beta
+        weight = linear_ramp(self.beta, self.kl_warmup_epochs, progress)  # beta itself without a warm-up
         return beta_vae_loss(out.rec, out.kl_per_dim, weight, self.free_bits)
 
 

@@ -104,6 +104,7 @@ def train(
     job or a search's trial, `parent_run_id` set) publishes nothing shared: its checkpoint and figures stay in
     outputs/<run_id>/ and its MLflow run, so parallel jobs never overwrite each other's results.
     """
+    pruned = tuple(pruned)
     resume = None
     if cfg.get("resume") is not None:
         resume = resumption(cfg, hydra_overrides())
@@ -147,14 +148,14 @@ def train(
 
     monitor = run.monitor_system(resume=resume is not None) if run and cfg.tracking.system_metrics else None
     try:
-        with run_lifecycle(run, pruned=tuple(pruned), interrupt_tags=where_saved):
+        with run_lifecycle(run, pruned=pruned, interrupt_tags=where_saved):
             try:
                 return fit_and_publish(cfg, module, data, run, callbacks, publish=parent_run_id is None, resume=resume)
             finally:
                 if monitor:
                     monitor.finish()
     except BaseException as error:
-        if ending_of(error, tuple(pruned)).interrupted:
+        if ending_of(error, pruned).interrupted:
             raise TrainingInterrupted(interrupt_message(run_id, saved)) from None
         problem = storage_problem(error)
         if problem is not None:

@@ -97,7 +97,8 @@ class SweepCallback(Callback):
         """At exit, a parent that never reached on_multirun_end: Ctrl-C (KILLED), or Hydra stopped the sweep."""
         if self.parent is None:
             return
-        stopped = sys.last_type() if getattr(sys, "last_type", None) is KeyboardInterrupt else RuntimeError()
+        interrupted = getattr(sys, "last_type", None) is KeyboardInterrupt
+        stopped = KeyboardInterrupt() if interrupted else RuntimeError()
         end_run(self.parent, stopped, reason="the sweep stopped before all its jobs ended")
 
 

@@ -52,7 +52,11 @@ def end_run(
 ) -> Ending:
     """End `run` as `error` (None: FINISHED) says, with `tags` and the ending's own. `reason` replaces the error's
     text as the run's vaelab.failure (a sweep says which of its jobs failed, say)."""
-    ending = ending_of(error, pruned)
+    return record(run, ending_of(error, pruned), reason, tags)
+
+
+def record(run: Run, ending: Ending, reason: str | None = None, tags: dict[str, str] | None = None) -> Ending:
+    """End `run` with `ending`, see end_run."""
     if ending.tags or tags:
         run.set_tags({**ending.tags, **(tags or {})})
     run.end(ending.status, reason=reason if reason and ending.status != "FINISHED" else ending.reason)
@@ -71,8 +75,8 @@ def run_lifecycle(
         yield
     except BaseException as error:
         if run is not None:
-            extra = interrupt_tags() if interrupt_tags and ending_of(error, pruned).interrupted else {}
-            end_run(run, error, pruned, tags=extra)
+            ending = ending_of(error, pruned)
+            record(run, ending, tags=interrupt_tags() if interrupt_tags and ending.interrupted else None)
         raise
     if run is not None:
         end_run(run)

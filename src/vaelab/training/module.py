@@ -104,10 +104,9 @@ class VAEModule(pl.LightningModule):
         if self._images:
             loss, rec, kl = (self._sums / self._images).float()
             metrics = {"train/loss": loss, "train/elbo": -(rec + kl), "train/rec": rec, "train/kl": kl}
+            metrics.update(self.objective.logged())
         if self._skipped:
             metrics["train/skipped_steps"] = float(self._skipped)
-        if self._images:
-            metrics.update(self.objective.logged())
         self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
 
     def selectable(self) -> bool:
