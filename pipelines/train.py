@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from vaelab.config import check_command_line, validate
+from vaelab.config import check_command_line, hydra_errors, validate
 from vaelab.errors import exit_on_user_error
 from vaelab.logs import quiet_third_party
 
@@ -44,6 +44,8 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    with exit_on_user_error():
-        check_command_line(sys.argv[1:])  # a moved key, named with its new place before Hydra rejects it unnamed
-    main()
+    # A moved key is named with its new place before Hydra rejects it unnamed; Hydra's own errors (an unknown
+    # option or key, an unparsable override) become the same one-line problems as a bad value.
+    with exit_on_user_error(), hydra_errors():
+        check_command_line(sys.argv[1:])
+        main()

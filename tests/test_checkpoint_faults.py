@@ -166,9 +166,11 @@ def test_each_way_of_naming_a_checkpoint_says_which_one_is_missing(project: Path
     with pytest.raises(CheckpointError, match=r"checkpoint not found: .*models/latest/model.ckpt \(the default"):
         resolve_checkpoint(make_config())
     with pytest.raises(ConfigError, match=r"run_id='\.\./\.\./elsewhere': allowed null, or an MLflow run id"):
+        evaluate(make_config("run_id=../../elsewhere"))
+    with pytest.raises(ValueError, match="not a run id"):  # even unchecked, a name never leads out of outputs/
         resolve_checkpoint(make_config("run_id=../../elsewhere"))
     with pytest.raises(ConfigError, match=r"ckpt='a.ckpt': allowed null when run_id is given"):
-        resolve_checkpoint(make_config("ckpt=a.ckpt", f"run_id={unknown}"))
+        evaluate(make_config("ckpt=a.ckpt", f"run_id={unknown}"))
 
 
 # -- Row: a checkpoint file that is not a checkpoint --------------------------------------------------

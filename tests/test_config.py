@@ -3,12 +3,13 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra.errors import ConfigCompositionException
 from omegaconf import open_dict
 
-from helpers.config import CONF, make_config
+from helpers.config import CONF, REPO, make_config
 from helpers.processes import run_entry
-from vaelab.config import check_command_line, problems
+from vaelab.config import check_command_line, hydra_errors, problems
 from vaelab.errors import ConfigError
 
 
@@ -118,9 +119,91 @@ def test_the_train_entry_point_exits_plainly_before_creating_a_run(project: Path
 
 
 @pytest.mark.subprocess
-def test_an_unknown_dataset_lists_the_options(project: Path):
-    done = run_entry("train.py", "data=nope", root=project, check=False)
-    assert done.returncode != 0
-    assert "data/nope" in done.stderr and "fashion_mnist" in done.stderr and "digits" in done.stderr
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (["data=nope"], "data='nope': allowed one of ['digits', 'fashion_mnist', 'image_folder', 'mnist']"),
+        (["objective=iwae", "objective.k=5", "objective.beta=4"], "objective.beta='4': allowed nowhere"),
+        (["model.latnt_dim=8"], "model.latnt_dim='8': allowed nowhere: model has no key latnt_dim"),
+        (["model.latent_dim=[8"], "model.latent_dim='[8': allowed Hydra override syntax"),
+    ],
+)
+def test_hydra_composition_errors_are_one_line_naming_the_key_with_exit_status_2(project: Path, overrides, line):
+    done = run_entry("train.py", *overrides, root=project, check=False)
+    assert done.returncode == 2, done.stderr
+    assert line in done.stderr
+    assert done.stderr.count("\n") == 2, done.stderr  # "vaelab: invalid config:" and the problem
     assert "Traceback" not in done.stderr
     assert not (project / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        (["objective=iwae", "objective.beta=4"], ("objective.beta", "4", "nowhere: objective has no key beta")),
+        (["arch=nope"], ("arch", "nope", "one of ['conv', 'mlp', 'resnet']")),
+        (["model.beta=4"], ("model.beta", "4", "nowhere: it moved to objective.beta")),
+    ],
+)
+def test_hydra_errors_become_config_errors(overrides, problem):
+    with pytest.raises(ConfigError) as error, hydra_errors():
+        make_config(*overrides)
+    assert error.value.problems == [problem]
+
+
+@pytest.mark.parametrize(
+    ("override", "problem"),
+    [
+        ("+model.foo=1", ("model.foo", 1, "nowhere: model has the keys ['latent_dim']")),
+        (
+            "+objective.k=5",
+            ("objective.k", 5, "nowhere: objective has the keys ['_target_', 'beta', 'free_bits', 'kl_warmup_epochs']"),
+        ),
+        ("+colour=red", ("colour", "red", "nowhere: the config has the keys")),
+        ("trainer.max_epochs=2.0", ("trainer.max_epochs", 2.0, "an integer >= 1")),  # strict: 2.0 is not an integer
+        ("compile=1", ("compile", 1, "true or false")),
+        (
+            "objective._target_=vaelab.model.objectives.Nope",
+            ("objective._target_", "vaelab.model.objectives.Nope", "one of ['vaelab.model.objectives.Capacity'"),
+        ),
+    ],
+)
+def test_unknown_keys_and_wrong_types_are_rejected_by_the_schema(override: str, problem):
+    (found,) = problems(make_config(override))
+    assert found[:2] == problem[:2]
+    assert found[2].startswith(problem[2])
+
+
+def test_a_component_option_has_exactly_the_keys_its_constructor_takes():
+    """A new option's YAML, its class and its schema agree: nothing the constructor ignores, nothing it lacks."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    from vaelab.schema import COMPONENTS
+
+    built_by_vaelab = {"image_shape", "latent_dim", "params_per_channel", "grey_levels"}
+    for group, options in COMPONENTS.items():
+        targets = {option.model_fields["target"].annotation.__args__[0]: option for option in options}
+        files = sorted((CONF / group).glob("*.yaml"))
+        assert {make_config(f"{group}={f.stem}")[group]._target_ for f in files} == set(targets), group
+        for path, option in targets.items():
+            signature = inspect.signature(get_object(path)).parameters.values()
+            parameters = {p.name for p in signature if p.kind is p.POSITIONAL_OR_KEYWORD} - built_by_vaelab
+            keys = set(option.model_fields) - {"target"}
+            assert keys == parameters, (group, path)
+
+
+@pytest.mark.subprocess
+def test_dvc_params_yaml_is_checked_by_the_same_schema(project: Path):
+    """DVC runs the stages on params.yaml (no defaults list): a key left over in it is an error, not ignored."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"]["beta"] = 4.0  # a params.yaml written before objective.beta existed
+    params["optim"]["lr_decay"] = 0.5
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    done = run_entry("prepare.py", "--config-dir", str(project), "--config-name", "params", root=project, check=False)
+    assert done.returncode == 2, done.stderr
+    assert "model.beta=4.0: allowed nowhere: it moved to objective.beta" in done.stderr
+    assert "optim.lr_decay=0.5: allowed nowhere: optim has the keys" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (project / "data").exists()

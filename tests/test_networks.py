@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from helpers.config import TINY, make_config
-from vaelab import config
+from vaelab import schema
 from vaelab.checkpoints import load_trained
 from vaelab.errors import ConfigError
 from vaelab.model.networks import (
@@ -165,7 +165,7 @@ def test_arch_activation_replaces_every_nonlinearity(arch):
 
 
 def test_config_validation_allows_exactly_the_activations_the_networks_know():
-    assert config.ACTIVATIONS == ACTIVATIONS == tuple(ACTIVATION_CLASSES)
+    assert schema.ACTIVATIONS == ACTIVATIONS == tuple(ACTIVATION_CLASSES)
 
 
 @pytest.mark.parametrize("name", ACTIVATIONS)

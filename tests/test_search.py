@@ -12,6 +12,7 @@ from helpers.config import CONF, TINY_TRIAL, make_config
 from helpers.processes import run_entry
 from helpers.stores import all_runs, artifact_paths, mlflow_client
 from vaelab.config import problems, search_problems
+from vaelab.search.space import space_problems
 from vaelab.errors import ConfigError
 from vaelab.search.config import config_groups
 from vaelab.search.driver import search
@@ -217,13 +218,15 @@ def test_a_bad_search_space_fails_before_anything_runs_naming_each_key(project: 
     ],
 )
 def test_search_keys_are_checked(overrides: list[str], key: str):
-    found = search_problems(make_config("search=default", *overrides), config_groups(CONF))
+    cfg = make_config("search=default", *overrides)
+    found = search_problems(cfg) + space_problems(cfg, config_groups(CONF))
     assert any(k.startswith(key) for k, _, _ in found), found
 
 
 def test_every_search_space_in_conf_is_valid():
     for file in sorted((CONF / "search").glob("*.yaml")):
-        assert search_problems(make_config(f"search={file.stem}"), config_groups(CONF)) == [], file.name
+        cfg = make_config(f"search={file.stem}")
+        assert search_problems(cfg) + space_problems(cfg, config_groups(CONF)) == [], file.name
 
 
 def test_a_searched_key_cannot_also_be_fixed_on_the_command_line(project: Path):

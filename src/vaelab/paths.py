@@ -8,6 +8,7 @@ while the *stores* (MLflow, Optuna) live in the original repository, which DVC n
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -36,6 +37,7 @@ BEST = "best.ckpt"  # the epoch with the highest val/elbo once the objective sto
 LAST = "last.ckpt"  # the end of the last complete epoch: what resume= continues from
 INTERRUPTED = "interrupted.ckpt"  # the state at a Ctrl-C or SIGTERM
 PUBLISHED_MODEL = "model.ckpt"  # models/latest/'s copy of the published run's best checkpoint
+RUN_ID = r"[0-9a-f]{32}"  # MLflow's run ids; runs without MLflow get one of the same form
 RUN_ID_FILE = "run_id"  # models/latest/'s, and a multirun job folder's, pointer to its run
 FIGURES = "figures"  # the run's figures on val images
 PYFUNC_MODEL = "model"  # the MLflow pyfunc model folder, also the run's artifact path (runs:/<run_id>/model)
@@ -46,6 +48,8 @@ def outputs_dir() -> Path:
 
 
 def run_dir(run_id: str) -> Path:
+    if not re.fullmatch(RUN_ID, str(run_id)):  # a name from a command line never leads out of outputs/
+        raise ValueError(f"not a run id (32 hex digits): {run_id!r}")
     return outputs_dir() / run_id
 
 

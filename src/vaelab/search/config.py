@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vaelab import paths
 from vaelab.config import check_command_line
-from vaelab.errors import ConfigError, VaelabError
+from vaelab.errors import VaelabError
 
 SEARCH_GROUP = "search"
 DEFAULT_SEARCH = "default"
@@ -84,7 +84,7 @@ def config_groups(config_dir: Path) -> dict[str, list[str]]:
 
 @dataclass(frozen=True)
 class Settings:
-    """The validated `search.*` keys."""
+    """The `search.*` keys, once vaelab.config.search_problems has found nothing wrong with them."""
 
     name: str  # the search space's file in conf/search/
     study_name: str
@@ -105,7 +105,7 @@ class Settings:
 
     @classmethod
     def from_config(cls, search: DictConfig, name: str) -> Settings:
-        settings = cls(
+        settings = cls(  # search.* as vaelab.schema.Search checked it
             name=name,
             study_name=search.study_name,
             storage=search.storage or default_storage(),
@@ -121,28 +121,7 @@ class Settings:
             grace_period=search.grace_period,
             max_retry=search.max_retry,
         )
-        settings.check()
         return settings
-
-    def check(self) -> None:
-        """The heartbeat keys, which vaelab.config does not know (Optuna takes whole seconds)."""
-
-        def whole(value: object, low: int) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-        found = []
-        if not whole(self.heartbeat_interval, 1):
-            found.append(("search.heartbeat_interval", self.heartbeat_interval, "an integer >= 1 (seconds)"))
-        if not whole(self.grace_period, 1):
-            found.append(("search.grace_period", self.grace_period, "an integer >= 1 (seconds)"))
-        elif whole(self.heartbeat_interval, 1) and self.grace_period <= self.heartbeat_interval:
-            # a live worker would be taken for dead between two of its own heartbeats
-            allowed = f"an integer > search.heartbeat_interval ({self.heartbeat_interval})"
-            found.append(("search.grace_period", self.grace_period, allowed))
-        if not whole(self.max_retry, 0):
-            found.append(("search.max_retry", self.max_retry, "an integer >= 0"))
-        if found:
-            raise ConfigError(found)
 
 
 def default_storage() -> str:

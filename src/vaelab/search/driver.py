@@ -23,11 +23,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from vaelab.config import validate_search
+from vaelab.config import problems, search_problems
+from vaelab.errors import ConfigError
 from vaelab.search.config import SEARCH_GROUP, CommandLine, OverrideError, Settings, compose_config, config_groups
 from vaelab.search.objective import Objective
 from vaelab.search.report import SearchResult, write_report
-from vaelab.search.space import parse_space
+from vaelab.search.space import parse_space, space_problems
 from vaelab.search.study import StaleTrials, Tally, display_url, fail_stale_trials, open_study, study_lock
 from vaelab.search.workers import SharedParent, run_trials, running_parent
 
@@ -37,7 +38,9 @@ def search(argv: Sequence[str], config_dir: Path) -> SearchResult:
     command = CommandLine.parse(argv)
     groups = config_groups(config_dir)
     full = compose_config(config_dir, [*command.train, *command.search], hydra=True)
-    validate_search(full, groups)
+    found = problems(full) + search_problems(full) + space_problems(full, groups)
+    if found:
+        raise ConfigError(found)
     base = compose_config(config_dir, command.train)  # what every trial starts from, with no search keys
     searched = {param.name for param in parse_space(full.search.space)}
     from hydra.core.override_parser.overrides_parser import OverridesParser

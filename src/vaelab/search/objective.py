@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vaelab.config import END_OF_TRAINING_METRICS
+from vaelab.schema import END_OF_TRAINING_METRICS
 from vaelab.search.config import Settings, compose_config
 from vaelab.search.space import Param
 from vaelab.search.study import RETRY_ATTR

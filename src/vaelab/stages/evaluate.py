@@ -14,10 +14,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab import paths
+from vaelab.config import validate
 from vaelab.data.datamodule import fixed_observations
 from vaelab.data.prepare import ensure_prepared, load_split
 from vaelab.data.settings import Settings
-from vaelab.errors import CheckpointError, ConfigError, DataError
+from vaelab.errors import CheckpointError, DataError
 from vaelab.files import replacing_dir, write_json_atomic
 from vaelab.model.estimators import Evaluation, evaluate_images
 from vaelab.stages.progress import progress_bar
@@ -47,10 +48,6 @@ MODEL_KEYS = ("arch", "likelihood", "posterior", "prior", "model", "data")
 
 def resolve_checkpoint(cfg: DictConfig) -> Path:
     """`ckpt=<file or folder>`, else the best checkpoint of `run_id=<id>`, else models/latest/model.ckpt."""
-    from vaelab.stages.resume import RUN_ID
-
-    if cfg.get("ckpt") and cfg.get("run_id"):
-        raise ConfigError([("ckpt", cfg.ckpt, f"null when run_id is given (run_id={cfg.run_id} names a checkpoint)")])
     if cfg.get("ckpt"):
         path, asked = Path(cfg.ckpt), f"ckpt={cfg.ckpt}"
         if path.is_dir():
@@ -59,8 +56,6 @@ def resolve_checkpoint(cfg: DictConfig) -> Path:
                 raise CheckpointError(f"{asked}: a folder without {', '.join(CHECKPOINT_IN_FOLDER)} in it")
             path = inside[0]
     elif cfg.get("run_id"):
-        if not RUN_ID.match(str(cfg.run_id)):
-            raise ConfigError([("run_id", cfg.run_id, "null, or an MLflow run id (32 hex digits)")])
         path, asked = paths.best_checkpoint(cfg.run_id), f"run_id={cfg.run_id}"
     else:
         path, asked = paths.published_model(), "the default, models/latest/"
@@ -137,6 +132,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float | str | None]:
     from vaelab.tracking.run import Run
     from vaelab.tracking.store import check_server
 
+    validate(cfg)
     if cfg.get("logger") is not None:
         check_server(cfg.tracking.uri)  # before the work whose results it would receive
     path = resolve_checkpoint(cfg)

@@ -8,7 +8,6 @@ its params again (MLflow refuses changed param values).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from vaelab import __version__, paths
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.tracking.store import ensure_experiment, resolve_uri
 
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 # Overrides that may come with resume=: where to find the run. Anything else would change a run in flight.
 ALLOWED_WITH_RESUME = ("resume", "tracking.uri", "tracking.experiment")
 
@@ -69,13 +67,10 @@ def resumption(cfg: DictConfig, overrides: list[str]) -> Resumption:
                 )
             ]
         )
-    requested = str(cfg.resume)
-    if requested == "last":
+    if cfg.resume == "last":
         run_id = newest_resumable(resolve_uri(cfg.tracking.uri), cfg.tracking.experiment)
-    elif RUN_ID.match(requested):
-        run_id = requested
     else:
-        raise ConfigError([("resume", requested, "null, `last`, or an MLflow run id (32 hex digits)")])
+        run_id = cfg.resume  # a run id: vaelab.schema checked its form
 
     checkpoint, config_file = last_checkpoint(run_id), paths.run_config(run_id)
     for path in (checkpoint, config_file):

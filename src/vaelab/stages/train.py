@@ -106,10 +106,11 @@ def train(
     """
     pruned = tuple(pruned)
     resume = None
+    validate(cfg)
     if cfg.get("resume") is not None:
         resume = resumption(cfg, hydra_overrides())
         cfg = resume.cfg
-    validate(cfg)
+        validate(cfg)  # the run's stored config is a file on disk: checked like any other
     if cfg.get("logger") is not None:
         check_server(cfg.tracking.uri)
     skip_gpu_probe_without_gpu()

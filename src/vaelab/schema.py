@@ -1,0 +1,348 @@
+"""The config's one typed schema: every key, its type and its range, and the keys each component option has.
+
+A composed config (conf/train.yaml, or DVC's params.yaml) is checked by validating it against `Config`
+(`vaelab.config.validate`). Models are strict (4.0 is not an integer, "true" is not a boolean) and closed (an
+unknown key is an error). Each range is written once, as a pydantic constraint, and the text a user reads ("an
+integer >= 1") is made from it. A component group (arch, likelihood, objective, posterior, prior) is a union of
+small models told apart by `_target_`, so an option has exactly its own keys: `objective=iwae` has no `beta`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from vaelab.paths import RUN_ID
+
+# Each activation names a torch.nn class in vaelab.model.networks (a test checks the two lists agree).
+ACTIVATIONS = ("silu", "relu", "leaky_relu", "elu", "gelu", "tanh", "softplus")
+TRACKING_SCHEMES = ("sqlite:///", "http://", "https://", "file:", "postgresql", "mysql", "databricks")
+
+# What a search may optimize, with the direction that is better. All but val/nll_iw are logged every epoch, so a
+# pruner can watch them; val/nll_iw is estimated once, after training.
+SEARCH_METRICS = {"val/elbo": "maximize", "val/bpd": "minimize", "val/rec": "minimize", "val/nll_iw": "minimize"}
+END_OF_TRAINING_METRICS = ("val/nll_iw",)
+
+
+# Types that carry the text a user reads when a value is not allowed (the field's description).
+
+
+def integer(low: int) -> Any:
+    return Annotated[int, Field(ge=low, description=f"an integer >= {low}")]
+
+
+def number(low: float) -> Any:
+    return Annotated[float, Field(ge=low, description=f"a number >= {low:g}")]
+
+
+def optional(kind: Any, description: str | None = None) -> Any:
+    """`kind` or null, described as such."""
+    inner = next(meta for meta in get_args(kind)[1:] if getattr(meta, "description", None))
+    return Annotated[kind | None, Field(description=description or f"null or {inner.description}")]
+
+
+def one_of(*options: Any) -> Any:
+    return Annotated[Literal[options], Field(description=f"one of {list(options)}")]
+
+
+def text(description: str, check: Callable[[str], object] = bool) -> Any:
+    """A string that `check` accepts."""
+
+    def accept(value: str) -> str:
+        if not check(value):
+            raise ValueError(description)
+        return value
+
+    return Annotated[str, AfterValidator(accept), Field(description=description)]
+
+
+def target(path: str) -> Any:
+    """The `_target_` of a component option: the class or factory that builds it."""
+    return Annotated[Literal[path], Field(alias="_target_", description=path)]
+
+
+def problem(key: str, value: Any, allowed: str) -> PydanticCustomError:
+    """A rule that spans keys: reported like any other key, with its own name, value and what is allowed."""
+    return PydanticCustomError("vaelab", "{allowed}", {"key": key, "value": value, "allowed": allowed})
+
+
+FLAG = Annotated[bool, Field(description="true or false")]
+POSITIVE = Annotated[float, Field(gt=0, description="a number > 0")]
+NAME = text("a non-empty string", str.strip)
+SIZES = Annotated[
+    list[Annotated[int, Field(gt=0)]],
+    Field(min_length=1, description="a non-empty list of integers > 0 (layer sizes, or channels per stage)"),
+]
+EXISTING_DIR = text("an existing directory", lambda v: Path(v).is_dir())
+# A hold-out size: a count of images, or a fraction of them (what suits a folder of unknown size).
+HOLDOUT = Annotated[int | Annotated[float, Field(gt=0, lt=1)], Field(description="an integer or a fraction in (0, 1)")]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True, frozen=True)
+
+
+# data=<name>
+
+
+class Data(Section):
+    name: one_of("fashion_mnist", "mnist", "digits")
+    root: optional(EXISTING_DIR) = None
+    val_size: Annotated[HOLDOUT, Field(description="an integer >= 1 or a fraction in (0, 1)")]
+    test_size: Annotated[HOLDOUT, Field(description="an integer >= 0 or a fraction in (0, 1)")]
+    split_seed: integer(0)
+    binarize_seed: integer(0)
+    batch_size: integer(1)
+    limit_train: optional(integer(1)) = None
+
+    @model_validator(mode="after")
+    def _holdout_counts(self) -> Data:
+        for key, low in (("val_size", 1), ("test_size", 0)):
+            value = getattr(self, key)
+            if isinstance(value, int) and value < low:
+                raise problem(f"data.{key}", value, f"an integer >= {low} or a fraction in (0, 1)")
+        return self
+
+
+class ImageFolder(Data):
+    name: one_of("image_folder")
+    # image_folder has no default source to fall back on: its images are wherever data.root points.
+    root: text("an existing directory of images (data=image_folder reads data.root)", lambda v: Path(v).is_dir())
+    image_size: integer(4)
+    channels: Annotated[Literal[1, 3] | None, Field(description="null (auto), 1 or 3")] = None
+
+
+# Components: arch=, likelihood=, objective=, posterior=, prior=
+
+
+class Mlp(Section):
+    target: target("vaelab.model.networks.build_mlp")
+    hidden: SIZES
+    activation: one_of(*ACTIVATIONS)
+
+
+class Conv(Mlp):
+    target: target("vaelab.model.networks.build_conv")
+
+
+class ResNet(Mlp):
+    target: target("vaelab.model.networks.build_resnet")
+    blocks_per_stage: integer(0)
+
+
+class Bernoulli(Section):
+    target: target("vaelab.model.likelihoods.Bernoulli")
+
+
+class Gaussian(Section):
+    target: target("vaelab.model.likelihoods.Gaussian")
+    variance: one_of("pixel", "global")
+    min_std: POSITIVE
+
+
+class DiscretizedLogistic(Section):
+    target: target("vaelab.model.likelihoods.DiscretizedLogistic")
+
+
+class ELBO(Section):
+    target: target("vaelab.model.objectives.ELBO")
+    beta: number(0)
+    kl_warmup_epochs: integer(0)
+    free_bits: number(0)
+
+
+class Capacity(Section):
+    target: target("vaelab.model.objectives.Capacity")
+    nats: number(0)
+    epochs: integer(0)
+    gamma: POSITIVE
+
+
+class IWAE(Section):
+    target: target("vaelab.model.objectives.IWAE")
+    k: integer(2)
+    dreg: FLAG
+
+
+class DiagonalGaussian(Section):
+    target: target("vaelab.model.posteriors.DiagonalGaussian")
+
+
+class StandardNormal(Section):
+    target: target("vaelab.model.priors.StandardNormal")
+
+
+# Components told apart by `_target_`: the group's options, for the error that lists them.
+COMPONENTS: dict[str, tuple[type[Section], ...]] = {
+    "arch": (Mlp, Conv, ResNet),
+    "likelihood": (Bernoulli, Gaussian, DiscretizedLogistic),
+    "objective": (ELBO, Capacity, IWAE),
+    "posterior": (DiagonalGaussian,),
+    "prior": (StandardNormal,),
+}
+
+
+def _union(options: tuple[type[Section], ...]) -> Any:
+    """One of the group's options, chosen by `_target_`."""
+    if len(options) == 1:
+        return options[0]
+    return Annotated[Union[options], Field(discriminator="target")]  # noqa: UP007 (a tuple of types)
+
+
+# The rest of the config
+
+
+class Model(Section):
+    latent_dim: integer(1)
+
+
+class Optim(Section):
+    target: Annotated[str, Field(alias="_target_", description="a torch.optim optimizer class")]
+    lr: POSITIVE
+    weight_decay: number(0)
+    fused: FLAG
+    grad_clip: Annotated[POSITIVE | None, Field(description="null or a number > 0")] = None
+    scheduler: one_of(None, "cosine") = None
+
+
+class Trainer(Section):
+    # Any other argument of lightning.pytorch.Trainer may be added (+trainer.gradient_clip_val=...): Lightning
+    # checks those itself when the trainer is built.
+    model_config = ConfigDict(extra="allow")
+    target: Annotated[str, Field(alias="_target_", description="lightning.pytorch.Trainer")]
+    max_epochs: integer(1)
+    precision: Annotated[str | int, Field(description="a Lightning precision, e.g. 32-true or 16-mixed")]
+
+
+class Eval(Section):
+    iw_k: integer(1)
+    val_iw_k: integer(1)
+    val_limit: optional(integer(1)) = None
+    limit: optional(integer(1)) = None
+
+
+def _is_uri(value: str) -> bool:
+    return value.startswith(TRACKING_SCHEMES)
+
+
+class Tracking(Section):
+    uri: optional(text(f"an MLflow tracking URI starting with one of {list(TRACKING_SCHEMES)}", _is_uri)) = None
+    experiment: NAME
+    run_name: Annotated[str | None, Field(description="null or a string")] = None
+    system_metrics: FLAG
+    register_as: optional(text("a model name", str.strip)) = None
+    lock_timeout_s: number(0)
+
+
+class Logger(Section):
+    target: Annotated[str, Field(alias="_target_", description="an MLflow logger class of vaelab.stages.logger")]
+    log_model: FLAG
+
+
+class Callback(Section):
+    model_config = ConfigDict(extra="allow")  # a callback's own arguments
+    target: Annotated[str, Field(alias="_target_", description="a Lightning Callback class")]
+
+
+RUN_ID_TEXT = "null, or an MLflow run id (32 hex digits)"
+RESUME_TEXT = "null, `last`, or an MLflow run id (32 hex digits)"
+
+
+class Config(Section):
+    """conf/train.yaml, composed."""
+
+    data: Annotated[Data | ImageFolder, Field(discriminator="name")]
+    arch: _union(COMPONENTS["arch"])
+    likelihood: _union(COMPONENTS["likelihood"])
+    objective: _union(COMPONENTS["objective"])
+    posterior: _union(COMPONENTS["posterior"])
+    prior: _union(COMPONENTS["prior"])
+    trainer: Trainer
+    logger: Logger | None = None
+    model: Model
+    optim: Optim
+    eval: Eval
+    tracking: Tracking
+    callbacks: dict[str, Callback] = {}
+    compile: FLAG
+    channels_last: FLAG
+    nan_policy: one_of("fail", "skip")
+    seed: integer(0)
+    ckpt: Annotated[str | None, Field(description="null or a checkpoint path")] = None
+    run_id: optional(text(RUN_ID_TEXT, lambda v: re.fullmatch(RUN_ID, v)), RUN_ID_TEXT) = None
+    resume: optional(text(RESUME_TEXT, lambda v: v == "last" or re.fullmatch(RUN_ID, v)), RESUME_TEXT) = None
+    search: dict[str, Any] | None = None  # a search's own keys: checked as Search by the search
+    sweep: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _across_keys(self) -> Config:
+        if self.ckpt is not None and self.run_id is not None:
+            raise problem("ckpt", self.ckpt, f"null when run_id is given (run_id={self.run_id} names a checkpoint)")
+        # logger=mlflow_server logs to a server, so tracking.uri must name one.
+        to_server = self.logger is not None and self.logger.target.endswith("ServerRunLogger")
+        if to_server and not (self.tracking.uri or "").startswith(("http://", "https://")):
+            allowed = "an http:// or https:// server URI when logger=mlflow_server"
+            raise problem("tracking.uri", self.tracking.uri, allowed)
+        # Lightning's 16-bit gradient scaler cannot clip the gradients of an optimizer that unscales in its step.
+        if str(self.trainer.precision).startswith("16") and self.optim.grad_clip is not None and self.optim.fused:
+            raise problem("optim.fused", True, "false when trainer.precision is 16-bit and optim.grad_clip is set")
+        return self
+
+
+# search=<name> (conf/search/): checked on top of Config by pipelines/search.py. Its rules name keys under search.
+
+
+class MedianPruner(Section):
+    n_startup_trials: integer(0)
+    n_warmup_steps: integer(0)
+    interval_steps: integer(1)
+
+
+class HyperbandPruner(Section):
+    min_resource: integer(1)
+    reduction_factor: integer(2)
+
+
+class PrunerOptions(Section):
+    median: MedianPruner | None = None
+    hyperband: HyperbandPruner | None = None
+
+
+STORAGE_TEXT = "null (optuna.db at the project root) or an SQLAlchemy URL (sqlite:///..., postgresql+psycopg://...)"
+
+
+class Search(Section):
+    study_name: NAME
+    storage: optional(text(STORAGE_TEXT, lambda v: re.match(r"[a-z][a-z0-9+]*://", v)), STORAGE_TEXT) = None
+    n_trials: integer(1)
+    # A running trial records a heartbeat; one silent for the grace period (its process died) is marked FAIL and
+    # retried, so a crashed worker's trial neither blocks the study nor is waited for forever. Optuna takes whole
+    # seconds.
+    heartbeat_interval: integer(1)
+    grace_period: integer(1)
+    max_retry: integer(0)
+    metric: one_of(*SEARCH_METRICS)
+    direction: one_of("maximize", "minimize")
+    sampler: one_of("tpe", "random")
+    seed: optional(integer(0)) = None
+    pruner: one_of("median", "hyperband", "none")
+    pruner_options: PrunerOptions = PrunerOptions()
+    space: Annotated[dict[str, Any], Field(min_length=1, description="a non-empty mapping of parameters")]
+
+    @model_validator(mode="after")
+    def _across_keys(self) -> Search:
+        if self.direction != SEARCH_METRICS[self.metric]:
+            raise problem("direction", self.direction, f"{SEARCH_METRICS[self.metric]} for search.metric={self.metric}")
+        if self.metric in END_OF_TRAINING_METRICS and self.pruner != "none":
+            allowed = f"none for search.metric={self.metric} (it is estimated after training)"
+            raise problem("pruner", self.pruner, allowed)
+        if self.grace_period <= self.heartbeat_interval:
+            # a live worker would be taken for dead between two of its own heartbeats
+            allowed = f"an integer > search.heartbeat_interval ({self.heartbeat_interval})"
+            raise problem("grace_period", self.grace_period, allowed)
+        return self
