@@ -142,3 +142,16 @@ def test_a_run_started_by_vaelab_0_1_cannot_be_resumed_and_says_so(project: Path
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(old))
     with pytest.raises(VaelabError, match=f"cannot resume run {run_id}: .* written by vaelab 0.1"):
         resumption(make_config(f"resume={run_id}"), [f"resume={run_id}"])
+
+
+def test_the_optimizer_and_scheduler_are_partial_configs_the_module_completes():
+    from vaelab.stages.train import build_module
+
+    module = build_module(make_config("scheduler=cosine", "trainer.max_epochs=7", "optim.lr=0.002"), (1, 8, 8), 256)
+    built = module.configure_optimizers()
+    optimizer, schedule = built["optimizer"], built["lr_scheduler"]["scheduler"]
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["fused"] is True
+    assert optimizer.defaults["lr"] == 0.002
+    assert isinstance(schedule, torch.optim.lr_scheduler.CosineAnnealingLR) and schedule.T_max == 7
+    plain = build_module(make_config("optim._target_=torch.optim.RMSprop"), (1, 8, 8), 256).configure_optimizers()
+    assert isinstance(plain, torch.optim.RMSprop)  # no fused kernel: the key is dropped, not passed

@@ -42,7 +42,8 @@ def test_the_default_config_and_every_experiment_are_valid():
         ("arch=resnet arch.blocks_per_stage=-1", "arch.blocks_per_stage"),
         ("likelihood=gaussian likelihood.min_std=0", "likelihood.min_std"),
         ("optim.fused=maybe", "optim.fused"),
-        ("trainer.precision=16-mixed optim.grad_clip=1.0", "optim.fused"),
+        ("trainer.precision=16-mixed trainer.gradient_clip_val=1.0", "optim.fused"),
+        ("scheduler=cosine scheduler.T_max=0.5", "scheduler.T_max"),
     ],
 )
 def test_a_bad_value_is_reported_by_key(override: str, key: str):

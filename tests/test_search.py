@@ -12,11 +12,11 @@ from helpers.config import CONF, TINY_TRIAL, make_config
 from helpers.processes import run_entry
 from helpers.stores import all_runs, artifact_paths, mlflow_client
 from vaelab.config import problems, search_problems
-from vaelab.search.space import space_problems
 from vaelab.errors import ConfigError
 from vaelab.search.config import config_groups
 from vaelab.search.driver import search
 from vaelab.search.report import best_experiment_yaml
+from vaelab.search.space import space_problems
 from vaelab.tracking.run import PARENT_TAG, Run
 
 # Tiny trials: scikit-learn's digits, one epoch, a small MLP, few importance samples.
@@ -243,7 +243,7 @@ def test_the_best_trials_experiment_file_composes_the_same_config_as_its_command
         "arch.hidden=[8,16]",
         "+trainer.limit_val_batches=2",
         "objective.beta=0.5",
-        "optim.scheduler=cosine",
+        "scheduler=cosine",
     ]
     (tmp_path / "experiment").mkdir()
     (tmp_path / "experiment" / "best_x.yaml").write_text(best_experiment_yaml(CONF, overrides, "# best\n"))

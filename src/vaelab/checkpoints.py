@@ -23,7 +23,7 @@ from vaelab.training.module import VAEModule
 # Where a checkpoint's hyper-parameters may hold a `_target_`: building the network calls what those name, so
 # weights_only=True stops code hidden in the pickle, and the builder's trusted-target list stops code named in the
 # hyper-parameters (a plain string passes weights_only).
-INSTANTIATED_HPARAMS = ("arch", "likelihood", "objective", "posterior", "prior")
+INSTANTIATED_HPARAMS = ("arch", "likelihood", "objective", "posterior", "prior", "optimizer", "scheduler")
 NOT_A_CHECKPOINT = "not a PyTorch checkpoint, or a truncated or corrupted one"
 
 

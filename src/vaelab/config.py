@@ -24,7 +24,8 @@ _MISSING = object()
 Problem = tuple[str, object, str]
 
 
-# Keys that moved when the objective became a component (conf/objective/): where each one lives now.
+# Keys that moved when the objective became a component (conf/objective/), and when the optimizer and its schedule
+# became partial configs: where each one lives now.
 MOVED_KEYS = {
     "model.beta": "objective.beta",
     "model.kl_warmup_epochs": "objective.kl_warmup_epochs",
@@ -35,6 +36,8 @@ MOVED_KEYS = {
     "model.capacity.nats": "objective.nats (with objective=capacity)",
     "model.capacity.epochs": "objective.epochs (with objective=capacity)",
     "model.capacity.gamma": "objective.gamma (with objective=capacity)",
+    "optim.grad_clip": "trainer.gradient_clip_val",
+    "optim.scheduler": "the scheduler group (scheduler=cosine)",
 }
 
 

@@ -201,13 +201,22 @@ class Model(Section):
     latent_dim: integer(1)
 
 
+PARTIAL = Annotated[Literal[True], Field(alias="_partial_", description="true (the module completes the call)")]
+
+
 class Optim(Section):
     target: Annotated[str, Field(alias="_target_", description="a torch.optim optimizer class")]
+    partial: PARTIAL
     lr: POSITIVE
     weight_decay: number(0)
     fused: FLAG
-    grad_clip: Annotated[POSITIVE | None, Field(description="null or a number > 0")] = None
-    scheduler: one_of(None, "cosine") = None
+
+
+class CosineSchedule(Section):
+    target: target("torch.optim.lr_scheduler.CosineAnnealingLR")
+    partial: PARTIAL
+    T_max: integer(1)  # noqa: N815 (torch's name)
+    eta_min: number(0) = 0.0
 
 
 class Trainer(Section):
@@ -216,6 +225,7 @@ class Trainer(Section):
     model_config = ConfigDict(extra="allow")
     target: Annotated[str, Field(alias="_target_", description="lightning.pytorch.Trainer")]
     max_epochs: integer(1)
+    gradient_clip_val: Annotated[POSITIVE | None, Field(description="null or a number > 0")] = None
     precision: Annotated[str | int, Field(description="a Lightning precision, e.g. 32-true or 16-mixed")]
 
 
@@ -266,6 +276,7 @@ class Config(Section):
     logger: Logger | None = None
     model: Model
     optim: Optim
+    scheduler: _union((CosineSchedule,)) | None = None
     eval: Eval
     tracking: Tracking
     callbacks: dict[str, Callback] = {}
@@ -289,8 +300,10 @@ class Config(Section):
             allowed = "an http:// or https:// server URI when logger=mlflow_server"
             raise problem("tracking.uri", self.tracking.uri, allowed)
         # Lightning's 16-bit gradient scaler cannot clip the gradients of an optimizer that unscales in its step.
-        if str(self.trainer.precision).startswith("16") and self.optim.grad_clip is not None and self.optim.fused:
-            raise problem("optim.fused", True, "false when trainer.precision is 16-bit and optim.grad_clip is set")
+        clipped = self.trainer.gradient_clip_val is not None
+        if str(self.trainer.precision).startswith("16") and clipped and self.optim.fused:
+            allowed = "false when trainer.precision is 16-bit and trainer.gradient_clip_val is set"
+            raise problem("optim.fused", True, allowed)
         return self
 
 

@@ -59,7 +59,6 @@ def hydra_overrides() -> list[str]:
 def build_module(cfg: DictConfig, image_shape: tuple[int, ...], grey_levels: int) -> VAEModule:
     """The LightningModule for `cfg`, given the components' configs as plain values (what its checkpoints store)."""
     container = OmegaConf.to_container(cfg, resolve=True)
-    optim = container["optim"]
     return VAEModule(
         image_shape=list(image_shape),
         arch=container["arch"],
@@ -68,11 +67,8 @@ def build_module(cfg: DictConfig, image_shape: tuple[int, ...], grey_levels: int
         objective=container["objective"],
         posterior=container["posterior"],
         prior=container["prior"],
-        optimizer=optim["_target_"],
-        lr=float(optim["lr"]),
-        weight_decay=float(optim["weight_decay"]),
-        fused=optim["fused"],
-        scheduler=optim["scheduler"],
+        optimizer=container["optim"],
+        scheduler=container["scheduler"],
         nan_policy=cfg.nan_policy,
         grey_levels=grey_levels,
         channels_last=cfg.channels_last,
@@ -268,7 +264,6 @@ def fit_and_publish(
             *callbacks,
         ],
         default_root_dir=str(out_dir),
-        gradient_clip_val=cfg.optim.grad_clip,
         plugins=[AtomicCheckpointIO()],
     )
     trainer.fit(module, datamodule=data, ckpt_path=resume.checkpoint if resume else None)

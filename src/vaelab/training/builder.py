@@ -77,8 +77,9 @@ def is_trusted(target: object) -> bool:
 
 
 def build(spec: dict[str, Any], **extra: Any) -> Any:
-    """Call `spec["_target_"]` with the rest of `spec` and `extra` as keyword arguments."""
-    kwargs = {key: value for key, value in spec.items() if key != "_target_"}
+    """Call `spec["_target_"]` with the rest of `spec` and `extra` as keyword arguments. A partial config
+    (`_partial_: true`, Hydra's convention) is one whose remaining arguments are the `extra` ones."""
+    kwargs = {key: value for key, value in spec.items() if key not in ("_target_", "_partial_")}
     return resolve(spec.get("_target_"))(**kwargs, **extra)
 
 
@@ -102,15 +103,16 @@ def build_vae(
     return VAE(encoder, decoder, p_x_z, latent_dim, posterior=q_z_x, prior=p_z)
 
 
-def build_optimizer(
-    params, optimizer: str = "torch.optim.Adam", lr: float = 1e-3, weight_decay: float = 0.0, fused: bool = True
-) -> torch.optim.Optimizer:
-    """`optimizer` (a class path) over `params`, with its fused kernel when asked for and the class has one.
+DEFAULT_OPTIMIZER = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3, "weight_decay": 0.0, "fused": True}
+
+
+def build_optimizer(params, optimizer: dict[str, Any]) -> torch.optim.Optimizer:
+    """The optimizer that the partial config `optimizer` names, over `params`. `fused: true` asks for the fused
+    kernel where the class has one (Adam, AdamW, SGD) and is dropped where it has none.
 
     Fused Adam updates all parameters in one kernel, several times faster than the per-tensor loop
     (benchmarks/README.md)."""
-    cls = resolve(optimizer)
-    kwargs = {"lr": lr, "weight_decay": weight_decay}
-    if fused and "fused" in inspect.signature(cls).parameters:
-        kwargs["fused"] = True
-    return cls(params, **kwargs)
+    spec = dict(optimizer)
+    if not spec.get("fused") or "fused" not in inspect.signature(resolve(spec["_target_"])).parameters:
+        spec.pop("fused", None)
+    return build(spec, params=params)

@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 
 from vaelab.model.objectives import Objective, bits_per_dim
-from vaelab.training.builder import build, build_optimizer, build_vae
+from vaelab.training.builder import DEFAULT_OPTIMIZER, build, build_optimizer, build_vae
 
 SELECTION_METRIC = "select/val_elbo"
 PROGRESS_EVERY = 20  # batches between updates of the progress bar's loss
@@ -27,7 +27,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 class VAEModule(pl.LightningModule):
-    """Every argument is a plain Python value, so checkpoints load with `weights_only=True`."""
+    """Every argument is a plain Python value, so checkpoints load with `weights_only=True`. `optimizer` and
+    `scheduler` are partial configs (`{_target_: torch.optim.Adam, _partial_: true, lr: ...}`) that the module
+    completes with its parameters and its optimizer."""
 
     def __init__(
         self,
@@ -38,11 +40,8 @@ class VAEModule(pl.LightningModule):
         objective: dict,
         posterior: dict,
         prior: dict,
-        optimizer: str = "torch.optim.Adam",
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        fused: bool = True,
-        scheduler: str | None = None,
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
         nan_policy: str = "fail",
         grey_levels: int = 256,
         channels_last: bool = False,
@@ -136,12 +135,11 @@ class VAEModule(pl.LightningModule):
         )
 
     def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = build_optimizer(self.parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.fused)
-        if hp.scheduler == "cosine":
-            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.trainer.max_epochs)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
-        return optimizer
+        optimizer = build_optimizer(self.parameters(), self.hparams.optimizer or DEFAULT_OPTIMIZER)
+        if self.hparams.scheduler is None:
+            return optimizer
+        schedule = build(self.hparams.scheduler, optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
 
     # -- provenance in checkpoints --------------------------------------------------------------
 
