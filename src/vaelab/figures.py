@@ -4,23 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torchvision.utils import save_image  # noqa: E402
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from torchvision.utils import save_image
 
 MIN_SIDE = 28  # upscale tiny images (8x8 digits) so a grid is readable
 
 
-def save_figure(fig, path: Path) -> Path:
-    """Write a matplotlib figure as PNG and free it (figures are not garbage-collected while pyplot tracks them)."""
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write a matplotlib figure as PNG."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -59,7 +55,8 @@ def save_training_curves(history: list[dict[str, float]], path: Path) -> Path:
         ("rec", "reconstruction -E log p(x|z)"),
         ("kl", "KL(q||p)"),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    fig = Figure(figsize=(4.2 * len(panels), 3.4))
+    axes = fig.subplots(1, len(panels))
     for ax, (name, title) in zip(axes, panels, strict=True):
         for split, style in (("train", "-o"), ("val", "-s")):
             values = [row.get(f"{split}/{name}") for row in history]
@@ -75,7 +72,8 @@ def save_training_curves(history: list[dict[str, float]], path: Path) -> Path:
 
 def save_kl_per_dim(kl_per_dim: list[float], path: Path) -> Path:
     """Bar chart of KL(q(z_d|x) || p(z_d)) per latent dimension, averaged over images, in nats."""
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.25 * len(kl_per_dim) + 1.5), 3.0))
+    fig = Figure(figsize=(max(4.0, 0.25 * len(kl_per_dim) + 1.5), 3.0))
+    ax = fig.subplots()
     ax.bar(range(len(kl_per_dim)), kl_per_dim, color="tab:blue")
     ax.set_xlabel("latent dimension")
     ax.set_ylabel("KL (nats)")
@@ -118,7 +116,8 @@ def latent_projection(means: torch.Tensor) -> tuple[torch.Tensor, str]:
 def save_latent_scatter(means: torch.Tensor, labels: torch.Tensor, path: Path) -> Path:
     """Posterior means in 2-D, coloured by class label: the learned manifold at a glance."""
     points, axis = latent_projection(means.detach().float().cpu())
-    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    fig = Figure(figsize=(5.2, 4.6))
+    ax = fig.subplots()
     scatter = ax.scatter(points[:, 0], points[:, 1], c=labels.cpu(), cmap="tab10", s=3, alpha=0.6)
     ax.legend(*scatter.legend_elements(), title="label", fontsize=7, loc="best", markerscale=0.8)
     ax.set_xlabel(f"{axis} 1")

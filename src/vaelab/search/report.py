@@ -137,7 +137,11 @@ def save_study_plots(study: optuna.Study, folder: Path) -> list[Path]:
     """Optimization history, learning curves, parallel coordinates and parameter importances as PNGs
     (optuna.visualization.matplotlib: plotly's PNG export would need kaleido and a browser). A plot that
     cannot be drawn yet (too few completed trials, a single parameter value) is left out, with a note."""
+    import matplotlib
     import optuna
+
+    matplotlib.use("Agg")  # Optuna draws through pyplot: no window on a desktop, no display needed on a server
+    import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as optuna_plots
 
     from vaelab.figures import save_figure
@@ -159,6 +163,7 @@ def save_study_plots(study: optuna.Study, folder: Path) -> list[Path]:
                 axes = plot(study)
             figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
             saved.append(save_figure(figure, folder / f"{name}.png"))
+            plt.close(figure)  # pyplot keeps every figure it made until it is closed
         except Exception as error:  # a missing plot must not cost the study's report
             print(f"search: note: no {name} plot ({type(error).__name__}: {error})")
     return saved

@@ -25,11 +25,12 @@ def plot_metric_by_axis(rows: list[dict[str, Any]], axes: list[str], path: Path)
     done = [row for row in rows if row["status"] == "FINISHED" and math.isfinite(row[SELECTION])]
     if not done or not axes:
         return []
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from vaelab.figures import save_figure
 
-    fig, panels = plt.subplots(1, len(axes), figsize=(3.6 * len(axes), 3.4), sharey=True, squeeze=False)
+    fig = Figure(figsize=(3.6 * len(axes), 3.4))
+    panels = fig.subplots(1, len(axes), sharey=True, squeeze=False)
     for axis, panel in zip(axes, panels[0], strict=True):
         x, categories, numeric = axis_values([row["overrides"].get(axis, "") for row in done])
         y = [row[SELECTION] for row in done]
@@ -57,14 +58,15 @@ def plot_rate_distortion(rows: list[dict[str, Any]], path: Path) -> list[Path]:
     done = [row for row in rows if row["status"] == "FINISHED" and math.isfinite(row["val/kl"])]
     if not done:
         return []
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from vaelab.figures import save_figure
 
     rate = [row["val/kl"] for row in done]
     distortion = [row["val/rec"] for row in done]
     beta = [float(row["overrides"].get("objective.beta", "nan")) for row in done]
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    fig = Figure(figsize=(5.5, 4.5))
+    ax = fig.subplots()
     points = ax.scatter(rate, distortion, c=beta, cmap="viridis", zorder=3)
     fig.colorbar(points, ax=ax, label="β")
     for r, d, b in zip(rate, distortion, beta, strict=True):

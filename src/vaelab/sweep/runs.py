@@ -21,12 +21,18 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from vaelab.tracking.run import TAG_PREFIX
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PARENT_ENV = "VAELAB_SWEEP_RUN_ID"  # the parent run's id, for the jobs
 PARENT_FILE = "parent_run_id"  # the same, in the Hydra sweep folder
@@ -73,24 +79,32 @@ def job_tags(num: int, overrides: list[str]) -> dict[str, str]:
 
 def find_child(uri: str, parent: str, overrides: str, since_ms: int) -> str | None:
     """The child run that a job with these overrides started after `since_ms`, if train() got as far as making it."""
-    for run in child_runs(uri, parent):
-        if run.info.start_time >= since_ms and run.data.tags.get(f"{TAG_PREFIX}overrides") == overrides:
-            return run.info.run_id
-    return None
+    import pandas as pd
+
+    runs = child_runs(uri, parent).reindex(columns=["run_id", "start_time", f"tags.{TAG_PREFIX}overrides"])
+    started = runs["start_time"] >= pd.to_datetime(since_ms, unit="ms", utc=True)
+    found = runs.loc[started & (runs[f"tags.{TAG_PREFIX}overrides"] == overrides), "run_id"]
+    return None if found.empty else str(found.iloc[0])
 
 
-def child_runs(uri: str, parent: str) -> list:
-    """Every run nested under `parent`, in any experiment of the store (a job may override tracking.experiment)."""
-    from mlflow import MlflowClient
+def child_runs(uri: str, parent: str) -> pd.DataFrame:
+    """Every run nested under `parent`, in any experiment of the store (a job may override tracking.experiment):
+    one row per run, with `tags.*` and `metrics.*` columns as mlflow.search_runs names them."""
+    import mlflow
 
-    client = MlflowClient(uri)
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            experiments, f"tags.mlflow.parentRunId = '{parent}'", max_results=1000, page_token=token
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+    with tracking_uri(uri):
+        return mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent}'", search_all_experiments=True)
+
+
+@contextmanager
+def tracking_uri(uri: str) -> Iterator[None]:
+    """mlflow.search_runs reads MLflow's process-wide tracking URI: point it at `uri` for the call only, so a sweep
+    leaves no store behind for later MLflow calls in the same process."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None: back to unset, as MLflow's own scoped switch does

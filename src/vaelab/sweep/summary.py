@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from vaelab.files import write_text_atomic
 from vaelab.sweep.plots import plot_metric_by_axis, plot_rate_distortion
@@ -24,6 +25,8 @@ from vaelab.sweep.runs import (
 from vaelab.sweep.tables import markdown_table, mean_std, text_table, write_csv
 from vaelab.tracking.lifecycle import end_run
 from vaelab.tracking.run import Run
+
+STATISTICS = ("mean", "std")  # pandas' std is the sample std (n - 1), the honest spread of a few seeds
 
 
 class Summary:
@@ -51,37 +54,37 @@ class Summary:
             f"Best configuration by mean {SELECTION} over {AGGREGATE_OVER}s: {config} ({score}, n={entry['finished']})"
         )
 
-    def job_table(self, columns: list[str] | None = None) -> tuple[list[str], list[list[Any]]]:
+    def job_table(self, columns: list[str] | None = None) -> pd.DataFrame:
         """One row per job: the swept values, status, metrics at the best checkpoint, run id, failure reason."""
-        header = columns or ["job", *self.axes, "status", *METRICS, "run_id", "failure"]
-        cells = [{**row, **row["overrides"]} for row in self.rows]
-        return header, [[c.get(h, "") for h in header] for c in cells]
+        columns = columns or ["job", *self.axes, "status", *METRICS, "run_id", "failure"]
+        return job_frame(self.rows).reindex(columns=columns)
 
-    def aggregated_table(self, markdown: bool = False) -> tuple[list[str], list[list[Any]]]:
+    def aggregated_table(self, markdown: bool = False) -> pd.DataFrame:
         """One row per configuration: mean and sample std over its seeds' finished jobs (one column as `mean ± std`
         when `markdown`)."""
         keys = [a for a in self.axes if a != AGGREGATE_OVER]
         if markdown:
-            header = [*keys, "finished", *METRICS]
             rows = [
-                [*row["config"].values(), f"{row['finished']}/{row['jobs']}"]
-                + [mean_std(row[f"{m} mean"], row[f"{m} std"]) for m in METRICS]
-                for row in self.aggregated
+                {
+                    **entry["config"],
+                    "finished": f"{entry['finished']}/{entry['jobs']}",
+                    **{m: mean_std(entry[f"{m} mean"], entry[f"{m} std"]) for m in METRICS},
+                }
+                for entry in self.aggregated
             ]
-            return header, rows
-        header = [*keys, "finished", "jobs"] + [f"{m} {s}" for m in METRICS for s in ("mean", "std")]
-        rows = [[*row["config"].values()] + [row[h] for h in header[len(keys) :]] for row in self.aggregated]
-        return header, rows
+            return pd.DataFrame(rows, columns=[*keys, "finished", *METRICS])
+        columns = [*keys, "finished", "jobs", *(f"{m} {s}" for m in METRICS for s in STATISTICS)]
+        return pd.DataFrame([{**entry["config"], **entry} for entry in self.aggregated], columns=columns)
 
     def console(self) -> str:
         """A short table of the jobs, the mean ± std over seeds if any, and the best job."""
         columns = ["job", *self.axes, "status", "val/elbo", "val/nll_iw", "run_id"]
         lines = [
             f"\nSweep summary: {len(self.rows)} jobs, {len(self.failed)} failed ({self.folder})",
-            text_table(*self.job_table(columns)),
+            text_table(self.job_table(columns)),
         ]
         if self.aggregated:
-            lines += [f"\nMean ± std over {AGGREGATE_OVER}s:", text_table(*self.aggregated_table(markdown=True))]
+            lines += [f"\nMean ± std over {AGGREGATE_OVER}s:", text_table(self.aggregated_table(markdown=True))]
         if self.best:
             best = self.best
             lines.append(f"\nBest by {SELECTION}: job {best['job']} ({best[SELECTION]:.2f}), run {best['run_id']}")
@@ -120,23 +123,33 @@ def summarize(parent: Run, folder: Path) -> Summary:
 
 def collect(uri: str, parent: str) -> list[dict[str, Any]]:
     """One row per child run, in job order, with the metrics of its best checkpoint (blank unless FINISHED)."""
-    rows = []
-    for run in child_runs(uri, parent):
-        tags, logged = run.data.tags, run.data.metrics
-        overrides = json.loads(tags.get(JOB_OVERRIDES_TAG, "[]")) or tags.get(f"{TAG_PREFIX}overrides", "").split()
-        finished = run.info.status == "FINISHED"
-        failure = "" if finished else next(iter(tags.get(f"{TAG_PREFIX}failure", "").splitlines()), "")
-        rows.append(
-            {
-                "job": int(tags.get(JOB_TAG, -1)),
-                "overrides": dict(split_override(o) for o in overrides),
-                "status": run.info.status,
-                **{m: logged.get(child_metric(m), math.nan) if finished else math.nan for m in METRICS},
-                "run_id": run.info.run_id,
-                "failure": failure,
-            }
-        )
-    return sorted(rows, key=lambda row: (row["job"], row["run_id"]))
+    job, listed, spaced, failure = (
+        f"tags.{tag}" for tag in (JOB_TAG, JOB_OVERRIDES_TAG, f"{TAG_PREFIX}overrides", f"{TAG_PREFIX}failure")
+    )
+    logged = {m: f"metrics.{child_metric(m)}" for m in METRICS}
+    # A column is missing when no child has that tag or metric (every job failed before training, say).
+    runs = child_runs(uri, parent).reindex(columns=["run_id", "status", job, listed, spaced, failure, *logged.values()])
+    finished = runs["status"] == "FINISHED"
+    # A job stopped before it tagged its run has only the space-separated overrides that every run gets.
+    overrides = [
+        json.loads(as_list) or as_text.split()
+        for as_list, as_text in zip(runs[listed].fillna("[]"), runs[spaced].fillna(""), strict=True)
+    ]
+    jobs = pd.DataFrame(
+        {
+            "job": pd.to_numeric(runs[job]).fillna(-1).astype(int),
+            "overrides": [dict(map(split_override, job_overrides)) for job_overrides in overrides],
+            "status": runs["status"],
+            **{m: runs[column].where(finished) for m, column in logged.items()},
+            "run_id": runs["run_id"],
+            "failure": runs[failure].fillna("").map(first_line).where(~finished, ""),
+        }
+    )
+    return jobs.sort_values(["job", "run_id"]).to_dict("records")
+
+
+def first_line(text: str) -> str:
+    return next(iter(text.splitlines()), "")
 
 
 def split_override(override: str) -> tuple[str, str]:
@@ -144,12 +157,15 @@ def split_override(override: str) -> tuple[str, str]:
     return key.lstrip("+~"), value
 
 
+def job_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The jobs with their overrides as columns, beside job number, status, metrics, run id and failure."""
+    return pd.DataFrame([{**row, **row["overrides"]} for row in rows])
+
+
 def swept_axes(rows: list[dict[str, Any]]) -> list[str]:
     """The override keys whose value differs between jobs, in command-line order."""
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row["overrides"] if k not in keys]
-    return [k for k in keys if len({row["overrides"].get(k) for row in rows}) > 1]
+    overrides = pd.DataFrame([row["overrides"] for row in rows])  # columns in order of first appearance
+    return [key for key in overrides.columns if overrides[key].nunique(dropna=False) > 1]
 
 
 def aggregate(rows: list[dict[str, Any]], axes: list[str]) -> list[dict[str, Any]]:
@@ -157,37 +173,34 @@ def aggregate(rows: list[dict[str, Any]], axes: list[str]) -> list[dict[str, Any
     if AGGREGATE_OVER not in axes:
         return []
     keys = [a for a in axes if a != AGGREGATE_OVER]
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(tuple(row["overrides"].get(k, "") for k in keys), []).append(row)
-    aggregated = []
-    for config, members in groups.items():
-        done = [row for row in members if row["status"] == "FINISHED"]
-        entry: dict[str, Any] = {
-            "config": dict(zip(keys, config, strict=True)),
-            "finished": len(done),
-            "jobs": len(members),
-        }
-        for m in METRICS:
-            values = [row[m] for row in done if math.isfinite(row[m])]
-            entry[f"{m} mean"] = statistics.fmean(values) if values else math.nan
-            entry[f"{m} std"] = statistics.stdev(values) if len(values) > 1 else math.nan
-        aggregated.append(entry)
-    return aggregated
+    jobs = job_frame(rows)
+    jobs[keys] = jobs[keys].fillna("")  # a job without one of the overrides
+    jobs["finished"] = jobs["status"] == "FINISHED"
+    metrics = jobs[list(METRICS)]
+    jobs[list(METRICS)] = metrics.where(metrics.map(math.isfinite)).where(jobs["finished"], axis=0)
+    table = jobs.groupby(keys or (lambda _: ""), sort=False).agg(  # no keys: the seed alone was swept
+        finished=("finished", "sum"),
+        jobs=("status", "size"),
+        **{f"{m} {s}": (m, s) for m in METRICS for s in STATISTICS},
+    )
+    return [
+        {"config": {k: entry[k] for k in keys}, **{column: entry[column] for column in table.columns}}
+        for entry in table.reset_index().to_dict("records")
+    ]
 
 
 def write_tables(summary: Summary, folder: Path) -> list[Path]:
     """summary.csv/.md (one row per job) and, when seeds were swept, aggregate.csv/.md (mean ± std per config)."""
-    header, rows = summary.job_table()
-    files = [write_csv(folder / "summary.csv", header, rows)]
+    jobs = summary.job_table()
+    files = [write_csv(folder / "summary.csv", jobs)]
     title = f"# Sweep: {len(summary.rows)} jobs, {len(summary.failed)} failed\n\n"
     best = summary.best
     if best:
         title += f"Best by {SELECTION} (validation): job {best['job']}, run `{best['run_id']}`.\n\n"
-    files.append(write_text_atomic(folder / "summary.md", title + markdown_table(header, rows)))
+    files.append(write_text_atomic(folder / "summary.md", title + markdown_table(jobs)))
     if summary.aggregated:
-        files.append(write_csv(folder / "aggregate.csv", *summary.aggregated_table()))
+        files.append(write_csv(folder / "aggregate.csv", summary.aggregated_table()))
         text = f"# Mean ± sample std over {AGGREGATE_OVER}s\n\n{summary.best_config_line()}\n\n"
-        text += markdown_table(*summary.aggregated_table(markdown=True))
+        text += markdown_table(summary.aggregated_table(markdown=True))
         files.append(write_text_atomic(folder / "aggregate.md", text))
     return files

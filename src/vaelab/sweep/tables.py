@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 
 def cell(value: Any) -> str:
@@ -22,23 +23,17 @@ def mean_std(mean: float, std: float) -> str:
     return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
 
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    def line(cells: list[Any]) -> str:
-        return "| " + " | ".join(cell(c).replace("|", "\\|") for c in cells) + " |"
-
-    return "\n".join([line(header), "|" + "---|" * len(header), *(line(r) for r in rows)]) + "\n"
-
-
-def text_table(header: list[str], rows: list[list[Any]]) -> str:
-    cells = [header, *([cell(c) for c in row] for row in rows)]
-    widths = [max(len(str(r[i])) for r in cells) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+def markdown_table(table: pd.DataFrame) -> str:
+    # The cells are formatted here; tabulate would otherwise re-read them as numbers and drop the trailing zeros.
+    cells = table.map(lambda value: cell(value).replace("|", "\\|"))
+    return cells.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
-def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
+def text_table(table: pd.DataFrame) -> str:
+    return table.map(cell).to_markdown(index=False, tablefmt="plain", disable_numparse=True)
+
+
+def write_csv(path: Path, table: pd.DataFrame) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows([["" if isinstance(c, float) and math.isnan(c) else c for c in row] for row in rows])
+    table.to_csv(path, index=False, lineterminator="\r\n")  # the csv module's line ending, as the files always had
     return path
