@@ -202,3 +202,28 @@ def test_the_fused_optimizer_takes_the_same_steps_as_the_plain_one():
     assert not torch.allclose(fused_model[0].weight, start)  # the steps did move the weights
     # An optimizer without a fused kernel is built plainly rather than refused.
     assert "fused" not in build_optimizer(fused_model.parameters(), "torch.optim.RMSprop", fused=True).defaults
+
+
+class ProgressBarSpy(Callback):
+    def __init__(self):
+        self.bar = "unset"
+
+    def on_fit_start(self, trainer, pl_module):
+        self.bar = trainer.progress_bar_callback
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], ("ThrottledRichProgressBar", 20)),
+        (["callbacks.progress.refresh_rate=5"], ("ThrottledRichProgressBar", 5)),
+        (["callbacks=none"], None),  # no bar at all, not Lightning's default one
+        (["~callbacks.progress"], None),
+    ],
+)
+def test_the_progress_bar_is_a_configured_callback(project: Path, overrides: list[str], expected):
+    spy = ProgressBarSpy()
+    train(make_config(*TINY, "trainer.max_epochs=1", "logger=none", *overrides), callbacks=[spy])
+    bar = spy.bar
+    assert (None if bar is None else (type(bar).__name__, bar.refresh_rate)) == expected

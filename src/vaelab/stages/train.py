@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab import __version__, paths
@@ -44,9 +44,8 @@ from vaelab.training.callbacks import (
     EpochHistory,
     InterruptCheckpoint,
     RngState,
-    ThrottledRichProgressBar,
 )
-from vaelab.training.module import PROGRESS_EVERY, SELECTION_METRIC, VAEModule
+from vaelab.training.module import SELECTION_METRIC, VAEModule
 
 VAL_ESTIMATES = ("val/nll_iw", "val/nll_iw_se", "val/inference_gap", "val/iw_ess")
 
@@ -249,8 +248,8 @@ def fit_and_publish(
         save_last=True,
     )
     history = EpochHistory()
-    progress = ThrottledRichProgressBar(refresh_rate=PROGRESS_EVERY)
-    extra = [instantiate(spec) for spec in cfg.get("callbacks", {}).values()]
+    # The config's callbacks come from the command line or a conf/ file, the user's own code: Hydra builds them.
+    chosen = [instantiate(spec) for spec in (cfg.get("callbacks") or {}).values()]
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         logger=lightning_logger(run, cfg.logger) if run else False,
@@ -259,10 +258,10 @@ def fit_and_publish(
             InterruptCheckpoint(paths.checkpoints_dir(run_id)),
             history,
             RngState(),
-            progress,
-            *extra,
+            *chosen,
             *callbacks,
         ],
+        enable_progress_bar=any(isinstance(c, ProgressBar) for c in [*chosen, *callbacks]),
         default_root_dir=str(out_dir),
         plugins=[AtomicCheckpointIO()],
     )
