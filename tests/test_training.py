@@ -188,8 +188,9 @@ def test_the_fused_optimizer_takes_the_same_steps_as_the_plain_one():
     fused_model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.SiLU(), torch.nn.Linear(16, 4))
     plain_model = copy.deepcopy(fused_model)
     start = copy.deepcopy(fused_model[0].weight.detach())
-    fused = build_optimizer(fused_model.parameters(), "torch.optim.Adam", lr=1e-2, fused=True)
-    plain = build_optimizer(plain_model.parameters(), "torch.optim.Adam", lr=1e-2, fused=False)
+    adam = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-2}
+    fused = build_optimizer(fused_model.parameters(), {**adam, "fused": True})
+    plain = build_optimizer(plain_model.parameters(), {**adam, "fused": False})
     assert fused.defaults["fused"] is True and not plain.defaults["fused"]
     for _ in range(5):
         x = torch.randn(32, 8)
@@ -201,7 +202,8 @@ def test_the_fused_optimizer_takes_the_same_steps_as_the_plain_one():
         torch.testing.assert_close(a, b)
     assert not torch.allclose(fused_model[0].weight, start)  # the steps did move the weights
     # An optimizer without a fused kernel is built plainly rather than refused.
-    assert "fused" not in build_optimizer(fused_model.parameters(), "torch.optim.RMSprop", fused=True).defaults
+    rmsprop = {"_target_": "torch.optim.RMSprop", "_partial_": True, "fused": True}
+    assert "fused" not in build_optimizer(fused_model.parameters(), rmsprop).defaults
 
 
 class ProgressBarSpy(Callback):

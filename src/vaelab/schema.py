@@ -109,12 +109,19 @@ class Data(Section):
         return self
 
 
+def _grey_or_colour(channels: int | None) -> int | None:
+    if channels not in (None, 1, 3):
+        raise ValueError("null (auto), 1 or 3")
+    return channels
+
+
 class ImageFolder(Data):
     name: one_of("image_folder")
     # image_folder has no default source to fall back on: its images are wherever data.root points.
     root: text("an existing directory of images (data=image_folder reads data.root)", lambda v: Path(v).is_dir())
     image_size: integer(4)
-    channels: Annotated[Literal[1, 3] | None, Field(description="null (auto), 1 or 3")] = None
+    # An integer, not Literal[1, 3]: a Literal would take `true` for 1.
+    channels: Annotated[int | None, AfterValidator(_grey_or_colour), Field(description="null (auto), 1 or 3")] = None
 
 
 # Components: arch=, likelihood=, objective=, posterior=, prior=
