@@ -192,7 +192,7 @@ def worker_bare(spec: dict) -> dict:
                     grey_levels=spec["grey_levels"]).to(device)  # fmt: skip
     observe, grey_levels = type(vae.likelihood).observe, spec["grey_levels"]
     optim = cfg["optim"]
-    optimizer = build_optimizer(vae.parameters(), optim["_target_"], optim["lr"], optim["weight_decay"], optim["fused"])
+    optimizer = build_optimizer(vae.parameters(), optim)  # the same partial config train() completes
     beta, free_bits = float(cfg["objective"]["beta"]), float(cfg["objective"]["free_bits"])
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)
