@@ -20,7 +20,6 @@ from pydantic import BaseModel, ValidationError
 from vaelab.errors import ConfigError
 from vaelab.schema import Config, Search
 
-_MISSING = object()
 Problem = tuple[str, object, str]
 
 

@@ -78,9 +78,19 @@ SIZES = Annotated[
     list[Annotated[int, Field(gt=0)]],
     Field(min_length=1, description="a non-empty list of integers > 0 (layer sizes, or channels per stage)"),
 ]
-EXISTING_DIR = text("an existing directory", lambda v: Path(v).is_dir())
-# A hold-out size: a count of images, or a fraction of them (what suits a folder of unknown size).
-HOLDOUT = Annotated[int | Annotated[float, Field(gt=0, lt=1)], Field(description="an integer or a fraction in (0, 1)")]
+
+
+def _is_dir(value: str) -> bool:
+    return Path(value).is_dir()
+
+
+EXISTING_DIR = text("an existing directory", _is_dir)
+
+
+def holdout(low: int) -> Any:
+    """A hold-out size: a count of images, or a fraction of them (what suits a folder of unknown size)."""
+    count, fraction = Annotated[int, Field(ge=low)], Annotated[float, Field(gt=0, lt=1)]
+    return Annotated[count | fraction, Field(description=f"an integer >= {low} or a fraction in (0, 1)")]
 
 
 class Section(BaseModel):
@@ -93,20 +103,12 @@ class Section(BaseModel):
 class Data(Section):
     name: one_of("fashion_mnist", "mnist", "digits")
     root: optional(EXISTING_DIR) = None
-    val_size: Annotated[HOLDOUT, Field(description="an integer >= 1 or a fraction in (0, 1)")]
-    test_size: Annotated[HOLDOUT, Field(description="an integer >= 0 or a fraction in (0, 1)")]
+    val_size: holdout(1)
+    test_size: holdout(0)
     split_seed: integer(0)
     binarize_seed: integer(0)
     batch_size: integer(1)
     limit_train: optional(integer(1)) = None
-
-    @model_validator(mode="after")
-    def _holdout_counts(self) -> Data:
-        for key, low in (("val_size", 1), ("test_size", 0)):
-            value = getattr(self, key)
-            if isinstance(value, int) and value < low:
-                raise problem(f"data.{key}", value, f"an integer >= {low} or a fraction in (0, 1)")
-        return self
 
 
 def _grey_or_colour(channels: int | None) -> int | None:
@@ -118,7 +120,7 @@ def _grey_or_colour(channels: int | None) -> int | None:
 class ImageFolder(Data):
     name: one_of("image_folder")
     # image_folder has no default source to fall back on: its images are wherever data.root points.
-    root: text("an existing directory of images (data=image_folder reads data.root)", lambda v: Path(v).is_dir())
+    root: text("an existing directory of images (data=image_folder reads data.root)", _is_dir)
     image_size: integer(4)
     # An integer, not Literal[1, 3]: a Literal would take `true` for 1.
     channels: Annotated[int | None, AfterValidator(_grey_or_colour), Field(description="null (auto), 1 or 3")] = None
@@ -227,7 +229,7 @@ class CosineSchedule(Section):
 
 
 class Trainer(Section):
-    # Any other argument of lightning.pytorch.Trainer may be added (+trainer.gradient_clip_val=...): Lightning
+    # Any other argument of lightning.pytorch.Trainer may be added (+trainer.accumulate_grad_batches=2): Lightning
     # checks those itself when the trainer is built.
     model_config = ConfigDict(extra="allow")
     target: Annotated[str, Field(alias="_target_", description="lightning.pytorch.Trainer")]

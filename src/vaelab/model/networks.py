@@ -31,6 +31,12 @@ ACTIVATION_CLASSES: dict[str, type[nn.Module]] = {
 ACTIVATIONS = tuple(ACTIVATION_CLASSES)
 
 
+def mean_and_logvar(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An encoder's output [B, 2D] as q(z|x)'s mean and log-variance, each [B, D], the log-variance clamped."""
+    mean, logvar = params.chunk(2, dim=-1)
+    return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+
+
 def activation_class(name: str) -> type[nn.Module]:
     """The nn.Module class `arch.activation` names; a ConfigError listing the allowed names otherwise."""
     if name not in ACTIVATION_CLASSES:
@@ -57,8 +63,7 @@ class MLPEncoder(nn.Module):
         self.net = mlp([math.prod(image_shape), *hidden, 2 * latent_dim], activation)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, logvar = self.net(x.flatten(1)).chunk(2, dim=-1)
-        return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+        return mean_and_logvar(self.net(x.flatten(1)))
 
 
 class MLPDecoder(nn.Module):
@@ -190,8 +195,7 @@ class ConvEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.stages(x)  # [B, hidden[-1], h, w]
-        mean, logvar = self.head(features.flatten(1)).chunk(2, dim=-1)  # each [B, D]
-        return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+        return mean_and_logvar(self.head(features.flatten(1)))
 
 
 class ConvDecoder(nn.Module):
