@@ -24,8 +24,10 @@ def main(argv: list[str]) -> int:
     from vaelab.errors import exit_on_user_error
     from vaelab.logs import quiet_third_party
     from vaelab.search.driver import search
+    from vaelab.tracking.lifecycle import stop_on_signals
 
     quiet_third_party()
+    stop_on_signals()  # SIGTERM, at any point, fails the running trial and ends its runs as Ctrl-C does: exit 130
 
     with exit_on_user_error():
         try:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from vaelab.config import check_command_line, hydra_errors, validate
 from vaelab.errors import exit_on_user_error
 from vaelab.logs import quiet_third_party
+from vaelab.tracking.lifecycle import stop_on_signals
 
 os.environ.setdefault("VAELAB_ROOT", str(Path(__file__).resolve().parents[1]))
 
@@ -46,6 +47,7 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     # A moved key is named with its new place before Hydra rejects it unnamed; Hydra's own errors (an unknown
     # option or key, an unparsable override) become the same one-line problems as a bad value.
+    stop_on_signals()  # SIGTERM, at any point, ends the runs this process owns as Ctrl-C does: KILLED, exit 130
     with exit_on_user_error(), hydra_errors():
         check_command_line(sys.argv[1:])
         main()

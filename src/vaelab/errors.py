@@ -65,6 +65,10 @@ class TrainingInterrupted(KeyboardInterrupt):
     A KeyboardInterrupt, so whatever runs the training (a sweep, a search) stops too instead of going on."""
 
 
+class EvaluationInterrupted(KeyboardInterrupt):
+    """Evaluation stopped on Ctrl-C or SIGTERM; the message says what was left as it was and how to go on."""
+
+
 INTERRUPTED_EXIT = 130  # the shell's convention for a process ended by SIGINT
 
 

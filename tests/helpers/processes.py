@@ -74,12 +74,14 @@ def running_mlflow_server(backend_store_uri: str, artifacts: Path, log: Path, wa
             process.wait(timeout=30)
 
 
-def run_entry(script: str, *overrides: str, root: Path, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a pipelines/ entry point as a user would, in a subprocess, against project `root`."""
+def run_entry(
+    script: str, *overrides: str, root: Path, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run a pipelines/ entry point as a user would, in a subprocess, against project `root` (`env`: more variables)."""
     done = subprocess.run(
         [sys.executable, str(REPO / "pipelines" / script), *overrides],
         cwd=root,
-        env=subprocess_env(VAELAB_ROOT=str(root)),
+        env=subprocess_env(VAELAB_ROOT=str(root), **(env or {})),
         capture_output=True,
         text=True,
         timeout=600,

@@ -20,6 +20,7 @@ The objective is a validation metric (`search.metric`, val/elbo by default): tes
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +32,13 @@ from vaelab.search.report import SearchResult, write_report
 from vaelab.search.space import parse_space, space_problems
 from vaelab.search.study import StaleTrials, Tally, display_url, fail_stale_trials, open_study, study_lock
 from vaelab.search.workers import SharedParent, run_trials, running_parent
+from vaelab.tracking.lifecycle import stop_signal
+
+
+def quiet_once_stopped(record: logging.LogRecord) -> bool:
+    """Optuna's warnings about a trial that Ctrl-C or SIGTERM stopped (a traceback of the interrupt) go unprinted:
+    the search says in one line that it was interrupted and how to resume."""
+    return stop_signal() is None
 
 
 def search(argv: Sequence[str], config_dir: Path) -> SearchResult:
@@ -57,6 +65,9 @@ def search(argv: Sequence[str], config_dir: Path) -> SearchResult:
     from vaelab.tracking.store import resolve_uri
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # Progress prints one line per trial instead
+    optimize_log = logging.getLogger("optuna.study._optimize")
+    if quiet_once_stopped not in optimize_log.filters:
+        optimize_log.addFilter(quiet_once_stopped)
     settings = Settings.from_config(full.search, name=full.hydra.runtime.choices[SEARCH_GROUP])
     max_epochs = "auto" if "trainer.max_epochs" in searched else base.trainer.max_epochs
     tracking_uri = resolve_uri(base.tracking.uri) if base.get("logger") is not None else None

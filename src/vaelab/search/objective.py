@@ -19,7 +19,7 @@ from vaelab.schema import END_OF_TRAINING_METRICS
 from vaelab.search.config import Settings, compose_config
 from vaelab.search.space import Param
 from vaelab.search.study import RETRY_ATTR
-from vaelab.tracking.lifecycle import end_run
+from vaelab.tracking.lifecycle import INTERRUPTED, end_run
 from vaelab.tracking.run import Run
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ class Objective:
         except (KeyboardInterrupt, SystemExit) as error:
             # Lightning turns Ctrl-C into a graceful stop and SystemExit, which Optuna would leave RUNNING; as a
             # KeyboardInterrupt the trial is recorded FAIL and the interrupt stops the search.
-            trial.set_user_attr("failure", "interrupted")
+            trial.set_user_attr("failure", INTERRUPTED)
             raise KeyboardInterrupt from error
         except Exception as error:
             trial.set_user_attr("failure", f"{type(error).__name__}: {error}"[:2000])

@@ -18,7 +18,7 @@ from vaelab.config import validate
 from vaelab.data.datamodule import fixed_observations
 from vaelab.data.prepare import ensure_prepared, load_split
 from vaelab.data.settings import Settings
-from vaelab.errors import CheckpointError, DataError
+from vaelab.errors import CheckpointError, DataError, EvaluationInterrupted
 from vaelab.files import replacing_dir, write_json_atomic
 from vaelab.model.estimators import Evaluation, evaluate_images
 from vaelab.stages.progress import progress_bar
@@ -126,7 +126,21 @@ def check_checkpoint_fits(path: Path, module, cfg: DictConfig, keys: list[str]) 
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float | str | None]:
-    """Evaluate a checkpoint on the test split; write metrics/eval.json and plots/eval/; log into its run."""
+    """Evaluate a checkpoint on the test split; write metrics/eval.json and plots/eval/; log into its run.
+
+    An interrupt (Ctrl-C, SIGTERM) changes nothing it has not finished: the training run keeps its status, and
+    metrics/eval.json and plots/eval/ are each replaced whole or not at all."""
+    try:
+        return evaluate_checkpoint(cfg)
+    except KeyboardInterrupt:
+        raise EvaluationInterrupted(
+            "evaluation interrupted; the trained run keeps its status, and metrics/eval.json and plots/eval/ hold "
+            "what they held before unless they were already written. `python pipelines/evaluate.py` with the same "
+            "arguments evaluates again"
+        ) from None
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float | str | None]:
     from vaelab.checkpoints import load_trained, sides
     from vaelab.figures import save_figures
     from vaelab.tracking.run import Run

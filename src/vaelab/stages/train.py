@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -89,8 +89,10 @@ def train(
     callbacks: Sequence[Callback] = (),
     parent_run_id: str | None = None,
     pruned: Sequence[type[BaseException]] = (),
+    tags: Mapping[str, str] | None = None,
 ) -> dict[str, float | str]:
-    """Train one VAE as configured; return the summary metrics plus its `run_id`.
+    """Train one VAE as configured; return the summary metrics plus its `run_id`. `tags`: more `vaelab.*` tags for
+    a new run (named without the prefix), set as it is created (a sweep's job number, say).
 
     `pruned`: exceptions a callback raises to stop a trial that will not pay off (a search's pruner); the run then
     ends KILLED with the tag optuna.state=PRUNED (vaelab.tracking.lifecycle).
@@ -133,6 +135,7 @@ def train(
                 "data_hash": data.data_hash,
                 "representation": module.vae.likelihood.representation,
                 "dataset": data.settings.name,
+                **(tags or {}),
             },
             parent_run_id=parent_run_id,
         )
@@ -143,16 +146,19 @@ def train(
         return {"vaelab.interrupted_checkpoint": str(saved)} if saved and saved.is_file() else {}
 
     monitor = run.monitor_system(resume=resume is not None) if run and cfg.tracking.system_metrics else None
+    fitted: list[bool] = []  # set once Trainer.fit has returned: an interrupt after it needs no more training
     try:
         with run_lifecycle(run, pruned=pruned, interrupt_tags=where_saved):
             try:
-                return fit_and_publish(cfg, module, data, run, callbacks, publish=parent_run_id is None, resume=resume)
+                return fit_and_publish(
+                    cfg, module, data, run, callbacks, publish=parent_run_id is None, resume=resume, fitted=fitted
+                )
             finally:
                 if monitor:
                     monitor.finish()
     except BaseException as error:
         if ending_of(error, pruned).interrupted:
-            raise TrainingInterrupted(interrupt_message(run_id, saved)) from None
+            raise TrainingInterrupted(interrupt_message(run_id, saved, fitted=bool(fitted))) from None
         problem = storage_problem(error)
         if problem is not None:
             raise problem from error
@@ -174,9 +180,14 @@ def check_outputs_writable(publish: bool) -> None:
             raise problem from error
 
 
-def interrupt_message(run_id: str | None, saved: Path | None) -> str:
+def interrupt_message(run_id: str | None, saved: Path | None, fitted: bool = False) -> str:
     if run_id is None or saved is None:
         return "training interrupted"
+    if fitted:
+        return (
+            "interrupted after training, while finishing the run (the validation estimates, figures, model logging "
+            f"and publishing); `python pipelines/train.py resume={run_id}` finishes it without training again"
+        )
     state = f"its state at the interrupt is in {saved}" if saved.is_file() else "nothing was saved"
     if not (saved.parent / paths.LAST).is_file():
         return f"training interrupted during its first epoch; {state}, but there is no complete epoch to resume from"
@@ -222,8 +233,10 @@ def fit_and_publish(
     callbacks: Sequence[Callback],
     publish: bool = True,
     resume: Resumption | None = None,
+    fitted: list[bool] | None = None,
 ) -> dict[str, float | str]:
-    """Everything that happens inside the run: any failure here marks the run FAILED or KILLED."""
+    """Everything that happens inside the run: any failure here marks the run FAILED or KILLED. `fitted` gets an
+    entry once Trainer.fit has returned."""
     # Under DDP every rank runs train(). Only rank zero has the MLflow run and writes files; the other ranks train
     # their shard of the data and stop after fit (ModelCheckpoint takes rank zero's folder, and saves on rank zero).
     rank_zero = is_rank_zero()
@@ -266,6 +279,8 @@ def fit_and_publish(
         plugins=[AtomicCheckpointIO()],
     )
     trainer.fit(module, datamodule=data, ckpt_path=resume.checkpoint if resume else None)
+    if fitted is not None:
+        fitted.append(True)
     if not rank_zero:
         return {}
     return finish(cfg, trainer, module, data, checkpoint, history, run, config_file, publish)

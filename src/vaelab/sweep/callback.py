@@ -20,7 +20,7 @@ from omegaconf import DictConfig, open_dict, read_write
 from vaelab import paths
 from vaelab.files import write_text_atomic
 from vaelab.sweep.runs import PARENT_ENV, PARENT_FILE, short_error
-from vaelab.tracking.lifecycle import end_run
+from vaelab.tracking.lifecycle import INTERRUPTED, end_run, stop_signal
 
 if TYPE_CHECKING:
     from vaelab.tracking.run import Run
@@ -31,9 +31,11 @@ class SweepCallback(Callback):
 
     def __init__(self) -> None:
         self.parent: Run | None = None
+        self.planned: list[list[str]] | None = None  # every job's overrides, in job order
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"parent": None}  # Hydra ships its callbacks to joblib's workers; they need none of this state
+        # Hydra ships its callbacks to joblib's workers; they need none of this state
+        return {"parent": None, "planned": None}
 
     # Hydra turns an exception in a callback into a warning and carries on, so these methods exit themselves.
 
@@ -65,6 +67,7 @@ class SweepCallback(Callback):
             "sweep_dir": str(Path(config.hydra.sweep.dir).resolve()),
             "launcher": str(config.hydra.runtime.choices.get("hydra/launcher")),
         }
+        self.planned = planned_jobs(config)
         self.parent = Run.create(parent_config(config, name), "sweep", overrides, tags, log_params=False)
         os.environ[PARENT_ENV] = self.parent.run_id  # before the launcher starts any worker process
         write_text_atomic(Path(config.hydra.sweep.dir) / PARENT_FILE, self.parent.run_id + "\n")
@@ -76,14 +79,16 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent is None:
             return
-        parent, self.parent = self.parent, None
+        parent = self.parent  # held until it has ended: an interrupt during the summary still ends it (end_abandoned)
         try:
             from vaelab.sweep.summary import summarize
 
             summary = summarize(parent, paths.run_dir(parent.run_id))
         except Exception as error:
+            self.parent = None
             end_run(parent, error, reason=f"the sweep's summary failed: {short_error(error)}")
             stop(f"the sweep's jobs ended, but its summary failed: {short_error(error)}", status=1)
+        self.parent = None
         print(summary.console(), flush=True)
         if summary.failed:
             failed = ", ".join(str(row["job"]) for row in summary.failed)
@@ -94,12 +99,53 @@ class SweepCallback(Callback):
             )
 
     def end_abandoned(self) -> None:
-        """At exit, a parent that never reached on_multirun_end: Ctrl-C (KILLED), or Hydra stopped the sweep."""
+        """At exit, a parent that never reached the end of on_multirun_end: Ctrl-C or SIGTERM stopped the sweep (the
+        parent ends KILLED with the summary of the jobs that ran and a list of those that did not), or Hydra did
+        (FAILED)."""
         if self.parent is None:
             return
-        interrupted = getattr(sys, "last_type", None) is KeyboardInterrupt
-        stopped = KeyboardInterrupt() if interrupted else RuntimeError()
-        end_run(self.parent, stopped, reason="the sweep stopped before all its jobs ended")
+        parent, self.parent = self.parent, None
+        signal_name = stop_signal()
+        if signal_name is None:
+            end_run(parent, RuntimeError(), reason="the sweep stopped before all its jobs ended")
+            return
+        try:
+            from vaelab.sweep.summary import summarize
+
+            summary = summarize(parent, paths.run_dir(parent.run_id), self.planned, stopped=KeyboardInterrupt())
+        except Exception as error:  # the store itself may be what failed; the parent still ends
+            end_run(parent, KeyboardInterrupt(), reason=f"{INTERRUPTED}; its summary failed: {short_error(error)}")
+            return
+        print(summary.console(), flush=True)
+        not_run = "; ".join(f"job {row['job']} [{swept_values(row, summary.axes)}]" for row in summary.not_run)
+        print(
+            f"vaelab: the sweep was stopped by {signal_name}: {summary.counts()}"
+            + (f"; not run: {not_run}" if not_run else "")
+            + f"; see {summary.folder / 'summary.md'}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def planned_jobs(config: DictConfig) -> list[list[str]] | None:
+    """Every job's overrides, in job order, as Hydra's basic sweeper will launch them (None for another sweeper)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")):
+        return None
+    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
+    try:
+        parsed = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+        [jobs] = BasicSweeper.split_arguments(parsed, None)
+    except Exception:  # e.g. a sweep over config groups by glob: the summary then lists the jobs that ran
+        return None
+    return jobs
+
+
+def swept_values(row: dict[str, Any], axes: list[str]) -> str:
+    """`objective.beta=4`: a job's values of the swept keys (all its overrides when nothing varies)."""
+    return " ".join(f"{key}={value}" for key, value in row["overrides"].items() if key in axes or not axes)
 
 
 def stop(message: str, status: int) -> NoReturn:

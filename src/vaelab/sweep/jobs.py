@@ -14,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from vaelab import paths
 from vaelab.files import write_text_atomic
 from vaelab.sweep.runs import METRICS, child_metric, find_child, job_tags, parent_run_id, short_error
+from vaelab.tracking.lifecycle import stop_on_signals
+from vaelab.tracking.run import TAG_PREFIX
 
 
 def run_job(cfg: DictConfig) -> float:
@@ -27,6 +29,7 @@ def run_job(cfg: DictConfig) -> float:
     from vaelab.tracking.run import Run
     from vaelab.tracking.store import resolve_uri
 
+    stop_on_signals()  # a parallel launcher's worker process too: SIGTERM ends its job's run KILLED
     hydra = HydraConfig.get()
     num, overrides = hydra.job.num, list(hydra.overrides.task)
     parent = parent_run_id(hydra.sweep.dir)
@@ -36,7 +39,9 @@ def run_job(cfg: DictConfig) -> float:
         validate(cfg)
         from vaelab.stages.train import train
 
-        summary = train(cfg, parent_run_id=parent)
+        # Tagged as it is created, so that a job stopped halfway is still known as this job in the summary.
+        tags = {key.removeprefix(TAG_PREFIX): value for key, value in job_tags(num, overrides).items()}
+        summary = train(cfg, parent_run_id=parent, tags=tags)
     except Exception as error:
         run_id = record_failure(cfg, parent, num, overrides, error, started_ms)
         point_to(run_id, hydra.runtime.output_dir)
@@ -44,7 +49,6 @@ def run_job(cfg: DictConfig) -> float:
         return math.nan
     point_to(str(summary["run_id"]), hydra.runtime.output_dir)
     run = Run(resolve_uri(cfg.tracking.uri), str(summary["run_id"]), cfg.tracking.experiment)
-    run.set_tags(job_tags(num, overrides))
     run.log_metrics({child_metric(k): float(summary[k]) for k in METRICS})
     print(
         f"vaelab: {label} finished: val/elbo {summary['val/elbo']:.2f}, val/nll_iw {summary['val/nll_iw']:.2f} "

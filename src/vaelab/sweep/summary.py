@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,10 @@ from vaelab.sweep.runs import (
     child_runs,
 )
 from vaelab.sweep.tables import markdown_table, mean_std, text_table, write_csv
-from vaelab.tracking.lifecycle import end_run
+from vaelab.tracking.lifecycle import INTERRUPTED, end_run
 from vaelab.tracking.run import Run
 
+NOT_RUN = "NOT RUN"  # the status of a job the sweep was stopped before starting
 STATISTICS = ("mean", "std")  # pandas' std is the sample std (n - 1), the honest spread of a few seeds
 
 
@@ -36,7 +38,8 @@ class Summary:
         self.rows = rows
         self.folder = folder
         self.axes = swept_axes(rows)
-        self.failed = [row for row in rows if row["status"] != "FINISHED"]
+        self.not_run = [row for row in rows if row["status"] == NOT_RUN]
+        self.failed = [row for row in rows if row["status"] not in ("FINISHED", NOT_RUN)]
         self.aggregated = aggregate(rows, self.axes)
         finished = [row for row in rows if row["status"] == "FINISHED" and math.isfinite(row[SELECTION])]
         self.best = max(finished, key=lambda row: row[SELECTION], default=None)
@@ -76,11 +79,16 @@ class Summary:
         columns = [*keys, "finished", "jobs", *(f"{m} {s}" for m in METRICS for s in STATISTICS)]
         return pd.DataFrame([{**entry["config"], **entry} for entry in self.aggregated], columns=columns)
 
+    def counts(self) -> str:
+        """`4 jobs, 1 failed`, and how many were not run when the sweep was stopped."""
+        not_run = f", {len(self.not_run)} not run" if self.not_run else ""
+        return f"{len(self.rows)} jobs, {len(self.failed)} failed{not_run}"
+
     def console(self) -> str:
         """A short table of the jobs, the mean ± std over seeds if any, and the best job."""
         columns = ["job", *self.axes, "status", "val/elbo", "val/nll_iw", "run_id"]
         lines = [
-            f"\nSweep summary: {len(self.rows)} jobs, {len(self.failed)} failed ({self.folder})",
+            f"\nSweep summary: {self.counts()} ({self.folder})",
             text_table(self.job_table(columns)),
         ]
         if self.aggregated:
@@ -93,9 +101,18 @@ class Summary:
         return "\n".join(lines)
 
 
-def summarize(parent: Run, folder: Path) -> Summary:
-    """Collect the children, write the tables and plots, log them and the best job to the parent, and end it."""
-    summary = Summary(collect(parent.uri, parent.run_id), folder)
+def summarize(
+    parent: Run, folder: Path, planned: Sequence[Sequence[str]] | None = None, stopped: BaseException | None = None
+) -> Summary:
+    """Collect the children, write the tables and plots, log them and the best job to the parent, and end it.
+
+    `stopped`: the interrupt that stopped the sweep early. The parent then ends KILLED, a child a launcher's worker
+    left RUNNING is ended KILLED too, and each of the `planned` jobs (their overrides, in job order) that has no run
+    is listed as not run, in the tables and in the parent's tag vaelab.jobs_not_run."""
+    rows = collect(parent.uri, parent.run_id)
+    if stopped is not None:
+        rows = close_running(parent.uri, rows, stopped) + not_run(planned or [], rows)
+    summary = Summary(rows, folder)
     files = write_tables(summary, folder)
     files += plot_metric_by_axis(summary.rows, summary.axes, folder / "val_elbo_by_axis.png")
     if "objective.beta" in summary.axes:
@@ -104,6 +121,9 @@ def summarize(parent: Run, folder: Path) -> Summary:
         parent.log_artifact(path, "summary")
     tags = {f"{TAG_PREFIX}sweep_axes": ",".join(summary.axes), f"{TAG_PREFIX}jobs_failed": str(len(summary.failed))}
     metrics = {"sweep/jobs": float(len(summary.rows)), "sweep/jobs_failed": float(len(summary.failed))}
+    if stopped is not None:
+        tags[f"{TAG_PREFIX}jobs_not_run"] = ",".join(str(row["job"]) for row in summary.not_run)
+        metrics["sweep/jobs_not_run"] = float(len(summary.not_run))
     if summary.best:
         best = summary.best
         tags |= {
@@ -116,9 +136,38 @@ def summarize(parent: Run, folder: Path) -> Summary:
         tags[f"{TAG_PREFIX}best_config"] = " ".join(f"{k}={v}" for k, v in summary.best_config["config"].items())
     parent.set_tags(tags)
     parent.log_metrics(metrics)
+    if stopped is not None:
+        end_run(parent, stopped, reason=f"{INTERRUPTED}: {summary.counts()}")
+        return summary
     failed = f"{len(summary.failed)} of {len(summary.rows)} jobs failed"
     end_run(parent, RuntimeError(failed) if summary.failed else None, reason=failed)
     return summary
+
+
+def close_running(uri: str, rows: list[dict[str, Any]], stopped: BaseException) -> list[dict[str, Any]]:
+    """The rows, with each child still RUNNING (a parallel launcher's worker stopped with the sweep) ended KILLED."""
+    for row in rows:
+        if row["status"] == "RUNNING":
+            end_run(Run(uri, row["run_id"], ""), stopped)
+            row["status"] = "KILLED"
+    return rows
+
+
+def not_run(planned: Sequence[Sequence[str]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A row for each planned job that no run was made for."""
+    ran = {row["job"] for row in rows}
+    return [
+        {
+            "job": num,
+            "overrides": dict(map(split_override, overrides)),
+            "status": NOT_RUN,
+            **{m: math.nan for m in METRICS},
+            "run_id": "",
+            "failure": "",
+        }
+        for num, overrides in enumerate(planned)
+        if num not in ran
+    ]
 
 
 def collect(uri: str, parent: str) -> list[dict[str, Any]]:
@@ -193,7 +242,7 @@ def write_tables(summary: Summary, folder: Path) -> list[Path]:
     """summary.csv/.md (one row per job) and, when seeds were swept, aggregate.csv/.md (mean ± std per config)."""
     jobs = summary.job_table()
     files = [write_csv(folder / "summary.csv", jobs)]
-    title = f"# Sweep: {len(summary.rows)} jobs, {len(summary.failed)} failed\n\n"
+    title = f"# Sweep: {summary.counts()}\n\n"
     best = summary.best
     if best:
         title += f"Best by {SELECTION} (validation): job {best['job']}, run `{best['run_id']}`.\n\n"

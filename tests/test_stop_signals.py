@@ -1,0 +1,196 @@
+"""SIGTERM (what `timeout`, SLURM and container runtimes send) and Ctrl-C, at any point of a process's life: every run
+the process owns ends KILLED (a search trial FAIL), a sweep lists the jobs it did not run, the process exits 130
+with the command that goes on, and a second signal during that cleanup leaves the stores intact.
+
+The signals are real. tests/helpers/signal_on_entry sends them as a named function is entered, so each test stops
+the process at the phase it names instead of guessing the moment with a timer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+from pathlib import Path
+
+import optuna
+import pytest
+
+from helpers.config import TINY, TINY_TRIAL
+from helpers.processes import run_entry
+from helpers.stores import all_runs
+from vaelab.errors import INTERRUPTED_EXIT
+from vaelab.tracking import lifecycle
+from vaelab.tracking.lifecycle import INTERRUPTED
+
+SIGNAL_ON_ENTRY = Path(__file__).resolve().parent / "helpers" / "signal_on_entry"
+TESTS = Path(__file__).resolve().parent
+
+
+def signalled(*plan: tuple[str, str] | tuple[str, str, int]) -> dict[str, str]:
+    """The environment that makes the process send itself `signal` on the `call`-th entry to `at`, for each
+    (at, signal[, call]) of `plan`."""
+    entries = [{"at": at, "signal": sig, "call": rest[0] if rest else 1} for at, sig, *rest in plan]
+    path = os.pathsep.join(filter(None, [str(SIGNAL_ON_ENTRY), str(TESTS), os.environ.get("PYTHONPATH")]))
+    return {"VAELAB_TEST_SIGNALS": json.dumps(entries), "PYTHONPATH": path}
+
+
+def assert_stopped_cleanly(done, hint: str) -> None:
+    output = done.stdout + done.stderr
+    assert done.returncode == INTERRUPTED_EXIT, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert "signal_on_entry:" in output  # the signal was sent where the test meant it
+    assert hint in output, output[-3000:]
+
+
+def assert_store_intact(root: Path) -> None:
+    for database in ("mlflow.db", "optuna.db"):
+        if (root / database).exists():
+            with sqlite3.connect(root / database) as db:
+                assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def nothing_running(root: Path) -> None:
+    assert [r.info.run_id for r in all_runs(root) if r.info.status == "RUNNING"] == []
+
+
+# The phases after Trainer.fit, where nothing in Lightning listens for a signal.
+AFTER_FIT = {
+    "the end-of-training estimates": "vaelab.model.estimators:evaluate_images",
+    "the figures": "vaelab.figures:save_figures",
+    "model logging": "vaelab.stages.export:save_pyfunc",
+    "publishing": "vaelab.stages.publish:publish",
+}
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("phase", AFTER_FIT)
+def test_sigterm_after_training_ends_the_run_killed_and_exits_130_with_the_resume_command(project: Path, phase: str):
+    done = run_entry("train.py", *TINY, root=project, check=False, env=signalled((AFTER_FIT[phase], "SIGTERM")))
+
+    [run] = all_runs(project)
+    assert_stopped_cleanly(done, f"resume={run.info.run_id}")
+    assert "without training again" in done.stderr
+    assert run.info.status == "KILLED"
+    assert run.data.tags["vaelab.failure"] == INTERRUPTED
+    assert_store_intact(project)
+
+
+@pytest.mark.subprocess
+def test_a_run_stopped_while_finishing_is_finished_by_resume_without_training_again(project: Path):
+    stopped = run_entry("train.py", *TINY, root=project, check=False, env=signalled((AFTER_FIT["the figures"], "SIGINT")))
+    assert stopped.returncode == INTERRUPTED_EXIT, stopped.stderr[-3000:]
+    [run] = all_runs(project)
+
+    run_entry("train.py", f"resume={run.info.run_id}", root=project)
+
+    [resumed] = all_runs(project)
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    assert "val/nll_iw" in resumed.data.metrics
+    assert (project / "models" / "latest" / "run_id").read_text().strip() == run.info.run_id
+
+
+@pytest.mark.subprocess
+def test_sigterm_during_evaluation_leaves_the_trained_run_finished_and_writes_no_partial_results(project: Path):
+    run_entry("train.py", *TINY, root=project)
+    done = run_entry(
+        "evaluate.py", "eval.iw_k=20", root=project, check=False, env=signalled((AFTER_FIT["the figures"], "SIGTERM"))
+    )
+
+    assert_stopped_cleanly(done, "pipelines/evaluate.py")
+    [run] = all_runs(project)
+    assert run.info.status == "FINISHED"
+    assert not (project / "metrics" / "eval.json").exists()
+    assert not list((project / "plots").glob(".*"))  # no half-made figure folder left behind
+    assert_store_intact(project)
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize(
+    ("where", "interrupted_job"),
+    [
+        (("vaelab.sweep.jobs:run_job", "SIGTERM", 2), None),  # between jobs: job 1 never starts
+        (("vaelab.figures:save_figures", "SIGTERM", 2), 1),  # inside job 1, after its training
+    ],
+    ids=["between-jobs", "inside-a-job"],
+)
+def test_sigterm_in_a_sweep_ends_the_parent_killed_with_what_finished_and_lists_the_jobs_not_run(
+    project: Path, where, interrupted_job
+):
+    done = run_entry("train.py", "-m", *TINY_TRIAL, "objective.beta=1,2,4", root=project, check=False,
+                     env=signalled(where))  # fmt: skip
+
+    assert_stopped_cleanly(done, "not run: ")
+    assert "job 2 [objective.beta=4]" in done.stderr
+    runs = all_runs(project)
+    [parent] = [r for r in runs if r.data.tags.get("vaelab.kind") == "sweep"]
+    children = {int(r.data.tags.get("vaelab.sweep_job", -1)): r for r in runs if r is not parent}
+    assert parent.info.status == "KILLED"
+    assert parent.data.tags["vaelab.failure"].startswith(INTERRUPTED)
+    assert children[0].info.status == "FINISHED"
+    if interrupted_job is None:
+        assert parent.data.tags["vaelab.jobs_not_run"] == "1,2"
+        assert set(children) == {0}
+    else:
+        assert parent.data.tags["vaelab.jobs_not_run"] == "2"
+        assert children[interrupted_job].info.status == "KILLED"
+    summary = (project / "outputs" / parent.info.run_id / "summary.md").read_text()
+    assert "NOT RUN" in summary and "FINISHED" in summary
+    nothing_running(project)
+    assert_store_intact(project)
+
+
+@pytest.mark.subprocess
+def test_sigterm_in_a_search_trial_after_its_fit_fails_the_trial_and_ends_its_runs_killed(project: Path):
+    search = [
+        *TINY_TRIAL,
+        "~search.space",
+        "+search.space={objective.beta:{type:float,low:0.5,high:2}}",
+        "search.n_trials=2",
+        "search.sampler=random",
+        "search.pruner=none",
+    ]
+    done = run_entry("search.py", *search, root=project, check=False,
+                     env=signalled((AFTER_FIT["the figures"], "SIGTERM")))  # fmt: skip
+
+    assert_stopped_cleanly(done, "rerun the same command to resume the study")
+    study = optuna.load_study(study_name="default", storage=f"sqlite:///{project / 'optuna.db'}")
+    [trial] = study.trials
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert trial.user_attrs["failure"] == INTERRUPTED
+    runs = {r.info.run_id: r for r in all_runs(project)}
+    assert runs[trial.user_attrs["mlflow_run_id"]].info.status == "KILLED"
+    assert {r.info.status for r in runs.values()} == {"KILLED"}  # the trial's run and the parent
+    assert_store_intact(project)
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("second", ["SIGTERM", "SIGINT"])
+def test_a_second_signal_during_the_cleanup_is_ignored_and_the_store_stays_consistent(project: Path, second: str):
+    plan = [(AFTER_FIT["the figures"], "SIGTERM"), ("vaelab.tracking.run:Run.end", second)]
+    done = run_entry("train.py", *TINY, root=project, check=False, env=signalled(*plan))
+
+    assert_stopped_cleanly(done, "finishing the cleanup first")
+    [run] = all_runs(project)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["vaelab.failure"] == INTERRUPTED
+    assert_store_intact(project)
+
+
+def test_the_first_stop_signal_raises_keyboard_interrupt_and_later_ones_are_only_reported(monkeypatch, capsys):
+    monkeypatch.setattr(lifecycle, "_received", [])
+    before = {signum: signal.getsignal(signum) for signum in lifecycle.STOP_SIGNALS}
+    try:
+        lifecycle.stop_on_signals()
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.sigtimedwait([], 0)  # a bytecode boundary for the handler to run at
+        os.kill(os.getpid(), signal.SIGINT)  # during the cleanup: reported, not raised
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.sigtimedwait([], 0)
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    assert lifecycle.stop_signal() == "SIGTERM"
+    assert capsys.readouterr().err.count("while stopping; finishing the cleanup first") == 2
