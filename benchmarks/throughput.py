@@ -298,7 +298,7 @@ def worker_eval(spec: dict) -> dict:
                     grey_levels=spec["grey_levels"]).to(device).eval()  # fmt: skip
     test = load_split(Path(spec["data_folder"]), "test")
     images = fixed_observations(test, "test", type(vae.likelihood), spec["manifest"])
-    evaluate_images(vae, images[: EVAL_WARMUP["images"]], k=EVAL_WARMUP["k"], description="warm-up")
+    evaluate_images(vae, images[: EVAL_WARMUP["images"]], k=EVAL_WARMUP["k"])
 
     rows = []
     for k, count in spec["eval_pairs"]:
@@ -307,7 +307,7 @@ def worker_eval(spec: dict) -> dict:
             torch.cuda.reset_peak_memory_stats()
         sync()
         start = perf_counter()
-        evaluate_images(vae, subset, k=k, description="benchmark")
+        evaluate_images(vae, subset, k=k)
         sync()
         seconds = perf_counter() - start
         rows.append(

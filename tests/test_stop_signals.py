@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
+import time
 from pathlib import Path
 
 import optuna
 import pytest
+import torch
+from omegaconf import OmegaConf
 
 from helpers.config import TINY, TINY_TRIAL
 from helpers.processes import run_entry
@@ -194,3 +198,84 @@ def test_the_first_stop_signal_raises_keyboard_interrupt_and_later_ones_are_only
             signal.signal(signum, handler)
     assert lifecycle.stop_signal() == "SIGTERM"
     assert capsys.readouterr().err.count("while stopping; finishing the cleanup first") == 2
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_sigterm_in_the_middle_of_a_slow_training_step_ends_the_run_within_that_step_plus_5_s(project: Path):
+    # A wide latent layer makes each step take seconds on a CPU; the signal comes half a second into the third.
+    big = [*TINY, "model.latent_dim=20000", "arch.hidden=[512]", "data.batch_size=256", "trainer.max_epochs=5"]
+    step = "vaelab.training.module:VAEModule.training_step"
+    process_started = time.time()
+    done = run_entry("train.py", *big, root=project, check=False,
+                     env=signalled((step, "SIGTERM", 3, 0.5), (step, "SIGUSR2", 4)))  # fmt: skip
+    ended = time.time()
+
+    assert done.returncode == INTERRUPTED_EXIT, done.stderr[-3000:]
+    sent = float(re.search(r"SIGTERM at \S+ \(call 3\) at ([\d.]+)", done.stderr).group(1))
+    assert "SIGUSR2" not in done.stderr  # no fourth step began
+    # A step is at most the time from the start of the process to the signal, over the two and a half steps before it
+    step_s = (sent - process_started) / 2.5
+    assert ended - sent < step_s + 5, f"took {ended - sent:.1f} s after the signal; a step takes at most {step_s:.1f} s"
+    [run] = all_runs(project)
+    assert run.info.status == "KILLED"
+
+
+def test_the_iw_progress_counts_every_latent_sample_even_when_one_image_takes_many_chunks():
+    from helpers.config import make_config
+    from vaelab.model.estimators import ROWS, evaluate_images
+    from vaelab.training.builder import build_vae
+
+    cfg = make_config(*TINY)
+    parts = OmegaConf.to_container(cfg, resolve=True)
+    vae = build_vae([1, 8, 8], parts["arch"], parts["likelihood"], 4, grey_levels=17).eval()
+    images = torch.rand(3, 1, 8, 8).round()
+    k = ROWS["cpu"] * 2 + 5  # each image's samples come in three chunks
+    counts: list[int] = []
+    evaluate_images(vae, images, k=k, on_samples=counts.append)
+    assert sum(counts) == 3 * k
+    assert len(counts) >= 3 * 3
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize(
+    "asked",
+    [["eval.iw_k=10000000"], ["eval.iw_k=1000", "eval.max_minutes=0.00001"]],
+    ids=["huge-k", "tight-limit"],
+)
+def test_an_evaluation_timed_past_eval_max_minutes_is_refused_naming_eval_iw_k(project: Path, asked):
+    run_entry("train.py", *TINY, root=project)
+    started = time.monotonic()
+    done = run_entry("evaluate.py", *asked, root=project, check=False)
+
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert re.search(r"eval\.iw_k=\d+: allowed a k whose test NLL fits eval\.max_minutes=", done.stderr), done.stderr
+    assert "k <= " in done.stderr
+    assert time.monotonic() - started < 120
+    assert not (project / "metrics" / "eval.json").exists()
+
+
+@pytest.mark.subprocess
+def test_training_whose_val_estimate_would_run_past_eval_max_minutes_is_refused_before_the_run_exists(project: Path):
+    done = run_entry("train.py", *TINY, "eval.val_iw_k=100000000", root=project, check=False)
+
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "eval.val_iw_k=100000000: allowed a k whose val NLL fits eval.max_minutes=120" in done.stderr
+    assert not (project / "mlflow.db").exists() or all_runs(project) == []
+
+
+def test_a_slow_training_step_is_warned_about_before_training(monkeypatch, capsys):
+    from helpers.config import make_config
+    from vaelab.stages import budget
+    from vaelab.training.builder import build_vae
+
+    cfg = make_config(*TINY, "trainer.accelerator=cpu")
+    parts = OmegaConf.to_container(cfg, resolve=True)
+    vae = build_vae([1, 8, 8], parts["arch"], parts["likelihood"], 4, grey_levels=17).eval()
+    images = torch.rand(8, 1, 8, 8).round()
+    assert budget.warn_if_slow_step(vae, images, cfg) is None  # a small model is not even timed
+    monkeypatch.setattr(budget, "TIME_STEP_ABOVE", 0)
+    monkeypatch.setattr(budget, "SLOW_STEP_S", 0)
+    assert budget.warn_if_slow_step(vae, images, cfg) > 0
+    assert "warning: one training step is timed at about" in capsys.readouterr().out

@@ -243,6 +243,7 @@ class Eval(Section):
     val_iw_k: integer(1)
     val_limit: optional(integer(1)) = None
     limit: optional(integer(1)) = None
+    max_minutes: optional(number(0)) = 120.0
 
 
 def _is_uri(value: str) -> bool:

@@ -16,6 +16,7 @@ and the same k latents.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -116,10 +117,13 @@ def mutual_information(mean: torch.Tensor, logvar: torch.Tensor, seed: int = 0, 
 
 
 @torch.inference_mode()
-def iw_batch(vae, x: torch.Tensor, k: int, rows: int) -> dict[str, torch.Tensor]:
+def iw_batch(
+    vae, x: torch.Tensor, k: int, rows: int, on_samples: Callable[[int], None] | None = None
+) -> dict[str, torch.Tensor]:
     """Per-image importance-weighted log p(x), ELBO terms and ESS for one batch.
 
-    Streams over chunks of the k samples, keeping log sum_i w_i and log sum_i w_i^2 in float32.
+    Streams over chunks of the k samples, keeping log sum_i w_i and log sum_i w_i^2 in float32. `on_samples(n)` is
+    called after each chunk of n latent samples (images x samples each), for a progress display.
     """
     mean, logvar = vae.encode(x)  # [B, D], encoded once for all k samples
     chunk = max(1, rows // len(x))
@@ -132,6 +136,8 @@ def iw_batch(vae, x: torch.Tensor, k: int, rows: int) -> dict[str, torch.Tensor]
         log_sum_w = torch.logaddexp(log_sum_w, torch.logsumexp(log_w, dim=0))
         log_sum_w2 = torch.logaddexp(log_sum_w2, torch.logsumexp(2 * log_w, dim=0))
         sum_log_px_z += out.log_px_z.float().sum(0)
+        if on_samples is not None:
+            on_samples(log_w.numel())
     kl_per_dim = out.kl_per_dim.float()  # closed form, the same for every chunk
     rec = -sum_log_px_z / k
     return {
@@ -145,20 +151,24 @@ def iw_batch(vae, x: torch.Tensor, k: int, rows: int) -> dict[str, torch.Tensor]
     }
 
 
-def evaluate_images(vae, images: torch.Tensor, k: int, on_batch: Callable[[int], None] | None = None) -> Evaluation:
-    """Evaluate on fixed images [N, C, H, W] (already in the likelihood's representation).
-
-    `on_batch(n)` is called after each batch of n images, for a progress display."""
+def chunking(vae, k: int) -> tuple[torch.device, int, int]:
+    """The device, and how evaluate_images splits its work there: the rows decoded at once and images per batch."""
     device = next(vae.parameters()).device
     rows = ROWS.get(device.type, ROWS["cpu"])
-    batch = max(1, min(512, rows // k))
+    return device, rows, max(1, min(512, rows // k))
+
+
+def evaluate_images(vae, images: torch.Tensor, k: int, on_samples: Callable[[int], None] | None = None) -> Evaluation:
+    """Evaluate on fixed images [N, C, H, W] (already in the likelihood's representation).
+
+    `on_samples(n)` is called after each chunk of n latent samples (of len(images) * k in all), for a progress
+    display that moves even when one image's k samples take minutes."""
+    device, rows, batch = chunking(vae, k)
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(images), batch):
         x = images[start : start + batch].to(device, non_blocking=True)
-        for name, value in iw_batch(vae, x, k, rows).items():
+        for name, value in iw_batch(vae, x, k, rows, on_samples).items():
             parts.setdefault(name, []).append(value.cpu())
-        if on_batch is not None:
-            on_batch(len(x))
     per_image = {name: torch.cat(values).double() for name, values in parts.items()}
     n = len(images)
     kl_per_dim = per_image["kl_per_dim"].mean(0)
@@ -181,3 +191,24 @@ def evaluate_images(vae, images: torch.Tensor, k: int, on_batch: Callable[[int],
 
 def standard_error(values: torch.Tensor) -> float:
     return (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else float("nan")
+
+
+@torch.inference_mode()
+def estimated_seconds(vae, images: torch.Tensor, k: int, timings: int = 2) -> float:
+    """How long evaluate_images(vae, images, k) will take, from timing one chunk of its work (the fastest of
+    `timings`, so that a first call's set-up does not count) and counting the chunks."""
+    device, rows, batch = chunking(vae, k)
+    x = images[:batch].to(device)
+    chunk = min(max(1, rows // len(x)), k)
+    mean, logvar = vae.encode(x)
+    fastest = math.inf
+    for _ in range(timings):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        vae.decode_pass(x, mean, logvar, k=chunk)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        fastest = min(fastest, time.perf_counter() - start)
+    per_sample = fastest / (chunk * len(x))
+    return per_sample * len(images) * k

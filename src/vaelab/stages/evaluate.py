@@ -21,6 +21,7 @@ from vaelab.data.settings import Settings
 from vaelab.errors import CheckpointError, DataError, EvaluationInterrupted
 from vaelab.files import replacing_dir, write_json_atomic
 from vaelab.model.estimators import Evaluation, evaluate_images
+from vaelab.stages.budget import check_estimate
 from vaelab.stages.progress import progress_bar
 
 
@@ -168,8 +169,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float | str | None]:
     test = load_split(folder, "test")
     images = fixed_observations(test, "test", type(module.vae.likelihood), manifest, cfg.eval.limit)
 
-    with progress_bar(f"test NLL (k={cfg.eval.iw_k})", total=len(images)) as advance:
-        result = evaluate_images(module.vae, images, k=cfg.eval.iw_k, on_batch=advance)
+    check_estimate(module.vae, images, cfg.eval.iw_k, "eval.iw_k", cfg.eval.max_minutes, "test NLL")
+    with progress_bar(f"test NLL (k={cfg.eval.iw_k})", total=len(images) * cfg.eval.iw_k) as advance:
+        result = evaluate_images(module.vae, images, k=cfg.eval.iw_k, on_samples=advance)
     metrics = result.metrics("test")
 
     plots = paths.plots_dir() / "eval"

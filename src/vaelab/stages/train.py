@@ -29,6 +29,7 @@ from vaelab.errors import TrainingInterrupted, VaelabError, storage_problem
 from vaelab.figures import save_figures, save_training_curves
 from vaelab.files import check_writable, replacing_dir, write_text_atomic
 from vaelab.model.estimators import evaluate_images
+from vaelab.stages.budget import check_estimate, warn_if_slow_step
 from vaelab.stages.evaluate import warn_if_collapsed
 from vaelab.stages.export import register, save_pyfunc
 from vaelab.stages.logger import lightning_logger
@@ -121,6 +122,9 @@ def train(
         module.vae.decoder.compile()
 
     check_outputs_writable(publish=parent_run_id is None)
+    val_images = data.eval_images("val", cfg.eval.val_limit)
+    check_estimate(module.vae, val_images, cfg.eval.val_iw_k, "eval.val_iw_k", cfg.eval.max_minutes, "val NLL")
+    warn_if_slow_step(module.vae, val_images, cfg)
 
     run = None
     tracked = cfg.get("logger") is not None and is_rank_zero()  # under DDP, one run: rank zero's
@@ -304,8 +308,8 @@ def finish(
     module.eval()
 
     val_images = data.eval_images("val", cfg.eval.val_limit)
-    with progress_bar(f"val NLL (k={cfg.eval.val_iw_k})", total=len(val_images)) as advance:
-        val_iw = evaluate_images(module.vae, val_images, k=cfg.eval.val_iw_k, on_batch=advance)
+    with progress_bar(f"val NLL (k={cfg.eval.val_iw_k})", total=len(val_images) * cfg.eval.val_iw_k) as advance:
+        val_iw = evaluate_images(module.vae, val_images, k=cfg.eval.val_iw_k, on_samples=advance)
     out_dir = config_file.parent
     figures = out_dir / paths.FIGURES
     val_labels = data.split("val")["labels"][: len(val_images)]

@@ -3,8 +3,9 @@
 instead of guessing it with a timer.
 
 A test puts this folder first on the PYTHONPATH of the process it starts, with VAELAB_TEST_SIGNALS set to a JSON
-list of {"at": "module:function" or "module:Class.method", "call": n, "signal": "SIGTERM"}: the signal goes out on
-the n-th call (1 if left out) of that function, just before its body runs. Only the entry is patched; what the
+list of {"at": "module:function" or "module:Class.method", "call": n, "signal": "SIGTERM", "delay": s}: the signal
+goes out on the n-th call (1 if left out) of that function, just before its body runs, or `delay` seconds after
+that call began (from a timer thread: in the middle of the call). The time it was sent goes to stderr. Only the entry is patched; what the
 process does with the signal is its own code's doing. Python imports this module at start-up (site's
 `sitecustomize` hook); it patches each target right after its module is first imported, before anything can have
 imported the function by name.
@@ -19,12 +20,23 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 
 PLAN = json.loads(os.environ.get("VAELAB_TEST_SIGNALS", "[]"))
 TARGETS: dict[str, list[dict]] = {}
 for entry in PLAN:
     module_name, _, attribute = entry["at"].partition(":")
     TARGETS.setdefault(module_name, []).append({**entry, "attribute": attribute})
+
+
+def send(entry: dict, calls: int) -> None:
+    print(
+        f"signal_on_entry: {entry['signal']} at {entry['at']} (call {calls}) at {time.time():.3f}",
+        file=sys.stderr,
+        flush=True,
+    )
+    os.kill(os.getpid(), getattr(signal, entry["signal"]))
 
 
 def signalling(function, entry: dict):
@@ -35,8 +47,10 @@ def signalling(function, entry: dict):
         nonlocal calls
         calls += 1
         if calls == entry.get("call", 1):
-            print(f"signal_on_entry: {entry['signal']} at {entry['at']} (call {calls})", file=sys.stderr, flush=True)
-            os.kill(os.getpid(), getattr(signal, entry["signal"]))
+            if entry.get("delay"):
+                threading.Timer(entry["delay"], send, [entry, calls]).start()
+            else:
+                send(entry, calls)
         return function(*args, **kwargs)
 
     return wrapper
