@@ -65,11 +65,14 @@ def _is(fd: int, path: Path) -> bool:
 
 
 def _claimed(create) -> tuple[int, Path]:
-    """A new staging entry from `create()` (-> its descriptor and path), locked by this process.
+    """A new staging entry from `create()` (-> its descriptor and path, or None), locked by this process.
 
     A sweep in another process may lock and remove the entry between its creation and our lock: then make another."""
     while True:
-        fd, path = create()
+        made = create()
+        if made is None:  # removed before it could be opened
+            continue
+        fd, path = made
         if _lock(fd) is not False and _is(fd, path):
             return fd, path
         os.close(fd)
@@ -199,9 +202,12 @@ def staging_dir(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(target.parent)
 
-    def create() -> tuple[int, Path]:
+    def create() -> tuple[int, Path] | None:
         folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=STAGING_SUFFIX, dir=target.parent))
-        return os.open(folder, os.O_RDONLY), folder
+        try:
+            return os.open(folder, os.O_RDONLY), folder
+        except FileNotFoundError:
+            return None
 
     fd, folder = _claimed(create)
     _held[str(folder)] = fd

@@ -37,9 +37,9 @@ def checked_input(values, what: str, shape: tuple[int, ...], low: float | None =
     expected = f"expected {what} as float32 [N, {', '.join(map(str, shape))}]{bounds}"
     x = np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values)
     if x.dtype.kind not in "biuf":
-        raise ModelInputError(f"{what}: values of type {x.dtype} are not numbers; {expected}")
+        raise ModelInputError(f"{what} are of type {x.dtype}, not numbers; {expected}")
     if x.ndim != 1 + len(shape) or tuple(x.shape[1:]) != shape:
-        raise ModelInputError(f"{what}: shape {list(x.shape)}; {expected}")
+        raise ModelInputError(f"{what} have shape {list(x.shape)}; {expected}")
     x = x.astype(np.float64, copy=False)
     found = {
         "NaN": np.isnan(x),
@@ -48,17 +48,17 @@ def checked_input(values, what: str, shape: tuple[int, ...], low: float | None =
     }
     finite = np.isfinite(x)
     if high is not None:
-        found[f"above {high:g}"] = finite & (x > high)
+        found[f"values above {high:g}"] = finite & (x > high)
     if low is not None:
-        found[f"below {low:g}"] = finite & (x < low)
+        found[f"values below {low:g}"] = finite & (x < low)
     problems = [
-        f"{int(mask.sum())} {name} (first at {list(map(int, np.argwhere(mask)[0]))})"
+        f"{name} ({int(mask.sum())}, first at {list(map(int, np.argwhere(mask)[0]))})"
         for name, mask in found.items()
         if mask.any()
     ]
     if problems:
         hint = "; 0-255 images must be divided by 255 first" if high == 1.0 and (finite & (x > 1)).any() else ""
-        raise ModelInputError(f"{what}: {', '.join(problems)} values; {expected}{hint}")
+        raise ModelInputError(f"{what} hold {', '.join(problems)}; {expected}{hint}")
     return torch.from_numpy(x.astype(np.float32))
 
 
