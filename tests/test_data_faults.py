@@ -293,19 +293,20 @@ def test_unscaled_uint8_images_and_misshapen_input_are_refused(pyfunc_model):
 PUBLISH_MANY = """
 import sys
 from pathlib import Path
-from vaelab.stages.publish import publish_latest
+from vaelab.stages.publish import publish
 
 who, times, scratch = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 checkpoint, config = scratch / f"{who}.ckpt", scratch / f"{who}.yaml"
 checkpoint.write_text(who * 1000)
 config.write_text(who)
+rows = [{"epoch": epoch, "train/elbo": float(who[-1])} for epoch in range(200)]
 for _ in range(times):
-    publish_latest(checkpoint, who, config)
+    publish(checkpoint, who, config, {"writer": who}, rows)
 """
 
 
 @pytest.mark.subprocess
-def test_processes_publishing_latest_at_once_all_succeed_and_leave_one_whole_model(project: Path, tmp_path: Path):
+def test_processes_publishing_at_once_all_succeed_and_leave_whole_outputs(project: Path, tmp_path: Path):
     from vaelab import paths
 
     writers = [f"writer{i}" for i in range(4)]
@@ -326,7 +327,11 @@ def test_processes_publishing_latest_at_once_all_succeed_and_leave_one_whole_mod
     assert who in writers
     assert (latest / paths.PUBLISHED_MODEL).read_text() == who * 1000  # one writer's files, not a mix
     assert (latest / paths.RUN_CONFIG).read_text() == who
-    assert sorted(p.name for p in latest.parent.iterdir()) == [latest.name]  # no staging or aside folder left
+    assert json.loads((paths.metrics_dir() / "train.json").read_text())["writer"] in writers
+    curve = (paths.plots_dir() / "train" / "curve.csv").read_text().splitlines()
+    assert len(curve) == 201 and len({line.split(",")[1] for line in curve[1:]}) == 1  # one writer's curve
+    for folder in (latest.parent, paths.metrics_dir(), paths.plots_dir() / "train"):
+        assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no staging or aside left
 
 
 HOLD_STAGING = """
