@@ -17,7 +17,7 @@ import math
 import lightning.pytorch as pl
 import torch
 
-from vaelab.data.prepare import EVAL_SEED_OFFSET, ensure_prepared, load_split
+from vaelab.data.prepare import EVAL_SEED_OFFSET, read_prepared
 from vaelab.data.settings import Settings
 from vaelab.model.likelihoods import Bernoulli, Likelihood
 
@@ -99,7 +99,11 @@ class ImageData(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.likelihood = likelihood
         self.seed = seed
-        self.folder, self.manifest = ensure_prepared(settings)
+        # All three splits are read now, with the manifest, as one snapshot: the data hash the run records is that
+        # of the tensors it trains on, even if another job re-prepares the folder with other settings meanwhile.
+        prepared = read_prepared(settings)
+        self.folder, self.manifest = prepared.folder, prepared.manifest
+        self._prepared = prepared.splits
         self._splits: dict[str, dict[str, torch.Tensor]] = {}
         self._fixed: dict[str, torch.Tensor] = {}
 
@@ -117,7 +121,7 @@ class ImageData(pl.LightningDataModule):
 
     def split(self, name: str) -> dict[str, torch.Tensor]:
         if name not in self._splits:
-            tensors = load_split(self.folder, name)
+            tensors = self._prepared[name]
             if name == "train" and self.limit_train:
                 tensors = {k: v[: self.limit_train] for k, v in tensors.items()}
             self._splits[name] = tensors

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ from vaelab import __version__, paths
 from vaelab.data.settings import Settings
 from vaelab.data.sources import LOADERS, RawDataset
 from vaelab.errors import DataError
-from vaelab.files import replacing_dir
+from vaelab.files import remove_stale_staging, replacing_dir
 from vaelab.model.likelihoods import binarize
 
 SPLITS = ("train", "val", "test")
@@ -81,10 +84,19 @@ def build_splits(raw: RawDataset, settings: Settings) -> dict[str, dict[str, tor
 
 
 def prepare(settings: Settings, out_dir: Path | None = None) -> dict:
-    """Read, verify, split and store one dataset. Returns the manifest. Never leaves partial output."""
+    """Read, verify, split and store one dataset. Returns the manifest. Never leaves partial output.
+
+    Holds the dataset's lock (as `read_prepared` does), so a run never reads a folder half-way through its replacement.
+    """
+    out_dir = out_dir or paths.processed_dir(settings.name)
+    with _dataset_lock(settings.name, out_dir):
+        return _prepare(settings, out_dir)[0]
+
+
+def _prepare(settings: Settings, out_dir: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """`prepare` under the caller's lock: the manifest and the tensors it describes."""
     if settings.name not in LOADERS:
         raise DataError(f"unknown dataset {settings.name!r}; known: {sorted(LOADERS)}")
-    out_dir = out_dir or paths.processed_dir(settings.name)
     raw = LOADERS[settings.name](settings)
     splits = build_splits(raw, settings)
     manifest = {
@@ -105,7 +117,7 @@ def prepare(settings: Settings, out_dir: Path | None = None) -> dict:
         for name, tensors in splits.items():
             torch.save(tensors, fresh / f"{name}.pt")
         (fresh / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    return manifest, splits
 
 
 def read_manifest(folder: Path) -> dict | None:
@@ -115,26 +127,66 @@ def read_manifest(folder: Path) -> dict | None:
         return None
 
 
-def ensure_prepared(settings: Settings) -> tuple[Path, dict]:
-    """The processed folder for these settings, preparing it first when it is missing or stale.
+@contextmanager
+def _dataset_lock(name: str, folder: Path) -> Iterator[None]:
+    """One process at a time prepares or reads dataset `name` in `folder`'s parent; stale staging there goes first."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder.parent / f".{name}.lock")):
+        remove_stale_staging(folder.parent)
+        yield
 
-    Training and evaluation call this, so a fresh clone can train without `dvc repro` first.
-    A file lock keeps parallel sweep jobs from preparing the same dataset twice at once.
+
+@dataclass(frozen=True)
+class Prepared:
+    """Prepared tensors and the manifest that describes them, read together: `manifest["data_hash"]` names exactly
+    these tensors, whatever another process prepares into the same folder afterwards."""
+
+    folder: Path
+    manifest: dict
+    splits: dict[str, dict[str, torch.Tensor]]
+
+    @property
+    def data_hash(self) -> str:
+        return self.manifest["data_hash"]
+
+
+def read_prepared(settings: Settings, splits: Sequence[str] = SPLITS) -> Prepared:
+    """The prepared `splits` for these settings, preparing them first when missing, stale or not what the manifest
+    says. Training and evaluation call this, so a fresh clone can train without `dvc repro` first.
+
+    The manifest is read, the tensors loaded and their content hashes checked against it under the dataset's lock:
+    parallel jobs with other split settings re-prepare the same folder, and a run must record the hash of the data
+    it trains on. A folder changed behind the lock (a hand copy, a `dvc checkout` mid-run) fails the hash check and
+    is prepared afresh.
     """
     folder = paths.processed_dir(settings.name)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder.parent / f".{settings.name}.lock")):
+    with _dataset_lock(settings.name, folder):
         manifest = read_manifest(folder)
-        current = (
-            manifest is not None
-            and all(manifest.get(k) == v for k, v in settings.manifest_keys().items())
-            and all((folder / f"{split}.pt").is_file() for split in SPLITS)
-        )
-        if not current:
-            manifest = prepare(settings, folder)
-    return folder, manifest
+        if _is_current(manifest, folder, settings):
+            loaded = {name: load_split(folder, name) for name in splits}
+            if all(content_hash(loaded[name]) == manifest["splits"][name].get("sha256") for name in splits):
+                return Prepared(folder, manifest, loaded)
+        manifest, prepared = _prepare(settings, folder)
+        return Prepared(folder, manifest, {name: prepared[name] for name in splits})
+
+
+def _is_current(manifest: dict | None, folder: Path, settings: Settings) -> bool:
+    return (
+        manifest is not None
+        and all(manifest.get(k) == v for k, v in settings.manifest_keys().items())
+        and all(isinstance(manifest.get("splits", {}).get(split), dict) for split in SPLITS)
+        and all((folder / f"{split}.pt").is_file() for split in SPLITS)
+    )
+
+
+def ensure_prepared(settings: Settings) -> tuple[Path, dict]:
+    """The processed folder for these settings and its manifest, preparing it first when missing or stale.
+
+    Only the manifest is read: a caller that then loads tensors from the folder could get another prepare's;
+    `read_prepared` reads both at once."""
+    prepared = read_prepared(settings, splits=())
+    return prepared.folder, prepared.manifest
 
 
 def load_split(folder: Path, split: str) -> dict[str, torch.Tensor]:
     return torch.load(folder / f"{split}.pt", weights_only=True)
-

@@ -46,7 +46,9 @@ FASHION_MNIST_MD5 = {
 # MD5 of scikit-learn's bundled 8x8 digits, as uint8 images and int64 labels.
 DIGITS_MD5 = {"images": "fa70cba135d4cdd4cde65da70dbffde2", "labels": "1041ea9b393a866c07fc3ca1c2bb06cd"}
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+# PIL modes with samples wider than 8 bits that vaelab cannot map to grey levels: what each holds, for messages.
+WIDE_MODES = {"I": "32-bit integer", "F": "32-bit floating-point"}
 
 
 @dataclass
@@ -61,7 +63,6 @@ class RawDataset:
     source: str
     raw_md5: dict[str, str]
     details: dict = field(default_factory=dict)  # more about the source for the manifest, e.g. a folder's classes
-
 
 
 def md5_of(path: Path) -> str:
@@ -324,10 +325,34 @@ def _read_image(path: Path, transform: Callable) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             # Phone and camera JPEGs store their rotation in EXIF; apply it so faces are upright.
-            rgb = ImageOps.exif_transpose(image).convert("RGB")
+            upright = ImageOps.exif_transpose(image)
+            rgb = _to_8_bits(upright, image.format, path).convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"{path}: cannot be read as an image ({error})") from error
     return transform(rgb)
+
+
+def _to_8_bits(image, file_format: str | None, path: Path):
+    """A PIL image whose samples are wider than 8 bits, as 8-bit grey; any other image as it is.
+
+    PIL's convert() clips wide samples at 255 instead of scaling them (a 16-bit photo comes out almost white). 16-bit
+    grey keeps its high byte, as PIL reads 16-bit colour PNGs. Modes whose range is unknown are refused by name.
+    """
+    from PIL import Image
+
+    # Pillow reads 16-bit grey PNG as I;16 (older releases as I, 32-bit): either way the samples are 0..65535.
+    sixteen_bit = image.mode.startswith("I;16") or (image.mode == "I" and file_format == "PNG")
+    if sixteen_bit:
+        samples = np.asarray(image).astype(np.int64)
+        if samples.min() < 0 or samples.max() > 0xFFFF:
+            raise DataError(f"{path}: 16-bit grey image (mode {image.mode}) holds values outside 0..65535")
+        return Image.fromarray((samples >> 8).astype(np.uint8))
+    if image.mode in WIDE_MODES:
+        raise DataError(
+            f"{path}: {WIDE_MODES[image.mode]} image (PIL mode {image.mode}), whose range of values is unknown; "
+            "allowed: 8-bit images, or 16-bit grey or colour PNGs (save it as one of those)"
+        )
+    return image
 
 
 def _to_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
@@ -386,4 +411,3 @@ LOADERS: dict[str, Callable[[Settings], RawDataset]] = {
     "digits": load_digits,
     "image_folder": load_image_folder,
 }
-

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from vaelab import paths
 from vaelab.config import validate
 from vaelab.data.datamodule import fixed_observations
-from vaelab.data.prepare import ensure_prepared, load_split
+from vaelab.data.prepare import read_prepared
 from vaelab.data.settings import Settings
 from vaelab.errors import CheckpointError, DataError, EvaluationInterrupted
 from vaelab.files import replacing_dir, write_json_atomic
@@ -155,7 +155,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float | str | None]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module = load_trained(path, map_location=device)
     lineage = module.lineage
-    folder, manifest = ensure_prepared(check_checkpoint_fits(path, module, cfg, asked_keys(cfg)))
+    prepared = read_prepared(check_checkpoint_fits(path, module, cfg, asked_keys(cfg)), splits=("test",))
+    folder, manifest = prepared.folder, prepared.manifest
     if list(manifest["image_shape"]) != list(module.hparams["image_shape"]):
         raise CheckpointError(
             f"{path} was trained on {sides(module.hparams['image_shape'])} images, but its data settings now "
@@ -166,7 +167,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float | str | None]:
             f"{folder} holds data {manifest['data_hash'][:12]}, but {path} was trained on "
             f"{lineage['data_hash'][:12]}; re-run prepare with the checkpoint's data settings"
         )
-    test = load_split(folder, "test")
+    test = prepared.splits["test"]
     images = fixed_observations(test, "test", type(module.vae.likelihood), manifest, cfg.eval.limit)
 
     check_estimate(module.vae, images, cfg.eval.iw_k, "eval.iw_k", cfg.eval.max_minutes, "test NLL")

@@ -1,6 +1,7 @@
 """The trained VAE as an MLflow pyfunc model: `mlflow.pyfunc.load_model(f"runs:/{run_id}/model")`.
 
-`predict(images)` encodes float32 images [N, C, H, W] in [0, 1] to their posterior means [N, latent_dim]. The
+`predict(images)` encodes float32 images [N, C, H, W] in [0, 1] to their posterior means [N, latent_dim]; NaN,
+infinite or out-of-range values (0-255 images not divided by 255) raise a ModelInputError that says which. The
 images are observed as in evaluation (grey levels, then binarized with a fixed seed for Bernoulli models), so the
 same image always gets the same code. To decode or sample, take the model out of its wrapper:
 
@@ -23,6 +24,44 @@ import torch
 OBSERVATION_SEED = 0
 
 
+class ModelInputError(ValueError):
+    """What the model was given is not what it encodes (or decodes): NaN, infinite, out of range or misshapen."""
+
+
+def checked_input(values, what: str, shape: tuple[int, ...], low: float | None = None, high: float | None = None):
+    """`values` (an array, a tensor, nested lists) as a float32 tensor [N, *shape], each value finite and within
+    [low, high]; else a ModelInputError that names what is wrong and what is expected.
+
+    A model given NaN, infinite or unscaled (0-255) images would still return plausible codes: refused instead."""
+    bounds = f" with values in [{low:g}, {high:g}]" if low is not None and high is not None else " of finite values"
+    expected = f"expected {what} as float32 [N, {', '.join(map(str, shape))}]{bounds}"
+    x = np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values)
+    if x.dtype.kind not in "biuf":
+        raise ModelInputError(f"{what} are of type {x.dtype}, not numbers; {expected}")
+    if x.ndim != 1 + len(shape) or tuple(x.shape[1:]) != shape:
+        raise ModelInputError(f"{what} have shape {list(x.shape)}; {expected}")
+    x = x.astype(np.float64, copy=False)
+    found = {
+        "NaN": np.isnan(x),
+        "+inf": np.isposinf(x),
+        "-inf": np.isneginf(x),
+    }
+    finite = np.isfinite(x)
+    if high is not None:
+        found[f"values above {high:g}"] = finite & (x > high)
+    if low is not None:
+        found[f"values below {low:g}"] = finite & (x < low)
+    problems = [
+        f"{name} ({int(mask.sum())}, first at {list(map(int, np.argwhere(mask)[0]))})"
+        for name, mask in found.items()
+        if mask.any()
+    ]
+    if problems:
+        hint = "; 0-255 images must be divided by 255 first" if high == 1.0 and (finite & (x > 1)).any() else ""
+        raise ModelInputError(f"{what} hold {', '.join(problems)}; {expected}{hint}")
+    return torch.from_numpy(x.astype(np.float32))
+
+
 class TrainedVAE:
     """What the pyfunc wraps: a trained VAE that encodes, decodes and samples numpy arrays."""
 
@@ -32,10 +71,10 @@ class TrainedVAE:
         self.module = load_trained(checkpoint).eval()
         self.vae = self.module.vae
 
-    def _observe(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.as_tensor(np.asarray(images, dtype=np.float32))
+    def _observe(self, images) -> torch.Tensor:
+        x = checked_input(images, "images", tuple(self.module.hparams["image_shape"]), low=0.0, high=1.0)
         levels = self.vae.likelihood.grey_levels
-        grey = (x.clamp(0, 1) * (levels - 1)).round().to(torch.uint8)
+        grey = (x * (levels - 1)).round().to(torch.uint8)
         return type(self.vae.likelihood).observe(grey, levels, torch.Generator().manual_seed(OBSERVATION_SEED))
 
     @torch.inference_mode()
@@ -45,7 +84,7 @@ class TrainedVAE:
 
     @torch.inference_mode()
     def decode(self, z: np.ndarray) -> np.ndarray:
-        params = self.vae.decoder(torch.as_tensor(np.asarray(z, dtype=np.float32)))
+        params = self.vae.decoder(checked_input(z, "codes", (self.vae.latent_dim,)))
         return self.vae.likelihood.mean(params).numpy()
 
     @torch.inference_mode()

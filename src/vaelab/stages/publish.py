@@ -4,11 +4,12 @@ run id), metrics/train.json and the per-epoch curve in plots/train/. Sweep jobs 
 from __future__ import annotations
 
 import csv
+import io
 import shutil
 from pathlib import Path
 
 from vaelab import paths
-from vaelab.files import replacing_dir, write_json_atomic
+from vaelab.files import replacing_dir, write_json_atomic, write_text_atomic
 
 CURVE_COLUMNS = (
     "epoch",
@@ -40,10 +41,11 @@ def publish_latest(checkpoint: Path, run_id: str, config_file: Path) -> Path:
 
 
 def write_curve(rows: list[dict[str, float]], path: Path) -> None:
-    """Per-epoch curve as CSV for `dvc plots` (column names without '/')."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([c.replace("/", "_") for c in CURVE_COLUMNS])
-        for row in rows:
-            writer.writerow([row.get(c, "") for c in CURVE_COLUMNS])
+    """Per-epoch curve as CSV for `dvc plots` (column names without '/'); written whole, so two runs publishing at once
+    leave one run's curve, not lines of both."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow([c.replace("/", "_") for c in CURVE_COLUMNS])
+    for row in rows:
+        writer.writerow([row.get(c, "") for c in CURVE_COLUMNS])
+    write_text_atomic(path, text.getvalue())
