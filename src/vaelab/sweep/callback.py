@@ -78,9 +78,12 @@ class SweepCallback(Callback):
             return
         parent, self.parent = self.parent, None
         try:
+            from vaelab.sweep.runs import job_pointers, launched_jobs
             from vaelab.sweep.summary import summarize
 
-            summary = summarize(parent, paths.run_dir(parent.run_id))
+            launched = launched_jobs(config.hydra.sweeper, list(config.hydra.overrides.task))
+            pointers = job_pointers(config.hydra.sweep.dir)
+            summary = summarize(parent, paths.run_dir(parent.run_id), launched, pointers)
         except Exception as error:
             end_run(parent, error, reason=f"the sweep's summary failed: {short_error(error)}")
             stop(f"the sweep's jobs ended, but its summary failed: {short_error(error)}", status=1)
