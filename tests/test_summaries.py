@@ -33,9 +33,9 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def make_sweep(client, statuses: dict[int, str], elbo: dict[int, float]) -> tuple[str, dict[int, str]]:
+def make_sweep(client, root: Path, statuses: dict[int, str], elbo: dict[int, float]) -> tuple[str, dict[int, str]]:
     """A parent run and one child run per job, as a sweep leaves them: their job tags, status and best metrics."""
-    experiment = client.create_experiment("sweep")
+    experiment = client.create_experiment("sweep", artifact_location=(root / "mlartifacts").as_uri())
     parent = client.create_run(experiment, tags={"vaelab.kind": "sweep"}).info.run_id
     children = {}
     for num, status in statuses.items():
@@ -55,7 +55,7 @@ def test_a_job_whose_run_was_deleted_or_never_found_is_a_failed_job_and_never_th
 
     client = mlflow_client(project)
     uri = f"sqlite:///{project / 'mlflow.db'}"
-    parent, children = make_sweep(client, {0: "FINISHED", 1: "FINISHED", 2: "FAILED"}, {0: -90.0, 1: -80.0})
+    parent, children = make_sweep(client, project, {0: "FINISHED", 1: "FINISHED", 2: "FAILED"}, {0: -90.0, 1: -80.0})
     client.delete_run(children[1])  # the best job's run, deleted while the sweep ran
     launched = [[f"seed={n}"] for n in range(4)]  # job 3 left no run at all
     summary = summarize(Run(uri, parent, "sweep"), project / "summary", launched, {3: "f" * 32})
