@@ -83,7 +83,8 @@ def test_sigterm_after_training_ends_the_run_killed_and_exits_130_with_the_resum
 
 @pytest.mark.subprocess
 def test_a_run_stopped_while_finishing_is_finished_by_resume_without_training_again(project: Path):
-    stopped = run_entry("train.py", *TINY, root=project, check=False, env=signalled((AFTER_FIT["the figures"], "SIGINT")))
+    at_figures = signalled((AFTER_FIT["the figures"], "SIGINT"))
+    stopped = run_entry("train.py", *TINY, root=project, check=False, env=at_figures)
     assert stopped.returncode == INTERRUPTED_EXIT, stopped.stderr[-3000:]
     [run] = all_runs(project)
 

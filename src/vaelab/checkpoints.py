@@ -9,7 +9,6 @@ import io
 import pickle
 import re
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 
 from vaelab import __version__
 from vaelab.errors import CheckpointError
-from vaelab.training.builder import is_trusted
+from vaelab.training.builder import is_trusted, targets_within
 from vaelab.training.module import VAEModule
 
 # Where a checkpoint's hyper-parameters may hold a `_target_`: building the network calls what those name, so
@@ -55,18 +54,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(f"{path}: a PyTorch file, but not a Lightning checkpoint (it has no state_dict)")
     return checkpoint
-
-
-def targets_within(value: object, where: str = "") -> Iterator[tuple[str, object]]:
-    """Every `_target_` anywhere inside `value` (dicts and lists), with the dotted location of its mapping."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if key == "_target_":
-                yield where, item
-            yield from targets_within(item, f"{where}.{key}" if where else str(key))
-    elif isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            yield from targets_within(item, f"{where}[{i}]")
 
 
 def checked_hyperparameters(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:

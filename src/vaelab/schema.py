@@ -271,6 +271,21 @@ class Callback(Section):
 
 RUN_ID_TEXT = "null, or an MLflow run id (32 hex digits)"
 RESUME_TEXT = "null, `last`, or an MLflow run id (32 hex digits)"
+RESUME_RUN = optional(text(RESUME_TEXT, lambda v: v == "last" or re.fullmatch(RUN_ID, v)), RESUME_TEXT)
+DOTTED_NAME = text("a dotted name (mypkg.MyCallback)", lambda v: re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", v))
+
+
+class Resume(Section):
+    """`resume=<run_id>` in full: the run, and the `_target_`s its stored config names that the user trusts.
+
+    A stored config is a file, which anyone who can write to the run's folder may have changed: its `_target_`s
+    outside vaelab.training.builder's trusted list run only when the user names them here, on the command line."""
+
+    run: RESUME_RUN = None
+    trust: Annotated[list[DOTTED_NAME], Field(description="a list of dotted names (mypkg.MyCallback)")] = []
+
+
+RESUME_FORMS = f"{RESUME_TEXT}; or resume.run=<that> with resume.trust=[<dotted names>]"
 
 
 class Config(Section):
@@ -296,7 +311,7 @@ class Config(Section):
     seed: integer(0)
     ckpt: Annotated[str | None, Field(description="null or a checkpoint path")] = None
     run_id: optional(text(RUN_ID_TEXT, lambda v: re.fullmatch(RUN_ID, v)), RUN_ID_TEXT) = None
-    resume: optional(text(RESUME_TEXT, lambda v: v == "last" or re.fullmatch(RUN_ID, v)), RESUME_TEXT) = None
+    resume: Annotated[RESUME_RUN | Resume, Field(description=RESUME_FORMS)] = None
     search: dict[str, Any] | None = None  # a search's own keys: checked as Search by the search
     sweep: dict[str, Any] | None = None
 

@@ -30,7 +30,15 @@ from vaelab.search.config import SEARCH_GROUP, CommandLine, OverrideError, Setti
 from vaelab.search.objective import Objective
 from vaelab.search.report import SearchResult, write_report
 from vaelab.search.space import parse_space, space_problems
-from vaelab.search.study import StaleTrials, Tally, display_url, fail_stale_trials, open_study, study_lock
+from vaelab.search.study import (
+    StaleTrials,
+    Tally,
+    check_storage_is_optunas,
+    display_url,
+    fail_stale_trials,
+    open_study,
+    study_lock,
+)
 from vaelab.search.workers import SharedParent, run_trials, running_parent
 from vaelab.tracking.lifecycle import stop_signal
 
@@ -71,6 +79,7 @@ def search(argv: Sequence[str], config_dir: Path) -> SearchResult:
     settings = Settings.from_config(full.search, name=full.hydra.runtime.choices[SEARCH_GROUP])
     max_epochs = "auto" if "trainer.max_epochs" in searched else base.trainer.max_epochs
     tracking_uri = resolve_uri(base.tracking.uri) if base.get("logger") is not None else None
+    check_storage_is_optunas(settings)  # before the lock file or the study is written beside or into it
     lock = study_lock(settings)
     study = open_study(settings, max_epochs, lock, StaleTrials(settings, tracking_uri))
     with lock:

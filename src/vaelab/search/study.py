@@ -6,7 +6,9 @@ closed FAILED). How the workers use all this: vaelab.search.workers."""
 from __future__ import annotations
 
 import re
+import sqlite3
 import warnings
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +32,51 @@ OPENED_ATTR = "processes_opened"  # study user attribute: how many processes hav
 
 def _sqlite_path(url: str) -> Path | None:
     return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+
+
+def check_storage_is_optunas(settings: Settings) -> None:
+    """Refuse, before anything is written into it (or beside it), a storage database that holds tables outside
+    Optuna's own schema: another tool's database (mlflow.db, say) would get Optuna's tables written into it, and then
+    an error about upgrading Optuna. A new or empty database is fine: Optuna creates its schema there."""
+    from optuna.storages._rdb.models import BaseModel
+
+    db = _sqlite_path(settings.storage)
+    try:
+        tables = _sqlite_tables(db) if db else _server_tables(settings.storage)
+    except sqlite3.DatabaseError as error:
+        allowed = f"an SQLite database of Optuna's own, or a new file ({db} is not a database: {error})"
+        raise ConfigError([("search.storage", display_url(settings.storage), allowed)]) from None
+    optunas = set(BaseModel.metadata.tables) | {"alembic_version"}  # alembic_version: its schema's version
+    foreign = sorted(name for name in tables if name not in optunas and not name.startswith("sqlite_"))
+    if foreign:
+        where = str(db) if db else "the database"
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        allowed = (
+            f"a database of Optuna's own, or a new one: {where} holds other tables ({shown}), another tool's data "
+            "that the study must not write into"
+        )
+        raise ConfigError([("search.storage", display_url(settings.storage), allowed)])
+
+
+def _sqlite_tables(db: Path) -> list[str]:
+    """The tables of an existing SQLite file, read without writing (no file, or an empty one: none)."""
+    if not db.is_file() or db.stat().st_size == 0:
+        return []
+    with closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as connection:
+        return [name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+
+
+def _server_tables(url: str) -> list[str]:
+    """The tables of a server database; none when it cannot be reached yet (Optuna then says why)."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        return sqlalchemy.inspect(engine).get_table_names()
+    except sqlalchemy.exc.OperationalError:
+        return []
+    finally:
+        engine.dispose()
 
 
 def display_url(url: str) -> str:

@@ -129,7 +129,7 @@ def train(
     run = None
     tracked = cfg.get("logger") is not None and is_rank_zero()  # under DDP, one run: rank zero's
     if tracked and resume:
-        run = Run.reopen(cfg.tracking.uri, resume.run_id)
+        run = resume.reopen(cfg.tracking.uri)
     elif tracked:
         run = Run.create(
             cfg,
@@ -161,6 +161,8 @@ def train(
                 if monitor:
                     monitor.finish()
     except BaseException as error:
+        if run and resume:
+            resume.put_back(run)  # a FINISHED run stays FINISHED whatever its resume met
         if ending_of(error, pruned).interrupted:
             raise TrainingInterrupted(interrupt_message(run_id, saved, fitted=bool(fitted))) from None
         problem = storage_problem(error)
@@ -282,7 +284,8 @@ def fit_and_publish(
         default_root_dir=str(out_dir),
         plugins=[AtomicCheckpointIO()],
     )
-    trainer.fit(module, datamodule=data, ckpt_path=resume.checkpoint if resume else None)
+    # weights_only: resume checked this file, and Lightning's own read of it must not run a pickle either.
+    trainer.fit(module, datamodule=data, ckpt_path=resume.checkpoint if resume else None, weights_only=True)
     if fitted is not None:
         fitted.append(True)
     if not rank_zero:

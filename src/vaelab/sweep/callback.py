@@ -23,6 +23,7 @@ from vaelab.sweep.runs import PARENT_ENV, PARENT_FILE, short_error
 from vaelab.tracking.lifecycle import INTERRUPTED, end_run, stop_signal
 
 if TYPE_CHECKING:
+    from vaelab.sweep.summary import Summary
     from vaelab.tracking.run import Run
 
 
@@ -31,11 +32,11 @@ class SweepCallback(Callback):
 
     def __init__(self) -> None:
         self.parent: Run | None = None
-        self.planned: list[list[str]] | None = None  # every job's overrides, in job order
+        self.config: DictConfig | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Hydra ships its callbacks to joblib's workers; they need none of this state
-        return {"parent": None, "planned": None}
+        return {"parent": None, "config": None}
 
     # Hydra turns an exception in a callback into a warning and carries on, so these methods exit themselves.
 
@@ -67,7 +68,7 @@ class SweepCallback(Callback):
             "sweep_dir": str(Path(config.hydra.sweep.dir).resolve()),
             "launcher": str(config.hydra.runtime.choices.get("hydra/launcher")),
         }
-        self.planned = planned_jobs(config)
+        self.config = config
         self.parent = Run.create(parent_config(config, name), "sweep", overrides, tags, log_params=False)
         os.environ[PARENT_ENV] = self.parent.run_id  # before the launcher starts any worker process
         write_text_atomic(Path(config.hydra.sweep.dir) / PARENT_FILE, self.parent.run_id + "\n")
@@ -81,9 +82,7 @@ class SweepCallback(Callback):
             return
         parent = self.parent  # held until it has ended: an interrupt during the summary still ends it (end_abandoned)
         try:
-            from vaelab.sweep.summary import summarize
-
-            summary = summarize(parent, paths.run_dir(parent.run_id))
+            summary = self.summarize(config, parent)
         except Exception as error:
             self.parent = None
             end_run(parent, error, reason=f"the sweep's summary failed: {short_error(error)}")
@@ -98,6 +97,17 @@ class SweepCallback(Callback):
                 status=1,
             )
 
+    @staticmethod
+    def summarize(config: DictConfig, parent: Run, stopped: BaseException | None = None) -> Summary:
+        """The summary of every job Hydra launched (or, when `stopped`, was to launch), written and logged to the
+        parent, which it ends."""
+        from vaelab.sweep.runs import job_pointers, launched_jobs
+        from vaelab.sweep.summary import summarize
+
+        launched = launched_jobs(config.hydra.sweeper, list(config.hydra.overrides.task))
+        pointers = job_pointers(config.hydra.sweep.dir)
+        return summarize(parent, paths.run_dir(parent.run_id), launched, pointers, stopped=stopped)
+
     def end_abandoned(self) -> None:
         """At exit, a parent that never reached the end of on_multirun_end: Ctrl-C or SIGTERM stopped the sweep (the
         parent ends KILLED with the summary of the jobs that ran and a list of those that did not), or Hydra did
@@ -110,9 +120,7 @@ class SweepCallback(Callback):
             end_run(parent, RuntimeError(), reason="the sweep stopped before all its jobs ended")
             return
         try:
-            from vaelab.sweep.summary import summarize
-
-            summary = summarize(parent, paths.run_dir(parent.run_id), self.planned, stopped=KeyboardInterrupt())
+            summary = self.summarize(self.config, parent, stopped=KeyboardInterrupt())
         except Exception as error:  # the store itself may be what failed; the parent still ends
             end_run(parent, KeyboardInterrupt(), reason=f"{INTERRUPTED}; its summary failed: {short_error(error)}")
             return
@@ -125,22 +133,6 @@ class SweepCallback(Callback):
             file=sys.stderr,
             flush=True,
         )
-
-
-def planned_jobs(config: DictConfig) -> list[list[str]] | None:
-    """Every job's overrides, in job order, as Hydra's basic sweeper will launch them (None for another sweeper)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")):
-        return None
-    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
-    try:
-        parsed = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
-        [jobs] = BasicSweeper.split_arguments(parsed, None)
-    except Exception:  # e.g. a sweep over config groups by glob: the summary then lists the jobs that ran
-        return None
-    return jobs
 
 
 def swept_values(row: dict[str, Any], axes: list[str]) -> str:

@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from omegaconf import DictConfig
 
+from vaelab.paths import RUN_ID_FILE
 from vaelab.tracking.run import TAG_PREFIX
 
 if TYPE_CHECKING:
@@ -87,13 +89,45 @@ def find_child(uri: str, parent: str, overrides: str, since_ms: int) -> str | No
     return None if found.empty else str(found.iloc[0])
 
 
-def child_runs(uri: str, parent: str) -> pd.DataFrame:
+def child_runs(uri: str, parent: str, deleted: bool = False) -> pd.DataFrame:
     """Every run nested under `parent`, in any experiment of the store (a job may override tracking.experiment):
-    one row per run, with `tags.*` and `metrics.*` columns as mlflow.search_runs names them."""
+    one row per run, with `tags.*` and `metrics.*` columns as mlflow.search_runs names them. With `deleted`, the
+    deleted runs too, marked in a `deleted` column: a job whose run was deleted still ran."""
     import mlflow
+    from mlflow.entities import ViewType
 
+    query = {"filter_string": f"tags.mlflow.parentRunId = '{parent}'", "search_all_experiments": True}
     with tracking_uri(uri):
-        return mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent}'", search_all_experiments=True)
+        if not deleted:
+            return mlflow.search_runs(**query)
+        runs = mlflow.search_runs(**query, run_view_type=ViewType.ALL)
+        gone = mlflow.search_runs(**query, run_view_type=ViewType.DELETED_ONLY).reindex(columns=["run_id"])
+    return runs.assign(deleted=runs.reindex(columns=["run_id"])["run_id"].isin(gone["run_id"]))
+
+
+def launched_jobs(sweeper: DictConfig, overrides: list[str]) -> list[list[str]] | None:
+    """The overrides of every job Hydra's basic sweeper launches for these sweeper settings and command line, in job
+    order (what its `sweep` expands them to); None for another sweeper, or a sweep it cannot expand here."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if sweeper.get("_target_") != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}":
+        return None
+    arguments = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()] + list(overrides)
+    try:
+        batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)
+    except Exception:  # noqa: BLE001 - e.g. a glob over config groups, which needs Hydra's config loader
+        return None
+    return [job for batch in batches for job in batch]
+
+
+def job_pointers(sweep_dir: str | Path) -> dict[int, str]:
+    """The run id each job's Hydra folder points to (`<sweep_dir>/<job>/run_id`), by job number."""
+    found = {}
+    for pointer in Path(sweep_dir).glob(f"*/{RUN_ID_FILE}"):
+        if pointer.parent.name.isdigit():
+            found[int(pointer.parent.name)] = pointer.read_text().strip()
+    return found
 
 
 @contextmanager

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from vaelab.tracking.lifecycle import INTERRUPTED, end_run
 from vaelab.tracking.run import Run
 
 NOT_RUN = "NOT RUN"  # the status of a job the sweep was stopped before starting
+DELETED, MISSING = "DELETED", "MISSING"  # a job's run deleted from MLflow, or never found there: failed jobs
 STATISTICS = ("mean", "std")  # pandas' std is the sample std (n - 1), the honest spread of a few seeds
 
 
@@ -102,17 +102,25 @@ class Summary:
 
 
 def summarize(
-    parent: Run, folder: Path, planned: Sequence[Sequence[str]] | None = None, stopped: BaseException | None = None
+    parent: Run,
+    folder: Path,
+    launched: list[list[str]] | None = None,
+    pointers: dict[int, str] | None = None,
+    stopped: BaseException | None = None,
 ) -> Summary:
     """Collect the children, write the tables and plots, log them and the best job to the parent, and end it.
 
+    `launched`: the overrides of every job Hydra launched, in job order; `pointers`: the run id each job's folder
+    names. A launched job whose run is missing or was deleted is one of the summary's failed jobs, named so.
+
     `stopped`: the interrupt that stopped the sweep early. The parent then ends KILLED, a child a launcher's worker
-    left RUNNING is ended KILLED too, and each of the `planned` jobs (their overrides, in job order) that has no run
-    is listed as not run, in the tables and in the parent's tag vaelab.jobs_not_run."""
+    left RUNNING is ended KILLED too, and each job without a run is listed as not run, in the tables and in the
+    parent's tag vaelab.jobs_not_run."""
     rows = collect(parent.uri, parent.run_id)
     if stopped is not None:
-        rows = close_running(parent.uri, rows, stopped) + not_run(planned or [], rows)
-    summary = Summary(rows, folder)
+        rows = close_running(parent.uri, rows, stopped)
+    absent = NOT_RUN if stopped is not None else MISSING
+    summary = Summary(with_missing_jobs(rows, launched or [], pointers or {}, absent), folder)
     files = write_tables(summary, folder)
     files += plot_metric_by_axis(summary.rows, summary.axes, folder / "val_elbo_by_axis.png")
     if "objective.beta" in summary.axes:
@@ -153,31 +161,19 @@ def close_running(uri: str, rows: list[dict[str, Any]], stopped: BaseException) 
     return rows
 
 
-def not_run(planned: Sequence[Sequence[str]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A row for each planned job that no run was made for."""
-    ran = {row["job"] for row in rows}
-    return [
-        {
-            "job": num,
-            "overrides": dict(map(split_override, overrides)),
-            "status": NOT_RUN,
-            **{m: math.nan for m in METRICS},
-            "run_id": "",
-            "failure": "",
-        }
-        for num, overrides in enumerate(planned)
-        if num not in ran
-    ]
-
-
 def collect(uri: str, parent: str) -> list[dict[str, Any]]:
-    """One row per child run, in job order, with the metrics of its best checkpoint (blank unless FINISHED)."""
+    """One row per child run, in job order, with the metrics of its best checkpoint (blank unless FINISHED). A
+    deleted run is a row of status DELETED: its job ran, but its results are gone."""
     job, listed, spaced, failure = (
         f"tags.{tag}" for tag in (JOB_TAG, JOB_OVERRIDES_TAG, f"{TAG_PREFIX}overrides", f"{TAG_PREFIX}failure")
     )
     logged = {m: f"metrics.{child_metric(m)}" for m in METRICS}
     # A column is missing when no child has that tag or metric (every job failed before training, say).
-    runs = child_runs(uri, parent).reindex(columns=["run_id", "status", job, listed, spaced, failure, *logged.values()])
+    columns = ["run_id", "status", "deleted", job, listed, spaced, failure, *logged.values()]
+    runs = child_runs(uri, parent, deleted=True).reindex(columns=columns)
+    deleted = runs["deleted"].eq(True)
+    runs["status"] = runs["status"].mask(deleted, DELETED)
+    runs[failure] = runs[failure].astype(object).mask(deleted, "its MLflow run was deleted")
     finished = runs["status"] == "FINISHED"
     # A job stopped before it tagged its run has only the space-separated overrides that every run gets.
     overrides = [
@@ -195,6 +191,33 @@ def collect(uri: str, parent: str) -> list[dict[str, Any]]:
         }
     )
     return jobs.sort_values(["job", "run_id"]).to_dict("records")
+
+
+def with_missing_jobs(
+    rows: list[dict[str, Any]], launched: list[list[str]], pointers: dict[int, str], absent: str = MISSING
+) -> list[dict[str, Any]]:
+    """`rows` plus a row with status `absent` (MISSING, or NOT RUN in a stopped sweep) for each job (launched, or
+    with a folder) that no child run accounts for, in job order. A run without its job tag is matched to its job by
+    the run id the job's folder names."""
+    by_pointer = {run_id: num for num, run_id in pointers.items()}
+    for row in rows:
+        if row["job"] < 0 and row["run_id"] in by_pointer:
+            row["job"] = by_pointer[row["run_id"]]
+    seen = {row["job"] for row in rows}
+    jobs = sorted(set(range(len(launched))) | pointers.keys())
+    missing = [
+        {
+            "job": num,
+            "overrides": dict(map(split_override, launched[num] if num < len(launched) else [])),
+            "status": absent,
+            **{m: math.nan for m in METRICS},
+            "run_id": pointers.get(num, ""),
+            "failure": "" if absent == NOT_RUN else "no MLflow run of this job was found (deleted, or never created)",
+        }
+        for num in jobs
+        if num not in seen
+    ]
+    return sorted(rows + missing, key=lambda row: (row["job"], row["run_id"]))
 
 
 def first_line(text: str) -> str:

@@ -6,16 +6,21 @@ checkpoint stores as hyper-parameters, so they also arrive from files: a `_targe
 torch's `weights_only=True`, and building from it calls whatever it names. So every target is resolved here, and only
 a callable of a trusted kind is returned:
 
-- anything defined in vaelab's component modules (the model layer, vaelab's own callbacks);
+- anything defined in vaelab's component modules (the model layer, vaelab's own callbacks and loggers);
 - a torch.optim optimizer or learning-rate scheduler class;
 - `lightning.pytorch.Trainer`, or a Lightning `Callback` subclass.
+
+Deciding calls nothing: a target's module is imported only when its name lies inside vaelab, torch.optim or
+lightning.pytorch (importing any other module would run its code), and the object found is judged by what it is.
+The same list guards every config read back from a file (a run's config.yaml on resume, a checkpoint's
+hyper-parameters and lineage); a target outside it runs only when the user names it again (vaelab.stages.resume).
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,18 +31,26 @@ from vaelab.model.likelihoods import Likelihood
 from vaelab.model.vae import VAE
 
 # The packages whose own callables a target may name (a callable merely imported into them does not count).
-TRUSTED_PACKAGES = ("vaelab.model", "vaelab.training.callbacks")
+TRUSTED_PACKAGES = ("vaelab.model", "vaelab.training.callbacks", "vaelab.stages.logger")
+# The only modules a target's name may make Python import: library code, whose import runs nothing of a file's.
+IMPORTABLE = ("vaelab", "torch.optim", "lightning.pytorch")
+TRUSTED_TEXT = (
+    "vaelab's own components, a torch.optim optimizer or scheduler, lightning.pytorch.Trainer or a Lightning Callback"
+)
 
 
 class UntrustedTarget(ValueError):
     """A `_target_` names something outside the trusted list, or nothing at all."""
 
 
+def _within(module_name: str, packages: tuple[str, ...]) -> bool:
+    return any(module_name == p or module_name.startswith(f"{p}.") for p in packages)
+
+
 def _is_trusted(found: object, module_name: str) -> bool:
     if not callable(found):
         return False
-    in_trusted_package = any(module_name == p or module_name.startswith(f"{p}.") for p in TRUSTED_PACKAGES)
-    if in_trusted_package and getattr(found, "__module__", None) == module_name:
+    if _within(module_name, TRUSTED_PACKAGES) and getattr(found, "__module__", None) == module_name:
         return True
     if not inspect.isclass(found):
         return False
@@ -54,17 +67,14 @@ def resolve(target: object) -> Callable[..., Any]:
     if not isinstance(target, str) or "." not in target:
         raise UntrustedTarget(f"{target!r} is not a dotted path to a callable")
     module_name, _, name = target.rpartition(".")
-    if not module_name.startswith(("vaelab.", "torch.", "lightning.")):
-        raise UntrustedTarget(f"{target!r} is outside vaelab, torch.optim and Lightning")
+    if not _within(module_name, IMPORTABLE):
+        raise UntrustedTarget(f"{target!r} is outside vaelab, torch.optim and lightning.pytorch")
     try:
         found = getattr(importlib.import_module(module_name), name, None)
     except ImportError as error:
         raise UntrustedTarget(f"{target!r}: its module does not import ({error})") from None
     if found is None or not _is_trusted(found, module_name):
-        raise UntrustedTarget(
-            f"{target!r} is not one of vaelab's components, a torch.optim optimizer or scheduler, or a Lightning "
-            "Trainer or Callback"
-        )
+        raise UntrustedTarget(f"{target!r} is not {TRUSTED_TEXT}")
     return found
 
 
@@ -74,6 +84,25 @@ def is_trusted(target: object) -> bool:
     except UntrustedTarget:
         return False
     return True
+
+
+def targets_within(value: object, where: str = "") -> Iterator[tuple[str, object]]:
+    """Every `_target_` anywhere inside `value` (mappings and lists), with the dotted location of its mapping."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "_target_":
+                yield where, item
+            yield from targets_within(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from targets_within(item, f"{where}[{i}]")
+
+
+def untrusted_targets(value: object, trusted: Iterable[str] = ()) -> list[tuple[str, object]]:
+    """The `_target_`s inside `value` (with their locations) that are neither on the trusted list nor in `trusted`,
+    the names the user gave."""
+    also = set(trusted)
+    return [(where, target) for where, target in targets_within(value) if target not in also and not is_trusted(target)]
 
 
 def build(spec: dict[str, Any], **extra: Any) -> Any:

@@ -3,12 +3,12 @@
 instead of guessing it with a timer.
 
 A test puts this folder first on the PYTHONPATH of the process it starts, with VAELAB_TEST_SIGNALS set to a JSON
-list of {"at": "module:function" or "module:Class.method", "call": n, "signal": "SIGTERM", "delay": s}: the signal
-goes out on the n-th call (1 if left out) of that function, just before its body runs, or `delay` seconds after
-that call began (from a timer thread: in the middle of the call). The time it was sent goes to stderr. Only the entry is patched; what the
-process does with the signal is its own code's doing. Python imports this module at start-up (site's
-`sitecustomize` hook); it patches each target right after its module is first imported, before anything can have
-imported the function by name.
+list of {"at": "module:function" or "module:Class.method", "call": n, "signal": "SIGTERM", "delay": s}. The signal
+goes out on the n-th call (1 if left out) of that function, just before its body runs, or `delay` seconds after that
+call began (from a timer thread, so in the middle of the call); the time it was sent goes to stderr. Only the entry
+is patched: what the process does with the signal is its own code's doing. Python imports this module at start-up
+(site's `sitecustomize` hook); it patches each target right after its module is first imported, before anything can
+have imported the function by name.
 """
 
 from __future__ import annotations
