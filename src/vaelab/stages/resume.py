@@ -3,7 +3,8 @@
 A resumed run is the same run, continued: it trains with the config it was started with (its
 outputs/<run_id>/config.yaml), from its last checkpoint (weights, optimizer, scheduler, epoch, callbacks and
 RNG state), on the same data (the data hash must match), and logs into the same MLflow run without logging
-its params again (MLflow refuses changed param values).
+its params again (MLflow refuses changed param values). Its config file holds no secret (vaelab.redaction): one
+given as `${oc.env:VAR}` is read from the environment again; a tracking.uri's password is given again.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from vaelab import __version__, paths
 from vaelab.errors import ConfigError, VaelabError
+from vaelab.redaction import is_redacted
+from vaelab.tracking.run import flatten
 from vaelab.tracking.store import ensure_experiment, resolve_uri
 
 # Overrides that may come with resume=: where to find the run. Anything else would change a run in flight.
@@ -85,4 +89,28 @@ def resumption(cfg: DictConfig, overrides: list[str]) -> Resumption:
     stored.resume = run_id
     if any(o.startswith("tracking.uri=") for o in overrides):
         stored.tracking.uri = cfg.tracking.uri  # the store moved, e.g. to a server: this command says where
+    check_secrets_at_hand(run_id, stored)
     return Resumption(run_id=run_id, checkpoint=checkpoint, cfg=stored)
+
+
+def check_secrets_at_hand(run_id: str, stored: DictConfig) -> None:
+    """A secret given as `${oc.env:VAR}` was stored as such: VAR must be set again. One given in plain text was
+    never stored (the config file holds `***`): tracking.uri may be given again, any other cannot."""
+    try:
+        resolved = OmegaConf.to_container(stored, resolve=True)
+    except InterpolationResolutionError as error:
+        raise VaelabError(
+            f"cannot resume run {run_id}: its {error.full_key} is read from the environment, and {error.msg}; "
+            "set it again"
+        ) from None
+    missing = [key for key, value in flatten(resolved).items() if is_redacted(value)]
+    if missing == ["tracking.uri"]:
+        raise VaelabError(
+            f"cannot resume run {run_id}: its tracking.uri held a password, which vaelab does not store; "
+            f"give it again (resume={run_id} tracking.uri=...)"
+        )
+    if missing:
+        raise VaelabError(
+            f"cannot resume run {run_id}: its {', '.join(missing)} held a secret in plain text, which vaelab does not "
+            "store; start a new run, and pass secrets as ${oc.env:VAR} to keep a run resumable"
+        )
