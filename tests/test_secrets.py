@@ -184,6 +184,14 @@ def test_only_literal_secrets_are_plain():
 # Error messages
 
 
+def test_an_unset_environment_variable_is_a_config_error_naming_the_key(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("VAELAB_TEST_UNSET", raising=False)
+    cfg = make_config(*TINY, "+callbacks.notify={_target_:a.B,api_token:'${oc.env:VAELAB_TEST_UNSET}'}")
+    with pytest.raises(ConfigError, match="callbacks.notify.api_token='\\$\\{oc.env:VAELAB_TEST_UNSET\\}': allowed an "
+                       "interpolation that resolves .*Environment variable 'VAELAB_TEST_UNSET' not found"):
+        validate(cfg)
+
+
 @pytest.mark.parametrize(
     ("override", "key", "secret"),
     [
@@ -290,6 +298,158 @@ def test_reproduce_sh_and_the_best_yaml_hold_names_and_values_as_data(project: P
     text = best_file.read_text()
     document = yaml.safe_load(text)
     assert set(document) == {"defaults", "tracking", "objective", "trainer", "eval", "arch"}
-    assert document["tracking"] == {"run_name": "$(touch pwned-value); `touch pwned-value`", "experiment": "x\ny: injected\n#"}
+    assert document["tracking"] == {
+        "run_name": "$(touch pwned-value); `touch pwned-value`",
+        "experiment": "x\ny: injected\n#",
+    }
     head = text[: text.index("\ndefaults:")]
     assert all(line.startswith("#") for line in head.splitlines())  # the header: comments only
+
+
+# Resume: the interpolation is kept, the secret is read again
+
+
+@pytest.mark.integration
+def test_a_run_given_a_secret_from_the_environment_resumes_with_it_again(project: Path, monkeypatch):
+    monkeypatch.setenv(ENV_VAR, ENV_SECRET)
+    notifier = f"+callbacks.notify={{_target_:helpers.notify.Notifier,api_token:'${{oc.env:{ENV_VAR}}}'}}"
+    first = train(make_config(*TINY, notifier))
+    stored = (project / "outputs" / first["run_id"] / "config.yaml").read_text()
+    assert f"api_token: ${{oc.env:{ENV_VAR}}}" in stored and ENV_SECRET not in stored
+
+    # The Notifier refuses anything but the real secret: the resumed run read it from the environment again.
+    assert train(make_config(f"resume={first['run_id']}"))["run_id"] == first["run_id"]
+
+    monkeypatch.delenv(ENV_VAR)
+    with pytest.raises(VaelabError, match=f"its callbacks.notify.api_token is read from the environment.*{ENV_VAR}"):
+        train(make_config(f"resume={first['run_id']}"))
+
+
+@pytest.mark.integration
+def test_a_run_given_a_secret_in_plain_text_stores_none_and_says_it_cannot_resume(project: Path):
+    notifier = f"+callbacks.notify={{_target_:helpers.notify.Notifier,api_token:{TOKEN}}}"
+    first = train(make_config(*TINY, "trainer.max_epochs=1", notifier))
+    assert leaks([project / "outputs", project / "models"], (TOKEN,)) == {}
+    with pytest.raises(VaelabError, match="its callbacks.notify.api_token held a secret in plain text"):
+        train(make_config(f"resume={first['run_id']}"))
+
+
+# DVC: params.yaml keeps an escaped interpolation; a plain secret there gets a warning
+
+
+def test_dvc_keeps_an_escaped_environment_interpolation_in_params_yaml(tmp_path: Path):
+    from vaelab.params import compose_params
+
+    escaped = r"+callbacks.notify={_target_:helpers.notify.Notifier,api_token:'\${oc.env:VAELAB_TEST_TOKEN}'}"
+    params = yaml.safe_load(compose_params([escaped], tmp_path / "params.yaml").read_text())
+    assert params["callbacks"]["notify"]["api_token"] == "${oc.env:VAELAB_TEST_TOKEN}"
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize(
+    ("secret", "warned"),
+    [
+        (f"api_token:{TOKEN}", "callbacks.notify.api_token"),
+        (rf"api_token:'\${{oc.env:T}}',webhook:'https://bot:{HOOK_PASSWORD}@h.org'", "callbacks.notify.webhook"),
+        (r"api_token:'\${oc.env:VAELAB_TEST_TOKEN}'", None),
+    ],
+)
+def test_the_train_stage_warns_of_a_plain_secret_in_params_yaml(tmp_path: Path, secret: str, warned: str | None):
+    from vaelab.params import compose_params
+
+    notifier = f"+callbacks.notify={{_target_:helpers.notify.Notifier,{secret}}}"
+    compose_params([notifier, "model.latent_dim=0"], tmp_path / "params.yaml")  # invalid: stops after the warning
+    done = run_script(
+        "train.py", "--config-dir", str(tmp_path), "--config-name", "params", "hydra.run.dir=.",
+        "hydra.output_subdir=null", root=tmp_path, T="t0k3n-t", VAELAB_TEST_TOKEN="t0k3n-v",
+    )  # fmt: skip
+    assert done.returncode == 2 and "model.latent_dim=0" in done.stderr, done.stderr[-3000:]
+    warnings = [line for line in done.stderr.splitlines() if "warning" in line]
+    if warned is None:
+        assert warnings == []
+    else:
+        [warning] = warnings
+        assert f"params.yaml holds a secret in plain text ({warned})" in warning
+        assert f"dvc exp run -S '{warned}=\\${{oc.env:VAR}}'" in warning
+    assert TOKEN not in done.stderr and HOOK_PASSWORD not in done.stderr
+
+
+# End to end: every byte a run, a sweep and a search write
+
+
+@pytest.mark.subprocess
+def test_a_run_writes_its_secrets_nowhere(project: Path, mlflow_server):
+    uri, store = mlflow_server
+    password = "mlf-5a7c3e9d21"  # the tracking server's, in tracking.uri (the server asks for none: it is ignored)
+    tracking = uri.replace("http://", f"http://alice:{password}@")
+    done = run_script("train.py", *TINY, NOTIFIER, "logger=mlflow_server", f"tracking.uri={tracking}", root=project)
+    console = succeeded(done)
+
+    assert leaks([project, store], (*PLANTED, password), console) == {}
+    [run_dir] = [path for path in (project / "outputs").iterdir() if path.is_dir()]
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["callbacks"]["notify"] == {
+        "_target_": "helpers.notify.Notifier",
+        "api_token": "***",
+        "my_secret_key": f"${{oc.env:{ENV_VAR}}}",
+        "webhook": "https://bot:***@hooks.example.org/vaelab",
+        "db": {"password": "***"},
+    }
+    assert config["tracking"]["uri"] == tracking.replace(password, "***")
+    assert (project / "models" / "latest" / "config.yaml").read_text() == (run_dir / "config.yaml").read_text()
+
+
+@pytest.mark.subprocess
+def test_a_sweep_writes_its_secrets_nowhere(project: Path):
+    one_epoch = [o for o in TINY if not o.startswith("trainer.max_epochs=")] + ["trainer.max_epochs=1"]
+    succeeded(run_script("train.py", "-m", *one_epoch, NOTIFIER, "seed=0,1", root=project))
+
+    assert leaks([project], PLANTED) == {}
+    runs = all_runs(project)
+    children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    assert len(children) == 2 and {run.info.status for run in children} == {"FINISHED"}
+    for run in children:
+        assert "api_token:***" in json.loads(run.data.tags["vaelab.job_overrides"])[-2]
+    [multirun] = project.glob("outputs/multirun/*/multirun.yaml")
+    assert "api_token:***" in multirun.read_text()
+
+
+SEARCH = [
+    *TINY_TRIAL,
+    "~search.space",
+    "+search.space={objective.beta:{type:float,low:0.5,high:2}}",
+    "search.sampler=random",
+    "search.seed=0",
+    "search.pruner=none",
+    "search.n_trials=2",
+]
+
+
+@pytest.mark.subprocess
+def test_a_search_writes_its_secrets_nowhere(project: Path):
+    console = succeeded(run_script("search.py", *SEARCH, NOTIFIER, root=project))
+
+    assert leaks([project], PLANTED, console) == {}
+    study = optuna.load_study(study_name="default", storage=f"sqlite:///{project / 'optuna.db'}")
+    assert [trial.state.name for trial in study.trials] == ["COMPLETE", "COMPLETE"]
+    [reproduce] = project.glob("outputs/*/reproduce.sh")
+    assert "api_token:***" in reproduce.read_text() and "Secrets are not stored" in reproduce.read_text()
+
+
+@pytest.mark.slow
+def test_a_search_on_postgresql_names_its_storage_without_the_password(project: Path, tmp_path: Path):
+    from test_postgres import create_databases, running_postgres
+
+    password = "pg-0c9e7d5b13"  # trust authentication: the server ignores it
+    with running_postgres(tmp_path / "postgres.log") as server:
+        create_databases(server, "optuna")
+        storage = server.replace("@", f":{password}@") + "/optuna"
+        console = succeeded(run_script("search.py", *SEARCH, f"search.storage={storage}", root=project))
+        import psycopg
+
+        with psycopg.connect(server.replace("postgresql+psycopg", "postgresql") + "/optuna") as db:
+            tables = [row[0] for row in db.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+            stored = " ".join(str(row) for table in tables for row in db.execute(f'SELECT * FROM "{table}"'))
+    assert leaks([project], (password,), console + stored) == {}
+    [parent] = [run for run in all_runs(project) if run.data.tags.get("vaelab.kind") == "search"]
+    assert parent.data.tags["optuna.storage"] == storage.replace(password, "***")
