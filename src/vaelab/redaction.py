@@ -106,7 +106,7 @@ def redact_config(raw: Any, resolved: Any = None) -> Any:
 
     def leaf(key: str, raw_value: Any, value: Any) -> Any:
         if is_interpolation(raw_value) and (resolved is None or is_secret_key(key) or from_environment(key)):
-            return raw_value
+            return redact_text(raw_value)  # the interpolation stays; what else the text holds may be secret
         if is_secret_key(key) and value not in (None, "") and not isinstance(value, bool):
             return REDACTED
         return redact_text(value) if isinstance(value, str) else value

@@ -9,21 +9,25 @@ Every param and tag a run gets passes vaelab.redaction's rule on the way: no sec
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vaelab.redaction import redact_config, redact_override, redact_text
+from vaelab.redaction import redact_config, redact_override, redact_text, redact_url
 from vaelab.tracking.store import STORE_LOCK_TIMEOUT_S, StoreClient, ensure_experiment, resolve_uri
 
 PARAM_BATCH = 100  # MLflow's limit on params per log_batch call
 TAG_PREFIX = "vaelab."
 PARENT_TAG = "mlflow.parentRunId"  # what makes the MLflow UI nest a run under another
+SUPPRESS_URL = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
 def public_config(cfg: DictConfig) -> dict[str, Any]:
@@ -181,4 +185,22 @@ class Run:
         """Mark the run FINISHED, FAILED or KILLED; a failure reason goes into the `vaelab.failure` tag."""
         if reason:
             self.client.set_tag(self.run_id, f"{TAG_PREFIX}failure", redact_text(reason)[:5000])
-        self.client.set_terminated(self.run_id, status)
+        with no_url_printed(self.uri):
+            self.client.set_terminated(self.run_id, status)
+
+
+@contextmanager
+def no_url_printed(uri: str) -> Iterator[None]:
+    """MLflow prints a server run's URL when the run ends: not when the URL holds a password."""
+    if redact_url(uri) == uri:
+        yield
+        return
+    before = os.environ.get(SUPPRESS_URL)
+    os.environ[SUPPRESS_URL] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(SUPPRESS_URL, None)
+        else:
+            os.environ[SUPPRESS_URL] = before
