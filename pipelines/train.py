@@ -10,12 +10,16 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vaelab.config import check_command_line, hydra_errors, validate
 from vaelab.errors import exit_on_user_error
 from vaelab.logs import quiet_third_party
+from vaelab.redaction import plain_secrets
 from vaelab.tracking.lifecycle import stop_on_signals
+
+PARAMS = "params"  # dvc.yaml's stages read params.yaml (--config-name params)
 
 os.environ.setdefault("VAELAB_ROOT", str(Path(__file__).resolve().parents[1]))
 
@@ -29,6 +33,8 @@ def main(cfg: DictConfig) -> float:
     if is_multirun():  # one job of a sweep: a nested MLflow run; a failure fails this job only (vaelab.sweep.jobs)
         return run_job(cfg)
 
+    if HydraConfig.get().job.config_name == PARAMS:  # a DVC stage, on the params.yaml that DVC wrote
+        warn_of_plain_secrets(OmegaConf.to_container(cfg, resolve=False))
     with exit_on_user_error():
         validate(cfg)  # before the heavy imports: a typo fails in a second
         from vaelab.stages.train import train
@@ -42,6 +48,17 @@ def main(cfg: DictConfig) -> float:
         f"gap {summary['val/inference_gap']:.2f}); {summary['train/images_per_sec']:.0f} training images/s"
     )
     return summary["val/elbo"]
+
+
+def warn_of_plain_secrets(raw: dict) -> None:
+    """DVC keeps params.yaml in git and in every experiment, so a secret there should be an `${oc.env:VAR}`
+    interpolation, which params.yaml keeps unresolved when `dvc exp run -S` is given it escaped."""
+    for key in plain_secrets(raw):
+        print(
+            f"vaelab: warning: params.yaml holds a secret in plain text ({key}), and DVC keeps params.yaml in git and "
+            f"in every experiment; pass it from the environment instead: dvc exp run -S '{key}=\\${{oc.env:VAR}}'",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

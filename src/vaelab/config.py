@@ -15,6 +15,7 @@ from types import NoneType, UnionType
 from typing import Any, Union, get_args, get_origin
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 from pydantic import BaseModel, ValidationError
 
 from vaelab.errors import ConfigError
@@ -77,7 +78,15 @@ def as_dict(cfg: DictConfig | dict) -> dict[str, Any]:
 
 def problems(cfg: DictConfig | dict) -> list[Problem]:
     """All violations of the schema in `cfg` as (key, value, allowed) triples; empty when the config is valid."""
-    return _problems(Config, as_dict(cfg))
+    try:
+        values = as_dict(cfg)
+    except InterpolationResolutionError as error:  # e.g. ${oc.env:VAR} with VAR unset: the key, not a traceback
+        written = OmegaConf.to_container(cfg, resolve=False)
+        for part in error.full_key.split("."):
+            written = written.get(part) if isinstance(written, dict) else written
+        reason = str(error).splitlines()[0]
+        return [(error.full_key or "config", written, f"an interpolation that resolves ({reason})")]
+    return _problems(Config, values)
 
 
 def validate(cfg: DictConfig | dict) -> None:

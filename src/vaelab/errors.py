@@ -1,4 +1,5 @@
-"""User-facing errors: a bad config or bad data, reported as a plain message without a traceback."""
+"""User-facing errors: a bad config or bad data, reported as a plain message without a traceback, and without the
+secrets it may quote (vaelab.redaction)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from vaelab.redaction import redact_config, redact_text
 
 
 class VaelabError(Exception):
@@ -17,9 +20,14 @@ class ConfigError(VaelabError):
     """One or more config values are invalid. Each problem names the key, the value and what is allowed."""
 
     def __init__(self, problems: list[tuple[str, object, str]]):
-        self.problems = problems
-        lines = [f"  {key}={value!r}: allowed {allowed}" for key, value, allowed in problems]
+        self.problems = [redact_problem(*problem) for problem in problems]
+        lines = [f"  {key}={value!r}: allowed {allowed}" for key, value, allowed in self.problems]
         super().__init__("invalid config:\n" + "\n".join(lines))
+
+
+def redact_problem(key: str, value: object, allowed: str) -> tuple[str, object, str]:
+    """A problem as it may be shown: a secret key's value, and any URL's password, as `***` (vaelab.redaction)."""
+    return key, redact_config({key: value})[key], redact_text(allowed)
 
 
 class DataError(VaelabError):
@@ -79,14 +87,14 @@ def exit_on_user_error() -> Iterator[None]:
     try:
         yield
     except VaelabError as error:
-        print(f"vaelab: {error}", file=sys.stderr)
+        print(f"vaelab: {redact_text(str(error))}", file=sys.stderr)
         sys.exit(2)
     except OSError as error:
         problem = storage_problem(error)
         if problem is None:
             raise
-        print(f"vaelab: {problem}", file=sys.stderr)
+        print(f"vaelab: {redact_text(str(problem))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as error:
-        print(f"vaelab: {error or 'interrupted'}", file=sys.stderr)
+        print(f"vaelab: {redact_text(str(error or 'interrupted'))}", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT)

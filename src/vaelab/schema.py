@@ -354,8 +354,12 @@ class PrunerOptions(Section):
 STORAGE_TEXT = "null (optuna.db at the project root) or an SQLAlchemy URL (sqlite:///..., postgresql+psycopg://...)"
 
 
+# A study's name reaches file names, comments in reproduce.sh and best_<study>.yaml, and log lines: one line.
+STUDY_NAME = text("a non-empty single line of printable characters", lambda v: v.strip() and v.isprintable())
+
+
 class Search(Section):
-    study_name: NAME
+    study_name: STUDY_NAME
     storage: optional(text(STORAGE_TEXT, lambda v: re.match(r"[a-z][a-z0-9+]*://", v)), STORAGE_TEXT) = None
     n_trials: integer(1)
     # A running trial records a heartbeat; one silent for the grace period (its process died) is marked FAIL and

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vaelab.redaction import redact_override, redact_text
 from vaelab.schema import END_OF_TRAINING_METRICS
 from vaelab.search.config import Settings, compose_config
 from vaelab.search.space import Param
 from vaelab.search.study import RETRY_ATTR
 from vaelab.tracking.lifecycle import INTERRUPTED, end_run
-from vaelab.tracking.run import Run
+from vaelab.tracking.run import Run, overrides_tag, redacted
 
 if TYPE_CHECKING:
     import optuna
@@ -70,12 +71,15 @@ class Objective:
         from vaelab.stages.train import train
 
         overrides = [*self.train_overrides, *(param.suggest(trial) for param in self.params)]
-        trial.set_user_attr("overrides", overrides)
-        tags = {
-            "optuna.study_name": self.settings.study_name,
-            "optuna.trial_number": str(trial.number),
-            "vaelab.overrides": " ".join(overrides),
-        }
+        # What the study stores (and trials.csv, the best config and reproduce.sh are made from): no secrets.
+        trial.set_user_attr("overrides", [redact_override(o) for o in overrides])
+        tags = redacted(
+            {
+                "optuna.study_name": self.settings.study_name,
+                "optuna.trial_number": str(trial.number),
+                "vaelab.overrides": overrides_tag(overrides),
+            }
+        )
         if trial.user_attrs.get(RETRY_ATTR) is not None:
             tags["optuna.retry_of"] = str(trial.user_attrs[RETRY_ATTR])
         try:
@@ -96,7 +100,7 @@ class Objective:
             trial.set_user_attr("failure", INTERRUPTED)
             raise KeyboardInterrupt from error
         except Exception as error:
-            trial.set_user_attr("failure", f"{type(error).__name__}: {error}"[:2000])
+            trial.set_user_attr("failure", redact_text(f"{type(error).__name__}: {error}")[:2000])
             raise
         trial.set_user_attr("mlflow_run_id", summary["run_id"])
         for key in SUMMARY_ATTRS:

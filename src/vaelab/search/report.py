@@ -1,6 +1,7 @@
 """What a search tells: one line per finished trial (Progress), its outcome (SearchResult), and the report in
 outputs/<parent_run_id>/, logged to the parent run: trials.csv, plots, the best trial as an experiment file
-(experiment/best_<study>.yaml) and reproduce.sh."""
+(experiment/best_<study>.yaml) and reproduce.sh. Names and values reach those two files shell-quoted (the command)
+or as comment lines (`comment`), and without secrets (the trials' overrides are stored redacted)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,18 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import OmegaConf
 
 from vaelab import paths
+from vaelab.redaction import REDACTED
 from vaelab.search.config import NOT_SEARCHABLE_GROUPS, Settings, compose_config
 from vaelab.search.study import RETRY_ATTR, Tally, best_trial, display_url, finished_trials, safe_file_name
+from vaelab.tracking.run import public_config
 
 if TYPE_CHECKING:
     import optuna
 
     from vaelab.tracking.run import Run
+
+# The trials' overrides are stored without their secrets (vaelab.redaction): the command to reproduce one needs them.
+SECRETS_NOTE = "Secrets are not stored: give each *** again, or pass it as ${oc.env:VAR}."
 
 
 # Progress
@@ -71,6 +77,7 @@ def best_experiment_yaml(config_dir: Path, overrides: Sequence[str], header: str
 
     cfg = compose_config(config_dir, overrides, hydra=True)
     groups = cfg.hydra.runtime.choices
+    values = public_config(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]))  # no secrets
     includes: list[Any] = []
     body = OmegaConf.create()
     skipped = []
@@ -83,11 +90,22 @@ def best_experiment_yaml(config_dir: Path, overrides: Sequence[str], header: str
         elif key in groups:
             includes.append({f"override /{key}": override.value()})
         else:
-            value = OmegaConf.select(cfg, key)
-            OmegaConf.update(body, key, OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+            OmegaConf.update(body, key, select(values, key))
     document = OmegaConf.to_yaml(OmegaConf.create({"defaults": [*includes, "_self_"], **OmegaConf.to_container(body)}))
-    notes = "".join(f"# not expressible here (use the command above): {text}\n" for text in skipped)
+    notes = "".join(comment(f"not expressible here (use the command above): {text}") for text in skipped)
     return f"# @package _global_\n{header}{notes}{document}"
+
+
+def select(values: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        values = values[int(part)] if isinstance(values, list) else values[part]
+    return values
+
+
+def comment(text: str) -> str:
+    """`text` as comment lines of a shell script or YAML file: a line break in it (a study's name, an override's
+    value) starts another comment line, never a command or a key."""
+    return "".join(f"# {line}\n" for line in text.splitlines() or [""])
 
 
 @dataclass
@@ -208,17 +226,17 @@ def write_report(study: optuna.Study, settings: Settings, config_dir: Path, pare
         except ValueError:
             where = result.best_file.parent.parent
         via_file = f"python pipelines/train.py --config-dir {shlex.quote(str(where))} experiment={experiment}"
-        header = (
-            f"# Best trial {best.number} of the Optuna study '{settings.study_name}': {settings.metric} = "
-            f"{best.value:.4f}\n# (MLflow run {result.best_run_id}). Train it again with\n#   {via_file}\n"
-            f"# or, equivalently,\n#   {result.command}\n"
+        header = comment(
+            f"Best trial {best.number} of the Optuna study '{settings.study_name}': {settings.metric} = "
+            f"{best.value:.4f}\n(MLflow run {result.best_run_id}). Train it again with\n  {via_file}\n"
+            f"or, equivalently,\n  {result.command}\n{SECRETS_NOTE if REDACTED in result.command else ''}"
         )
         result.best_file.parent.mkdir(parents=True, exist_ok=True)
         result.best_file.write_text(best_experiment_yaml(config_dir, best.user_attrs.get("overrides", []), header))
         command = out_dir / "reproduce.sh"
-        command.write_text(
-            f"#!/bin/sh\n# best trial {best.number} of study '{settings.study_name}'\n{result.command}\n"
-        )
+        note = comment(SECRETS_NOTE) if REDACTED in result.command else ""
+        about = comment(f"best trial {best.number} of study '{settings.study_name}'")
+        command.write_text(f"#!/bin/sh\n{about}{note}{result.command}\n")
         parent.log_artifact(result.best_file, "best")
         parent.log_artifact(command, "best")
         metrics[f"best/{settings.metric}"] = best.value

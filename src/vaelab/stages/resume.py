@@ -9,6 +9,9 @@ Nothing read back from the run's folder runs unless trusted: every `_target_` in
 checkpoint (hyper-parameters and lineage) must be on vaelab.training.builder's trusted list, or named again by the
 user on this command line (`+resume.run=<run_id> '+resume.trust=[mypkg.MyCallback]'`). A refused resume stops
 before the run is reopened, so the run's status and tags stay exactly as they were.
+
+Its config file holds no secret (vaelab.redaction): one given as `${oc.env:VAR}` is read from the environment
+again; a tracking.uri's password is given again.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from vaelab import __version__, paths
 from vaelab.checkpoints import read_checkpoint
 from vaelab.errors import ConfigError, VaelabError
-from vaelab.tracking.run import Run
+from vaelab.redaction import is_redacted
+from vaelab.tracking.run import Run, flatten
 from vaelab.tracking.store import ensure_experiment, resolve_uri
 from vaelab.training.builder import TRUSTED_TEXT, untrusted_targets
 
@@ -136,13 +141,14 @@ def resumption(cfg: DictConfig, overrides: list[str]) -> Resumption:
             f"cannot resume run {run_id}: {config_file} was written by vaelab 0.1, whose runs vaelab {__version__} "
             "cannot continue (the objective, posterior and prior became components); start a new run"
         )
+    stored.resume = run_id
+    if any(o.lstrip("+").startswith("tracking.uri=") for o in overrides):
+        stored.tracking.uri = cfg.tracking.uri  # the store moved, e.g. to a server: this command says where
+    check_secrets_at_hand(run_id, stored)
     check_trusted(run_id, config_file, stored_values(run_id, config_file, stored), trusted)
     # weights_only: a pickle with code is refused here, before anything is built or reopened.
     state = read_checkpoint(checkpoint)
     check_trusted(run_id, checkpoint, {k: state.get(k) for k in ("hyper_parameters", "vaelab")}, trusted)
-    stored.resume = run_id
-    if any(o.lstrip("+").startswith("tracking.uri=") for o in overrides):
-        stored.tracking.uri = cfg.tracking.uri  # the store moved, e.g. to a server: this command says where
     return Resumption(run_id=run_id, checkpoint=checkpoint, cfg=stored)
 
 
@@ -165,3 +171,24 @@ def check_trusted(run_id: str, source: Path, values: object, trusted: list[str])
         f"cannot resume run {run_id}: {source} names {where}, which is not {TRUSTED_TEXT}; nothing from it was run. "
         f"If you trust it, name it again when resuming: +resume.run={run_id} '+resume.trust=[{','.join(names)}]'"
     )
+def check_secrets_at_hand(run_id: str, stored: DictConfig) -> None:
+    """A secret given as `${oc.env:VAR}` was stored as such: VAR must be set again. One given in plain text was
+    never stored (the config file holds `***`): tracking.uri may be given again, any other cannot."""
+    try:
+        resolved = OmegaConf.to_container(stored, resolve=True)
+    except InterpolationResolutionError as error:
+        raise VaelabError(
+            f"cannot resume run {run_id}: its {error.full_key} is read from the environment, and {error.msg}; "
+            "set it again"
+        ) from None
+    missing = [key for key, value in flatten(resolved).items() if is_redacted(value)]
+    if missing == ["tracking.uri"]:
+        raise VaelabError(
+            f"cannot resume run {run_id}: its tracking.uri held a password, which vaelab does not store; "
+            f"give it again (resume={run_id} tracking.uri=...)"
+        )
+    if missing:
+        raise VaelabError(
+            f"cannot resume run {run_id}: its {', '.join(missing)} held a secret in plain text, which vaelab does not "
+            "store; start a new run, and pass secrets as ${oc.env:VAR} to keep a run resumable"
+        )

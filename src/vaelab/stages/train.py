@@ -37,7 +37,7 @@ from vaelab.stages.progress import progress_bar
 from vaelab.stages.publish import publish as publish_outputs
 from vaelab.stages.resume import Resumption, resumption
 from vaelab.tracking.lifecycle import ending_of, run_lifecycle
-from vaelab.tracking.run import Run
+from vaelab.tracking.run import Run, public_config
 from vaelab.tracking.store import check_server
 from vaelab.training.builder import resolve
 from vaelab.training.callbacks import (
@@ -248,16 +248,16 @@ def fit_and_publish(
     rank_zero = is_rank_zero()
     run_id = run.run_id if run else resume.run_id if resume else uuid.uuid4().hex
     out_dir = paths.run_dir(run_id)
-    config_file = (
-        write_text_atomic(paths.run_config(run_id), OmegaConf.to_yaml(cfg, resolve=True)) if rank_zero else None
-    )
+    # What the run is remembered by (its config file, its checkpoints) holds no secret: see public_config.
+    config = public_config(cfg)
+    config_file = write_text_atomic(paths.run_config(run_id), OmegaConf.to_yaml(config)) if rank_zero else None
     module.lineage = {
         "vaelab_version": __version__,
         "run_id": run_id,
         "data": dataclasses.asdict(data.settings),
         "data_hash": data.data_hash,
         "representation": module.vae.likelihood.representation,
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": config,
     }
     checkpoint = ModelCheckpoint(
         dirpath=paths.checkpoints_dir(run_id),

@@ -13,9 +13,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from vaelab import paths
 from vaelab.files import write_text_atomic
+from vaelab.redaction import redact_config
 from vaelab.sweep.runs import METRICS, child_metric, find_child, job_tags, parent_run_id, short_error
 from vaelab.tracking.lifecycle import stop_on_signals
-from vaelab.tracking.run import TAG_PREFIX
+from vaelab.tracking.run import TAG_PREFIX, overrides_tag
+
+MULTIRUN_CONFIG = "multirun.yaml"  # Hydra's name
 
 
 def run_job(cfg: DictConfig) -> float:
@@ -32,8 +35,9 @@ def run_job(cfg: DictConfig) -> float:
     stop_on_signals()  # a parallel launcher's worker process too: SIGTERM ends its job's run KILLED
     hydra = HydraConfig.get()
     num, overrides = hydra.job.num, list(hydra.overrides.task)
+    redact_sweep_config(Path(hydra.sweep.dir))
     parent = parent_run_id(hydra.sweep.dir)
-    label = f"job {num} [{' '.join(overrides)}]"
+    label = f"job {num} [{overrides_tag(overrides)}]"
     started_ms = int(time.time() * 1000)
     try:
         validate(cfg)
@@ -75,7 +79,7 @@ def record_failure(
 
     try:
         uri = resolve_uri(cfg.tracking.uri)
-        found = find_child(uri, parent, " ".join(overrides), started_ms)
+        found = find_child(uri, parent, overrides_tag(overrides), started_ms)
         if found:
             run = Run(uri, found, cfg.tracking.experiment)
         else:
@@ -86,6 +90,18 @@ def record_failure(
     except Exception as tracking_error:  # the store itself is the problem: the job still only fails
         print(f"vaelab: could not record the failed job in MLflow: {short_error(tracking_error)}", file=sys.stderr)
         return None
+
+
+def redact_sweep_config(folder: Path) -> None:
+    """Hydra saves the sweep's config, with the command line's overrides, as multirun.yaml in the sweep folder
+    before any job starts: each job rewrites it without its secrets (vaelab.redaction), the same for every job."""
+    saved = folder / MULTIRUN_CONFIG
+    if not saved.is_file():
+        return
+    config = OmegaConf.to_container(OmegaConf.load(saved), resolve=False)
+    public = redact_config(config)
+    if public != config:
+        write_text_atomic(saved, OmegaConf.to_yaml(public))
 
 
 def resolvable(cfg: DictConfig) -> bool:

@@ -31,6 +31,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from vaelab.paths import RUN_ID_FILE
+from vaelab.redaction import redact_override, redact_text
 from vaelab.tracking.run import TAG_PREFIX
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def short_error(error: BaseException) -> str:
     text = str(error).strip()
     if "\n" in text:  # a ConfigError lists one problem per line
         text = "; ".join(line.strip() for line in text.splitlines()[1:]) or text.splitlines()[0]
-    return f"{type(error).__name__}: {text}"
+    return redact_text(f"{type(error).__name__}: {text}")
 
 
 def parent_run_id(sweep_dir: str) -> str:
@@ -76,11 +77,12 @@ def parent_run_id(sweep_dir: str) -> str:
 
 
 def job_tags(num: int, overrides: list[str]) -> dict[str, str]:
-    return {JOB_TAG: str(num), JOB_OVERRIDES_TAG: json.dumps(overrides)}
+    return {JOB_TAG: str(num), JOB_OVERRIDES_TAG: json.dumps([redact_override(o) for o in overrides])}
 
 
 def find_child(uri: str, parent: str, overrides: str, since_ms: int) -> str | None:
-    """The child run that a job with these overrides started after `since_ms`, if train() got as far as making it."""
+    """The child run that a job with these overrides (as the `vaelab.overrides` tag has them) started after
+    `since_ms`, if train() got as far as making it."""
     import pandas as pd
 
     runs = child_runs(uri, parent).reindex(columns=["run_id", "start_time", f"tags.{TAG_PREFIX}overrides"])

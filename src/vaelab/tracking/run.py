@@ -3,62 +3,48 @@
 vaelab creates the run itself, before training, so the run id can name `outputs/<run_id>/`; Lightning's
 MLFlowLogger then attaches to it. vaelab also owns the run's end: FINISHED only after the checkpoint,
 figures and metrics are logged, FAILED (with the reason as a tag) when anything raised, KILLED on Ctrl-C.
+
+Every param and tag a run gets passes vaelab.redaction's rule on the way: no secret reaches the store.
 """
 
 from __future__ import annotations
 
-import re
+import os
 import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vaelab.redaction import redact_config, redact_override, redact_text, redact_url
 from vaelab.tracking.store import STORE_LOCK_TIMEOUT_S, StoreClient, ensure_experiment, resolve_uri
 
 PARAM_BATCH = 100  # MLflow's limit on params per log_batch call
 TAG_PREFIX = "vaelab."
 PARENT_TAG = "mlflow.parentRunId"  # what makes the MLflow UI nest a run under another
+SUPPRESS_URL = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
-SECRET_WORDS = ("password", "token", "secret")
-REDACTED = "***"
-_INTERPOLATION = re.compile(r"\$\{([^}]*)\}")
-
-
-def is_secret(key: str) -> bool:
-    return any(word in key.lower() for word in SECRET_WORDS)
-
-
-def redact_override(override: str) -> str:
-    """`db.password=hunter2` -> `db.password=***`, for the overrides and command recorded as tags."""
-    key, sep, _ = override.partition("=")
-    return f"{key}{sep}{REDACTED}" if sep and is_secret(key) else override
+def public_config(cfg: DictConfig) -> dict[str, Any]:
+    """The composed config as vaelab writes it anywhere (config.yaml, a checkpoint's lineage, MLflow params, a
+    search's best config): secrets as `***`, values from the environment as their `${oc.env:...}` interpolation
+    (vaelab.redaction has the rule). Reading it back resolves those from the environment again."""
+    return redact_config(OmegaConf.to_container(cfg, resolve=False), OmegaConf.to_container(cfg, resolve=True))
 
 
 def loggable_params(cfg: DictConfig) -> dict[str, str]:
-    """The composed config as MLflow params, minus what must not be stored there.
+    """The composed config as MLflow params, minus what must not be stored there (see `public_config`)."""
+    return flatten(public_config(cfg))
 
-    A key naming a password, token or secret logs `***`. A value read from the environment, directly or through
-    other keys (`${oc.env:...}`), logs its unresolved interpolation, never the variable's value."""
-    resolved = flatten(OmegaConf.to_container(cfg, resolve=True))
-    raw = flatten(OmegaConf.to_container(cfg, resolve=False))
 
-    def from_environment(key: str, seen: frozenset[str] = frozenset()) -> bool:
-        for reference in _INTERPOLATION.findall(raw.get(key, "")):
-            if reference.startswith("oc.env"):
-                return True
-            if reference not in seen and reference in raw and from_environment(reference, seen | {key}):
-                return True
-        return False
-
-    return {
-        key: REDACTED if is_secret(key) else raw[key] if from_environment(key) else value
-        for key, value in resolved.items()
-    }
+def overrides_tag(overrides: list[str]) -> str:
+    """The command line's overrides as the `vaelab.overrides` tag records them: secrets as `***`."""
+    return " ".join(map(redact_override, overrides))
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, str]:
@@ -90,13 +76,19 @@ def lineage_tags(cfg: DictConfig, stage: str, overrides: list[str], extra: dict[
         f"{TAG_PREFIX}stage": stage,
         f"{TAG_PREFIX}git_commit": commit or "unknown",
         f"{TAG_PREFIX}git_dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
-        f"{TAG_PREFIX}overrides": " ".join(redact_override(o) for o in overrides),
+        f"{TAG_PREFIX}overrides": overrides_tag(overrides),
         f"{TAG_PREFIX}command": shlex.join([Path(sys.executable).name, *map(redact_override, sys.argv)]),
         **{f"{TAG_PREFIX}{k}": v for k, v in extra.items()},
     }
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
+
+
+def redacted(tags: dict[str, str]) -> dict[str, str]:
+    """Tags as MLflow may store them: whatever text a tag holds (overrides, a command, an error), its secrets as
+    `***` (vaelab.redaction)."""
+    return {key: redact_text(value) for key, value in tags.items()}
 
 
 class Run:
@@ -132,7 +124,7 @@ class Run:
         all_tags = lineage_tags(cfg, stage, overrides, tags)
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
-        info = run.client.create_run(experiment_id, run_name=cfg.tracking.run_name, tags=all_tags).info
+        info = run.client.create_run(experiment_id, run_name=cfg.tracking.run_name, tags=redacted(all_tags)).info
         run.run_id = info.run_id
         if not log_params:
             return run
@@ -180,7 +172,7 @@ class Run:
         self.client.log_batch(self.run_id, metrics=items)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
+        for key, value in redacted(tags).items():
             self.client.set_tag(self.run_id, key, value)
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
@@ -192,5 +184,23 @@ class Run:
     def end(self, status: str, reason: str | None = None) -> None:
         """Mark the run FINISHED, FAILED or KILLED; a failure reason goes into the `vaelab.failure` tag."""
         if reason:
-            self.client.set_tag(self.run_id, f"{TAG_PREFIX}failure", reason[:5000])
-        self.client.set_terminated(self.run_id, status)
+            self.client.set_tag(self.run_id, f"{TAG_PREFIX}failure", redact_text(reason)[:5000])
+        with no_url_printed(self.uri):
+            self.client.set_terminated(self.run_id, status)
+
+
+@contextmanager
+def no_url_printed(uri: str) -> Iterator[None]:
+    """MLflow prints a server run's URL when the run ends: not when the URL holds a password."""
+    if redact_url(uri) == uri:
+        yield
+        return
+    before = os.environ.get(SUPPRESS_URL)
+    os.environ[SUPPRESS_URL] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(SUPPRESS_URL, None)
+        else:
+            os.environ[SUPPRESS_URL] = before

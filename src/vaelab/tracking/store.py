@@ -12,6 +12,7 @@ from filelock import FileLock
 
 from vaelab import paths
 from vaelab.errors import StoreLockedError, VaelabError
+from vaelab.redaction import redact_url
 
 STORE_LOCK_TIMEOUT_S = 30.0  # default of tracking.lock_timeout_s
 
@@ -99,6 +100,25 @@ def is_server(uri: str | None) -> bool:
     return bool(uri) and uri.startswith(SERVER_SCHEMES)
 
 
+def health_request(uri: str):
+    """GET <server>/health. A user and password in the URI (behind a proxy that asks for them) go as basic
+    authentication, as MLflow's client sends them: urllib would take them for part of the host name."""
+    import base64
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(uri)
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+    host += f":{parts.port}" if parts.port else ""
+    url = urllib.parse.urlunsplit(parts._replace(netloc=host, path=f"{parts.path.rstrip('/')}/health"))
+    headers = {}
+    if parts.username is not None:
+        user = urllib.parse.unquote(parts.username)
+        credentials = f"{user}:{urllib.parse.unquote(parts.password or '')}".encode()
+        headers["Authorization"] = f"Basic {base64.b64encode(credentials).decode()}"
+    return urllib.request.Request(url, headers=headers)
+
+
 def check_server(uri: str | None) -> None:
     """Fail fast, naming the URI, when a tracking server does not answer: MLflow's client would otherwise
     retry for minutes, or the run would train without being logged."""
@@ -107,15 +127,14 @@ def check_server(uri: str | None) -> None:
     import urllib.error
     import urllib.request
 
-
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S) as response:
+        with urllib.request.urlopen(health_request(uri), timeout=HEALTH_TIMEOUT_S) as response:
             if response.status == 200:
                 return
             problem = f"HTTP {response.status}"
     except (urllib.error.URLError, OSError) as error:
         problem = str(getattr(error, "reason", error))
     raise VaelabError(
-        f"the MLflow tracking server at {uri} cannot be reached ({problem}). Start it (e.g. `mlflow server "
-        f"--host 127.0.0.1 --port 5000`), or leave tracking.uri unset to log to the local sqlite store."
+        f"the MLflow tracking server at {redact_url(uri)} cannot be reached ({redact_url(problem)}). Start it (e.g. "
+        "`mlflow server --host 127.0.0.1 --port 5000`), or leave tracking.uri unset to log to the local sqlite store."
     )
