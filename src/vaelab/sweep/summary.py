@@ -178,7 +178,9 @@ def collect(uri: str, parent: str) -> list[dict[str, Any]]:
     # A job stopped before it tagged its run has only the space-separated overrides that every run gets.
     overrides = [
         json.loads(as_list) or as_text.split()
-        for as_list, as_text in zip(runs[listed].fillna("[]"), runs[spaced].fillna(""), strict=True)
+        for as_list, as_text in zip(
+            runs[listed].astype(object).fillna("[]"), runs[spaced].astype(object).fillna(""), strict=True
+        )
     ]
     jobs = pd.DataFrame(
         {
