@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -18,18 +19,23 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from mlflow import MlflowClient
 
-from helpers.config import TINY, TINY_TRIAL, make_config
-from helpers.processes import run_entry
+from helpers.config import REPO, TINY, TINY_TRIAL, make_config
+from helpers.processes import run_entry, subprocess_env
+from helpers.stores import all_runs, artifact_paths, mlflow_client
 from vaelab.config import problems, search_problems
 from vaelab.errors import ConfigError, VaelabError
+from vaelab.stages.evaluate import evaluate
 from vaelab.stages.preflight import check_buildable
+from vaelab.stages.train import train
 from vaelab.tracking.store import check_store, ensure_experiment, folder_name, resolve_uri
+from vaelab.training.module import NonFiniteLossError
 
 # Class of fault: a number that is not finite, where a finite one is asked for.
 NON_FINITE = [
     ("objective.beta=inf", "objective.beta"),
-    ("objective.free_bits=.inf", "objective.free_bits"),
+    ("objective.free_bits=inf", "objective.free_bits"),
     ("optim.lr=inf", "optim.lr"),
     ("optim.lr=nan", "optim.lr"),
     ("optim.weight_decay=inf", "optim.weight_decay"),
@@ -153,8 +159,6 @@ def damaged_database(folder: Path) -> Path:
 
 def trashed_experiment(project: Path, name: str = "vaelab") -> str:
     """The default store, holding an experiment `name` that was deleted (it sits in MLflow's trash)."""
-    from mlflow import MlflowClient
-
     uri = f"sqlite:///{project / 'mlflow.db'}"
     experiment_id = ensure_experiment(uri, name)
     MlflowClient(uri).delete_experiment(experiment_id)
@@ -291,7 +295,8 @@ def test_an_experiment_in_mlflows_trash_says_how_to_restore_or_purge_it(project:
     message = str(error.value)
     assert "tracking.experiment='old'" in message and "trash" in message
     assert f"mlflow experiments restore --experiment-id {experiment_id}" in message
-    assert f"mlflow gc --backend-store-uri sqlite:///{project / 'mlflow.db'} --experiment-ids {experiment_id}" in message
+    store = f"sqlite:///{project / 'mlflow.db'}"
+    assert f"mlflow gc --backend-store-uri {store} --experiment-ids {experiment_id}" in message
     assert "\n" not in message
 
 
@@ -309,8 +314,6 @@ def test_experiment_names_become_distinct_single_folder_names():
 
 
 def test_every_artifact_lands_under_the_projects_artifact_root_whatever_the_experiment_name(project: Path):
-    from mlflow import MlflowClient
-
     uri = f"sqlite:///{project / 'mlflow.db'}"
     client = MlflowClient(uri)
     artifact = project / "note.txt"
@@ -350,9 +353,6 @@ class PoisonEveryBatch(Callback):
     ids=["diverged", "all-from-the-start", "all-from-epoch-1"],
 )
 def test_an_epoch_of_only_skipped_steps_fails_at_once_naming_the_cause(project: Path, overrides, callbacks, epoch):
-    from helpers.stores import all_runs
-    from vaelab.stages.train import train
-    from vaelab.training.module import NonFiniteLossError
 
     with pytest.raises(NonFiniteLossError, match="every training step of epoch") as error:
         train(make_config(*TINY, "nan_policy=skip", *overrides), callbacks=callbacks)
@@ -374,8 +374,6 @@ def test_an_epoch_of_only_skipped_steps_fails_at_once_naming_the_cause(project: 
     ],
 )
 def test_one_latent_or_a_handful_of_validation_images_still_trains_and_draws_every_figure(project: Path, overrides):
-    from helpers.stores import all_runs, artifact_paths, mlflow_client
-    from vaelab.stages.train import train
 
     train(make_config(*TINY, "trainer.max_epochs=1", *overrides))
     [run] = all_runs(project)
@@ -387,8 +385,6 @@ def test_one_latent_or_a_handful_of_validation_images_still_trains_and_draws_eve
 @pytest.mark.integration
 @pytest.mark.parametrize("limit", [1, 2])
 def test_evaluating_a_handful_of_test_images_draws_every_figure(project: Path, limit: int):
-    from vaelab.stages.evaluate import evaluate
-    from vaelab.stages.train import train
 
     train(make_config(*TINY, "trainer.max_epochs=1", "model.latent_dim=1"))
     summary = evaluate(make_config(*TINY, "model.latent_dim=1", f"eval.limit={limit}"))
@@ -434,36 +430,20 @@ def test_train_with_a_relative_sqlite_uri_uses_the_file_under_the_project_and_re
     elsewhere = project.parent / "elsewhere"
     elsewhere.mkdir()
     done = subprocess.run(  # started from another folder: the file is still the project's
-        [*run_entry_command("train.py"), *TINY, "trainer.max_epochs=1", "tracking.uri=sqlite:///stores.db"],
+        [sys.executable, str(REPO / "pipelines" / "train.py"), *TINY, "tracking.uri=sqlite:///stores.db"],
         cwd=elsewhere,
-        env=entry_env(project),
+        env=subprocess_env(VAELAB_ROOT=str(project)),
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert not list(elsewhere.iterdir())
-    from mlflow import MlflowClient
-
     client = MlflowClient(f"sqlite:///{project / 'stores.db'}")
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED"
     assert run.data.params["tracking.uri"] == f"sqlite:///{project / 'stores.db'}"
     assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(project)
-
-
-def run_entry_command(script: str) -> list[str]:
-    import sys
-
-    from helpers.config import REPO
-
-    return [sys.executable, str(REPO / "pipelines" / script)]
-
-
-def entry_env(project: Path) -> dict[str, str]:
-    from helpers.processes import subprocess_env
-
-    return subprocess_env(VAELAB_ROOT=str(project))
 
 
 @pytest.mark.subprocess
