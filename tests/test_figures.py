@@ -3,6 +3,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -51,3 +52,26 @@ def test_every_figure_is_a_png_of_the_expected_size(tmp_path: Path):
                 assert picture.size == expected[path.name], path.name
             else:
                 assert picture.size[0] > 300 and picture.size[1] > 200, path.name
+
+
+@pytest.mark.parametrize(
+    ("n_images", "latent_dim"),
+    [(1, 3), (2, 3), (3, 5), (7, 2), (100, 1), (1, 1), (2, 1)],
+)
+def test_a_handful_of_images_or_a_single_latent_still_draws_every_figure(tmp_path: Path, n_images, latent_dim):
+    """A tiny validation split (data.val_size=1, eval.val_limit=1, eval.limit=1) or model.latent_dim=1: each figure
+    shows what there is, rather than failing the run after it has trained."""
+    torch.manual_seed(0)
+    encoder, decoder = build_mlp((1, 8, 8), latent_dim=latent_dim, params_per_channel=1, hidden=[16])
+    vae = VAE(encoder, decoder, Bernoulli(), latent_dim=latent_dim).eval()
+    images = torch.bernoulli(torch.rand(n_images, 1, 8, 8))
+    paths = save_figures(vae, images, torch.arange(n_images) % 10, [1.0] * latent_dim, tmp_path)
+
+    assert len(paths) == 6
+    side = (MIN_SIDE // 8) * 8
+    per_row = min(8, n_images)  # rows of inputs, each above its reconstructions
+    with Image.open(tmp_path / "reconstructions.png") as picture:
+        assert picture.size == (grid_side(per_row, side), grid_side(2 * (min(n_images, 32) // per_row), side))
+    for path in paths:
+        with Image.open(path) as picture:
+            picture.verify()

@@ -31,7 +31,9 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
 
 
 def reconstruction_grid(vae, x: torch.Tensor, nrow: int = 8) -> torch.Tensor:
-    """Rows alternate: `nrow` inputs, then their reconstructions E[x | z = posterior mean]."""
+    """Rows alternate: `nrow` inputs, then their reconstructions E[x | z = posterior mean]. Fewer than `nrow`
+    images (a tiny validation split) make one row of each."""
+    nrow = min(nrow, len(x))
     recon = vae.reconstruct(x).to(x.dtype)
     n = (len(x) // nrow) * nrow
     pairs = torch.stack([x[:n].unflatten(0, (-1, nrow)), recon[:n].unflatten(0, (-1, nrow))], dim=1)
@@ -39,7 +41,7 @@ def reconstruction_grid(vae, x: torch.Tensor, nrow: int = 8) -> torch.Tensor:
 
 
 def save_reconstructions(vae, x: torch.Tensor, path: Path, nrow: int = 8) -> Path:
-    return save_grid(reconstruction_grid(vae, x, nrow), path, nrow)
+    return save_grid(reconstruction_grid(vae, x, nrow), path, min(nrow, len(x)))
 
 
 def save_prior_samples(vae, path: Path, n: int = 64, seed: int = 0) -> Path:
@@ -105,23 +107,31 @@ def interpolation_grid(vae, x_from: torch.Tensor, x_to: torch.Tensor, steps: int
 
 
 def latent_projection(means: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """The latents themselves when 2-D, otherwise their first two principal components."""
-    if means.shape[1] == 2:
+    """The latents themselves when at most 2-D, otherwise their first two principal components (padded with zeros
+    when the images are too few to have two)."""
+    if means.shape[1] <= 2:
         return means, "z"
     centred = means - means.mean(0)
     _, _, v = torch.linalg.svd(centred, full_matrices=False)
-    return centred @ v[:2].T, "PCA of z"
+    projected = centred @ v[:2].T
+    return F.pad(projected, (0, 2 - projected.shape[1])), "PCA of z"
 
 
 def save_latent_scatter(means: torch.Tensor, labels: torch.Tensor, path: Path) -> Path:
-    """Posterior means in 2-D, coloured by class label: the learned manifold at a glance."""
+    """Posterior means in 2-D, coloured by class label: the learned manifold at a glance. A 1-D latent is drawn
+    against the label, a strip per class."""
     points, axis = latent_projection(means.detach().float().cpu())
+    labels = labels.cpu()
     fig = Figure(figsize=(5.2, 4.6))
     ax = fig.subplots()
-    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels.cpu(), cmap="tab10", s=3, alpha=0.6)
+    if points.shape[1] == 2:
+        x, y, y_label = points[:, 0], points[:, 1], f"{axis} 2"
+    else:
+        x, y, y_label = points[:, 0], labels, "label"
+    scatter = ax.scatter(x, y, c=labels, cmap="tab10", s=3, alpha=0.6)
     ax.legend(*scatter.legend_elements(), title="label", fontsize=7, loc="best", markerscale=0.8)
     ax.set_xlabel(f"{axis} 1")
-    ax.set_ylabel(f"{axis} 2")
+    ax.set_ylabel(y_label)
     ax.set_title(f"posterior means E[z|x] ({axis})", fontsize=10)
     return save_figure(fig, path)
 
@@ -140,8 +150,10 @@ def save_figures(
         save_prior_samples(vae, folder / "samples.png", seed=seed),
         save_grid(traversals, folder / "traversals.png", nrow=steps),
     ]
-    pairs = min(8, len(x) // 2)
-    interpolations, steps = interpolation_grid(vae, x[:pairs], x[pairs : 2 * pairs])
+    # Pairs of distinct images; a single image is interpolated with itself rather than leaving the figure out.
+    pairs = max(1, min(8, len(x) // 2))
+    ends = x[pairs : 2 * pairs] if len(x) >= 2 * pairs else x[:pairs]
+    interpolations, steps = interpolation_grid(vae, x[:pairs], ends)
     paths.append(save_grid(interpolations, folder / "interpolations.png", nrow=steps))
     paths.append(save_latent_scatter(means, labels[:5000], folder / "latent_scatter.png"))
     paths.append(save_kl_per_dim(kl_per_dim, folder / "kl_per_dim.png"))

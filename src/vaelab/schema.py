@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -37,7 +38,8 @@ def integer(low: int) -> Any:
 
 
 def number(low: float) -> Any:
-    return Annotated[float, Field(ge=low, description=f"a number >= {low:g}")]
+    # Finite: an infinite weight or rate turns every loss non-finite, and only after the run has started.
+    return Annotated[float, Field(ge=low, allow_inf_nan=False, description=f"a number >= {low:g}")]
 
 
 def optional(kind: Any, description: str | None = None) -> Any:
@@ -72,7 +74,9 @@ def problem(key: str, value: Any, allowed: str) -> PydanticCustomError:
 
 
 FLAG = Annotated[bool, Field(description="true or false")]
-POSITIVE = Annotated[float, Field(gt=0, description="a number > 0")]
+POSITIVE = Annotated[float, Field(gt=0, allow_inf_nan=False, description="a number > 0")]
+# numpy's and Lightning's seeds are unsigned 32-bit integers.
+SEED = Annotated[int, Field(ge=0, le=2**32 - 1, description=f"an integer in [0, {2**32 - 1}]")]
 NAME = text("a non-empty string", str.strip)
 SIZES = Annotated[
     list[Annotated[int, Field(gt=0)]],
@@ -105,8 +109,8 @@ class Data(Section):
     root: optional(EXISTING_DIR) = None
     val_size: holdout(1)
     test_size: holdout(0)
-    split_seed: integer(0)
-    binarize_seed: integer(0)
+    split_seed: SEED
+    binarize_seed: SEED
     batch_size: integer(1)
     limit_train: optional(integer(1)) = None
 
@@ -247,15 +251,52 @@ class Eval(Section):
 
 
 def _is_uri(value: str) -> bool:
-    return value.startswith(TRACKING_SCHEMES)
+    """Well-formed as MLflow reads it: the scheme's own parts are there (a host, a file, a database)."""
+    if not value.startswith(TRACKING_SCHEMES) or any(c.isspace() or not c.isprintable() for c in value):
+        return False
+    if value == "databricks":  # the default Databricks profile
+        return True
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 (parsing it is the check: a port that is not a number in range raises)
+    except ValueError:
+        return False
+    if parts.scheme == "sqlite":  # sqlite:///<file>, the file relative to the project or, with a 4th slash, absolute
+        file = value.removeprefix("sqlite:///").split("?")[0]
+        return bool(file) and not file.endswith("/") and not parts.netloc
+    if parts.scheme in ("http", "https"):
+        return bool(parts.hostname)
+    if parts.scheme == "file":
+        return bool(parts.path)
+    return "://" in value and bool(parts.netloc or parts.path.strip("/"))  # databases, databricks://<profile>
+
+
+def _is_model_name(value: str) -> bool:
+    """What MLflow's model registry accepts (checked by MLflow's own rule, so only when a name is given)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    try:
+        _validate_model_name(value)
+    except MlflowException:
+        return False
+    return True
+
+
+URI_TEXT = (
+    "an MLflow tracking URI: sqlite:///<file> (relative to the project) or sqlite:////<absolute file>, "
+    "http(s)://<host>[:port], file:<folder>, a database URL (postgresql://..., mysql://...) or databricks"
+)
+MODEL_NAME_TEXT = "a model registry name: non-empty, without '/' or ':', not starting with '..'"
 
 
 class Tracking(Section):
-    uri: optional(text(f"an MLflow tracking URI starting with one of {list(TRACKING_SCHEMES)}", _is_uri)) = None
-    experiment: NAME
+    uri: optional(text(URI_TEXT, _is_uri)) = None
+    # MLflow's limit; the name is encoded where it becomes a folder (vaelab.tracking.store.artifact_location).
+    experiment: text("a non-empty string of at most 500 characters", lambda v: v.strip() and len(v) <= 500)
     run_name: Annotated[str | None, Field(description="null or a string")] = None
     system_metrics: FLAG
-    register_as: optional(text("a model name", str.strip)) = None
+    register_as: optional(text(MODEL_NAME_TEXT, _is_model_name)) = None
     lock_timeout_s: number(0)
 
 
@@ -308,7 +349,7 @@ class Config(Section):
     compile: FLAG
     channels_last: FLAG
     nan_policy: one_of("fail", "skip")
-    seed: integer(0)
+    seed: SEED
     ckpt: Annotated[str | None, Field(description="null or a checkpoint path")] = None
     run_id: optional(text(RUN_ID_TEXT, lambda v: re.fullmatch(RUN_ID, v)), RUN_ID_TEXT) = None
     resume: Annotated[RESUME_RUN | Resume, Field(description=RESUME_FORMS)] = None
@@ -371,7 +412,7 @@ class Search(Section):
     metric: one_of(*SEARCH_METRICS)
     direction: one_of("maximize", "minimize")
     sampler: one_of("tpe", "random")
-    seed: optional(integer(0)) = None
+    seed: optional(SEED) = None
     pruner: one_of("median", "hyperband", "none")
     pruner_options: PrunerOptions = PrunerOptions()
     space: Annotated[dict[str, Any], Field(min_length=1, description="a non-empty mapping of parameters")]

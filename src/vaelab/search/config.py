@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab import paths
-from vaelab.config import check_command_line
+from vaelab.config import check_command_line, hydra_errors
 from vaelab.errors import VaelabError
 
 SEARCH_GROUP = "search"
@@ -63,7 +63,8 @@ def compose_config(config_dir: Path, overrides: Sequence[str], hydra: bool = Fal
     from hydra.errors import HydraException
 
     try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        # hydra_errors: an unknown option or key is one line naming it, as in the other entry points
+        with hydra_errors(), initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             return compose(config_name="train", overrides=list(overrides), return_hydra_config=hydra)
     except HydraException as error:
         message = str(error).split("\nConfig search path")[0].strip()  # Hydra's search path is noise here

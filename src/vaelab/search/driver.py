@@ -70,7 +70,12 @@ def search(argv: Sequence[str], config_dir: Path) -> SearchResult:
 
     import optuna
 
-    from vaelab.tracking.store import resolve_uri
+    from vaelab.stages.preflight import check_buildable
+    from vaelab.tracking.store import check_store, resolve_uri
+
+    check_buildable(base)  # what every trial builds, judged before the study or any run exists
+    if base.get("logger") is not None:
+        check_store(base.tracking.uri)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # Progress prints one line per trial instead
     optimize_log = logging.getLogger("optuna.study._optimize")

@@ -145,11 +145,11 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float | str | None]:
     from vaelab.checkpoints import load_trained, sides
     from vaelab.figures import save_figures
     from vaelab.tracking.run import Run
-    from vaelab.tracking.store import check_server
+    from vaelab.tracking.store import check_store
 
     validate(cfg)
     if cfg.get("logger") is not None:
-        check_server(cfg.tracking.uri)  # before the work whose results it would receive
+        check_store(cfg.tracking.uri)  # before the work whose results it would receive
     path = resolve_checkpoint(cfg)
     torch.manual_seed(cfg.seed)  # the importance samples too: the same checkpoint gives the same numbers
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -33,12 +33,13 @@ from vaelab.stages.budget import check_estimate, warn_if_slow_step
 from vaelab.stages.evaluate import warn_if_collapsed
 from vaelab.stages.export import register, save_pyfunc
 from vaelab.stages.logger import lightning_logger
+from vaelab.stages.preflight import check_buildable
 from vaelab.stages.progress import progress_bar
 from vaelab.stages.publish import publish as publish_outputs
 from vaelab.stages.resume import Resumption, resumption
 from vaelab.tracking.lifecycle import ending_of, run_lifecycle
 from vaelab.tracking.run import Run, public_config
-from vaelab.tracking.store import check_server
+from vaelab.tracking.store import check_store
 from vaelab.training.builder import resolve
 from vaelab.training.callbacks import (
     AtomicCheckpointIO,
@@ -110,8 +111,9 @@ def train(
         cfg = resume.cfg
         validate(cfg)  # the run's stored config is a file on disk: checked like any other
     if cfg.get("logger") is not None:
-        check_server(cfg.tracking.uri)
+        check_store(cfg.tracking.uri)
     skip_gpu_probe_without_gpu()
+    check_buildable(cfg)  # the Trainer's and the optimizer's arguments, judged by Lightning and torch
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = build_data(cfg)
     if resume:

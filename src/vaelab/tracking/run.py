@@ -129,6 +129,8 @@ class Run:
         if not log_params:
             return run
         params = loggable_params(cfg)
+        if params.get("tracking.uri") == cfg.tracking.uri != uri:  # as given (not from the environment), relative
+            params["tracking.uri"] = uri  # the sqlite file it named, absolute
         items = [Param(k, v) for k, v in sorted(params.items())]
         for start in range(0, len(items), PARAM_BATCH):
             run.client.log_batch(run.run_id, params=items[start : start + PARAM_BATCH])

@@ -1,12 +1,17 @@
-"""The MLflow store: where it is (a sqlite file at the store root by default, or a server), a client that waits out
-a locked sqlite database, and the experiment, created on first use."""
+"""The MLflow store: where it is (a sqlite file at the store root by default, or a server), a check that it can be
+used, a client that waits out a locked sqlite database, and the experiment, created on first use."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shlex
+import sqlite3
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from filelock import FileLock
 
@@ -15,24 +20,96 @@ from vaelab.errors import StoreLockedError, VaelabError
 from vaelab.redaction import redact_url
 
 STORE_LOCK_TIMEOUT_S = 30.0  # default of tracking.lock_timeout_s
+SQLITE = "sqlite:///"
+MAX_FOLDER_NAME = 200  # bytes: below the 255 most filesystems allow, with room for a hash
 
 
 def default_uri() -> str:
-    return f"sqlite:///{paths.store_root() / 'mlflow.db'}"
+    return f"{SQLITE}{paths.store_root() / 'mlflow.db'}"
 
 
 def resolve_uri(uri: str | None) -> str:
-    return uri or default_uri()
+    """The store's URI, absolute. MLflow reads `sqlite:///mlflow.db` relative to the current folder; vaelab reads it
+    relative to the store root (the project, or $DVC_ROOT under DVC), so every process of a run, a sweep or a search
+    opens the same file wherever it was started, and the run records where that is."""
+    if not uri:
+        return default_uri()
+    db = _sqlite_path(uri)
+    if db is None or db.is_absolute():
+        return uri
+    _, question, query = uri.partition("?")
+    return f"{SQLITE}{paths.store_root() / db}{question}{query}"
 
 
 def _sqlite_path(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    """The database file of a sqlite URI (without its ?options), else None."""
+    return Path(uri.removeprefix(SQLITE).partition("?")[0]) if uri.startswith(SQLITE) else None
+
+
+def folder_name(name: str) -> str:
+    """`name` as one folder name that stays where it is put: percent-encoded, so a `/`, a `..` or a newline in it
+    leads nowhere else (plain names stay as they are). A very long name keeps its start and gains a hash."""
+    encoded = quote(name, safe=" ")
+    if not encoded.strip("."):  # "." and ".." are folders already
+        encoded = encoded.replace(".", "%2E")
+    if len(encoded.encode()) > MAX_FOLDER_NAME:
+        encoded = f"{encoded[: MAX_FOLDER_NAME - 17]}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    return encoded
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
-    """An absolute artifact folder beside a sqlite store (MLflow defaults to ./mlruns); a server picks its own."""
+    """An absolute artifact folder beside a sqlite store (MLflow defaults to ./mlruns); a server picks its own.
+    MLflow allows any experiment name, `/abs/path` and `../..` included: encoded, it names a folder in mlartifacts/."""
     db = _sqlite_path(uri)
-    return (db.parent / "mlartifacts" / experiment).as_uri() if db else None
+    return (db.parent / "mlartifacts" / folder_name(experiment)).as_uri() if db else None
+
+
+def check_store(uri: str | None) -> None:
+    """Fail fast, naming the store, when it cannot be used: a server that does not answer, or a sqlite file that is
+    not a database or is damaged, in a folder that is missing, not a folder or read-only. MLflow would otherwise
+    fail only when the run is created (or retry for minutes). `uri` as configured: None is the default store."""
+    resolved = resolve_uri(uri)
+    if is_server(resolved):
+        check_server(resolved)
+    elif _sqlite_path(resolved) is not None:
+        _check_sqlite(resolved, may_create_folder=uri is None)
+
+
+def _check_sqlite(uri: str, may_create_folder: bool) -> None:
+    db = _sqlite_path(uri)
+    folder = db.parent
+    where = f"the MLflow store {uri} (tracking.uri)"
+    if not folder.exists():
+        if may_create_folder:  # the default store's folder is the project's own
+            return
+        raise VaelabError(f"{where}: the folder {folder} does not exist; create it, or correct tracking.uri")
+    if not folder.is_dir():
+        raise VaelabError(f"{where}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):  # sqlite writes its journal beside the database
+        raise VaelabError(f"{where}: the folder {folder} is not writable")
+    if not db.exists():
+        return  # MLflow creates it
+    if not db.is_file():
+        raise VaelabError(f"{where}: {db} is not a file")
+    if not os.access(db, os.R_OK | os.W_OK):
+        raise VaelabError(f"{where}: {db} is not readable and writable")
+    problem = sqlite_problem(db)
+    if problem:
+        raise VaelabError(
+            f"{where}: {db} is not a usable sqlite database ({problem}); restore it from a backup, or point "
+            "tracking.uri at another file"
+        )
+
+
+def sqlite_problem(db: Path) -> str | None:
+    """What sqlite says is wrong with the database file `db` (not a database, damaged), or None. A store locked by
+    another writer is not a problem here: the client waits it out."""
+    try:
+        with closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=0)) as connection:
+            found = connection.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as error:
+        return None if "locked" in str(error) else str(error)
+    return None if found == "ok" else found
 
 
 class StoreClient:
@@ -78,18 +155,31 @@ def ensure_experiment(uri: str, experiment: str, lock_timeout_s: float = STORE_L
     """The experiment's id, creating the store and the experiment on first use.
 
     A fresh sqlite store races when several processes create its schema at once, so first use is
-    serialized with a file lock beside the database.
+    serialized with a file lock beside the database. An experiment of that name in MLflow's trash cannot take
+    runs: a VaelabError says how to restore or purge it.
     """
     db = _sqlite_path(uri)
     if db is not None:
+        _check_sqlite(uri, may_create_folder=uri == default_uri())
         db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(db) + ".lock") if db else nullcontext():
         client = StoreClient(uri, lock_timeout_s)
         found = client.get_experiment_by_name(experiment)
+        if found is not None and found.lifecycle_stage == "deleted":
+            raise VaelabError(in_trash(uri, experiment, found.experiment_id))
         if found is not None:
             return found.experiment_id
         return client.create_experiment(experiment, artifact_location=artifact_location(uri, experiment))
 
+
+def in_trash(uri: str, experiment: str, experiment_id: str) -> str:
+    backend = "<the server's backend store URI>" if is_server(uri) else shlex.quote(uri)
+    return (
+        f"tracking.experiment={experiment!r}: an experiment of that name is in MLflow's trash (id {experiment_id}, "
+        f"store {uri}). Restore it with `MLFLOW_TRACKING_URI={shlex.quote(uri)} mlflow experiments restore "
+        f"--experiment-id {experiment_id}`, delete it for good with `mlflow gc --backend-store-uri {backend} "
+        f"--experiment-ids {experiment_id}`, or choose another tracking.experiment"
+    )
 
 
 SERVER_SCHEMES = ("http://", "https://")

@@ -99,6 +99,14 @@ class VAEModule(pl.LightningModule):
             self.log("loss", loss, prog_bar=True, logger=False, batch_size=n)  # a live value for the progress bar
 
     def log_epoch_metrics(self) -> None:
+        if self._skipped and not self._images:
+            # nan_policy=skip rides out a bad batch; an epoch with no finite step at all learned nothing, and every
+            # later one would do the same (the weights are unchanged, or already non-finite).
+            raise NonFiniteLossError(
+                f"every training step of epoch {self.current_epoch} ({self._skipped} steps) had a non-finite loss, so "
+                "nan_policy=skip skipped them all: the model diverged or the data is not finite (lower optim.lr, or "
+                "check the data)"
+            )
         metrics = {}
         if self._images:
             loss, rec, kl = (self._sums / self._images).float()
