@@ -164,6 +164,25 @@ def test_a_parallel_sweep_survives_failing_jobs_and_exits_non_zero(project: Path
     assert "FAILED: ConfigError: model.latent_dim=0" in done.stderr
 
 
+@pytest.mark.subprocess
+@pytest.mark.parametrize(
+    ("swept", "named"),
+    [
+        (["arch=mlp,nope"], "arch='nope': allowed one of ['conv', 'mlp', 'resnet']"),  # the bad option comes second
+        (["model.latnt_dim=2,4"], "model.latnt_dim='2': allowed nowhere: model has no key latnt_dim"),
+        (["objective.beta=1,4", "objective=iwae,elbo"], "objective.beta='1': allowed nowhere: objective has no key"),
+    ],
+    ids=["unknown-option", "unknown-key", "key-of-another-option"],
+)
+def test_a_swept_value_that_does_not_compose_stops_the_sweep_before_its_parent_run(project: Path, swept, named):
+    done = run_entry("train.py", "-m", *ONE_EPOCH, *swept, root=project, check=False)
+
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert named in done.stderr
+    assert not (project / "mlflow.db").exists() or all_runs(project) == []  # no parent, and no job ran
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "sweep").glob("*.yaml")))
 def test_every_named_sweep_composes_into_sweeper_params(name: str):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

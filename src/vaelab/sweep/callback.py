@@ -69,6 +69,7 @@ class SweepCallback(Callback):
             "launcher": str(config.hydra.runtime.choices.get("hydra/launcher")),
         }
         self.config = config
+        check_jobs_compose(config)
         self.parent = Run.create(parent_config(config, name), "sweep", overrides, tags, log_params=False)
         os.environ[PARENT_ENV] = self.parent.run_id  # before the launcher starts any worker process
         write_text_atomic(Path(config.hydra.sweep.dir) / PARENT_FILE, self.parent.run_id + "\n")
@@ -133,6 +134,28 @@ class SweepCallback(Callback):
             file=sys.stderr,
             flush=True,
         )
+
+
+def check_jobs_compose(config: DictConfig) -> None:
+    """Every swept value composes (its group option exists, its key is known) before the parent run exists: a typo
+    then stops the sweep in one line, instead of after the parent, or even some of the jobs, ran. Each distinct
+    override is composed once, beside the first job's others, rather than every job: sum, not product, of the axes."""
+    from hydra import compose
+
+    from vaelab.config import hydra_errors
+    from vaelab.sweep.runs import launched_jobs
+
+    jobs = launched_jobs(config.hydra.sweeper, list(config.hydra.overrides.task))
+    if not jobs:
+        return
+    first = {override.partition("=")[0]: override for override in jobs[0]}
+    variants = [list(first.values())]
+    for override in dict.fromkeys(o for job in jobs[1:] for o in job):
+        if override not in first.values():
+            variants.append(list({**first, override.partition("=")[0]: override}.values()))
+    for overrides in variants:
+        with hydra_errors():
+            compose(config_name=config.hydra.job.config_name, overrides=overrides)
 
 
 def swept_values(row: dict[str, Any], axes: list[str]) -> str:
