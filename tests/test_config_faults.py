@@ -415,6 +415,7 @@ def test_train_refuses_before_any_run(project: Path, overrides, named):
 
 
 @pytest.mark.subprocess
+@pytest.mark.slow
 def test_train_refuses_an_unusable_store_or_a_trashed_experiment_before_any_run(project: Path):
     db = not_a_database(project)
     done = run_entry("train.py", *TINY, f"tracking.uri=sqlite:///{db}", root=project, check=False)

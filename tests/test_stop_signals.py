@@ -66,10 +66,13 @@ AFTER_FIT = {
     "model logging": "vaelab.stages.export:save_pyfunc",
     "publishing": "vaelab.stages.publish:publish",
 }
+SLOW = pytest.mark.slow  # the other variants of a case the default tier runs once
 
 
 @pytest.mark.subprocess
-@pytest.mark.parametrize("phase", AFTER_FIT)
+@pytest.mark.parametrize(
+    "phase", [pytest.param(phase, marks=() if phase == "the figures" else SLOW) for phase in AFTER_FIT]
+)
 def test_sigterm_after_training_ends_the_run_killed_and_exits_130_with_the_resume_command(project: Path, phase: str):
     done = run_entry("train.py", *TINY, root=project, check=False, env=signalled((AFTER_FIT[phase], "SIGTERM")))
 
@@ -82,6 +85,7 @@ def test_sigterm_after_training_ends_the_run_killed_and_exits_130_with_the_resum
 
 
 @pytest.mark.subprocess
+@pytest.mark.slow
 def test_a_run_stopped_while_finishing_is_finished_by_resume_without_training_again(project: Path):
     at_figures = signalled((AFTER_FIT["the figures"], "SIGINT"))
     stopped = run_entry("train.py", *TINY, root=project, check=False, env=at_figures)
@@ -116,7 +120,7 @@ def test_sigterm_during_evaluation_leaves_the_trained_run_finished_and_writes_no
     ("where", "interrupted_job"),
     [
         (("vaelab.sweep.jobs:run_job", "SIGTERM", 2), None),  # between jobs: job 1 never starts
-        (("vaelab.figures:save_figures", "SIGTERM", 2), 1),  # inside job 1, after its training
+        pytest.param(("vaelab.figures:save_figures", "SIGTERM", 2), 1, marks=SLOW),  # inside job 1, after its fit
     ],
     ids=["between-jobs", "inside-a-job"],
 )
@@ -171,7 +175,7 @@ def test_sigterm_in_a_search_trial_after_its_fit_fails_the_trial_and_ends_its_ru
 
 
 @pytest.mark.subprocess
-@pytest.mark.parametrize("second", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("second", ["SIGTERM", pytest.param("SIGINT", marks=SLOW)])
 def test_a_second_signal_during_the_cleanup_is_ignored_and_the_store_stays_consistent(project: Path, second: str):
     plan = [(AFTER_FIT["the figures"], "SIGTERM"), ("vaelab.tracking.run:Run.end", second)]
     done = run_entry("train.py", *TINY, root=project, check=False, env=signalled(*plan))
@@ -241,7 +245,11 @@ def test_the_iw_progress_counts_every_latent_sample_even_when_one_image_takes_ma
 @pytest.mark.subprocess
 @pytest.mark.parametrize(
     "asked",
-    [["eval.iw_k=10000000"], ["eval.iw_k=1000", "eval.max_minutes=0.00001"]],
+    # The limits are far below the timed estimates on any machine: what is tested is the refusal, not a speed.
+    [
+        ["eval.iw_k=100000000", "eval.max_minutes=1"],
+        pytest.param(["eval.iw_k=1000", "eval.max_minutes=0.00001"], marks=SLOW),
+    ],
     ids=["huge-k", "tight-limit"],
 )
 def test_an_evaluation_timed_past_eval_max_minutes_is_refused_naming_eval_iw_k(project: Path, asked):
@@ -259,10 +267,10 @@ def test_an_evaluation_timed_past_eval_max_minutes_is_refused_naming_eval_iw_k(p
 
 @pytest.mark.subprocess
 def test_training_whose_val_estimate_would_run_past_eval_max_minutes_is_refused_before_the_run_exists(project: Path):
-    done = run_entry("train.py", *TINY, "eval.val_iw_k=100000000", root=project, check=False)
+    done = run_entry("train.py", *TINY, "eval.val_iw_k=100000000", "eval.max_minutes=1", root=project, check=False)
 
     assert done.returncode == 2, done.stderr[-3000:]
-    assert "eval.val_iw_k=100000000: allowed a k whose val NLL fits eval.max_minutes=120" in done.stderr
+    assert "eval.val_iw_k=100000000: allowed a k whose val NLL fits eval.max_minutes=1" in done.stderr
     assert not (project / "mlflow.db").exists() or all_runs(project) == []
 
 

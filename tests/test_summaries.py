@@ -191,6 +191,7 @@ def test_an_empty_file_or_optunas_own_database_is_a_fine_storage(tmp_path: Path)
 
 
 @pytest.mark.subprocess
+@pytest.mark.slow
 def test_pipelines_search_refuses_mlflows_database_in_one_message(project: Path):
     mlflow_store(project / "mlflow.db")
     before = tables(project / "mlflow.db")
