@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
 
 from helpers.config import REPO, TINY, TINY_TRIAL, make_config
+from helpers.filesystems import tmpfs
 from helpers.processes import run_entry, subprocess_env
 from helpers.stores import all_runs, artifact_paths, mlflow_client
 from vaelab.config import problems, search_problems
@@ -268,13 +269,8 @@ def read_only(folder: Path) -> Iterator[Path]:
         finally:
             folder.chmod(0o755)
         return
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with tmpfs(folder, "ro,size=1m"):
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def test_a_read_only_store_folder_is_named(tmp_path: Path):

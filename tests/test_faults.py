@@ -4,7 +4,6 @@ MLflow state and nothing lost. (Config, data, search, checkpoint and DVC rows li
 import re
 import signal
 import sqlite3
-import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from helpers.config import SIGNAL_EPOCHS, SIGNALLABLE, TINY, make_config
+from helpers.filesystems import tmpfs
 from helpers.processes import run_entry, signal_after_first_checkpoint, start_training
 from helpers.stores import all_runs, mlflow_client
 from vaelab.errors import INTERRUPTED_EXIT
@@ -49,19 +49,6 @@ def test_ctrl_c_saves_a_checkpoint_marks_the_run_killed_exits_cleanly_and_resume
     steps = [m.step for m in mlflow_client(project).get_metric_history(run_id, "val/elbo")]
     assert len(steps) == len(set(steps)) == SIGNAL_EPOCHS  # every epoch once: none lost, none repeated
     assert not interrupted.exists()  # the finished run cleared its stale interrupt state
-
-
-@contextmanager
-def tmpfs(at: Path, options: str) -> Iterator[Path]:
-    """A real small or read-only filesystem at `at` (needs root with mount rights, as in CI; else the test skips)."""
-    at.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(at)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield at
-    finally:
-        subprocess.run(["umount", "-l", str(at)], check=False)
 
 
 @pytest.mark.subprocess
