@@ -13,7 +13,7 @@ from vaelab.errors import CheckpointError, VaelabError
 from vaelab.model.likelihoods import Bernoulli
 from vaelab.model.networks import build_mlp
 from vaelab.model.objectives import ELBO, IWAE, Capacity, beta_vae_loss, capacity_loss
-from vaelab.model.posteriors import DiagonalGaussian
+from vaelab.model.posteriors import DiagonalGaussian, FullGaussian
 from vaelab.model.priors import StandardNormal
 from vaelab.model.vae import VAE
 from vaelab.stages.resume import resumption
@@ -63,6 +63,7 @@ def test_the_iwae_component_draws_k_latents_and_maximizes_the_iw_bound(one_pass,
     [
         *((f"objective={name}", cls) for name, cls in (("elbo", ELBO), ("capacity", Capacity), ("iwae", IWAE))),
         ("posterior=diag_gaussian", DiagonalGaussian),
+        ("posterior=full_gaussian", FullGaussian),
         ("prior=standard", StandardNormal),
     ],
 )
@@ -70,7 +71,9 @@ def test_every_component_file_builds_its_class_from_plain_values(group: str, exp
     name, option = group.split("=")
     assert (CONF / name / f"{option}.yaml").is_file()
     spec = OmegaConf.to_container(make_config(group)[name], resolve=True)
-    assert isinstance(build(spec), expected)
+    # What build_vae adds: the latent size to a posterior; the latent size and image shape to a prior.
+    context = {"posterior": {"latent_dim": 4}, "prior": {"latent_dim": 4, "image_shape": (1, 8, 8)}}.get(name, {})
+    assert isinstance(build(spec, **context), expected)
 
 
 @pytest.mark.parametrize(

@@ -183,7 +183,7 @@ def test_a_component_option_has_exactly_the_keys_its_constructor_takes():
 
     from vaelab.schema import COMPONENTS
 
-    built_by_vaelab = {"image_shape", "latent_dim", "params_per_channel", "grey_levels"}
+    built_by_vaelab = {"image_shape", "latent_dim", "params_per_channel", "grey_levels", "encoder_outputs"}
     for group, options in COMPONENTS.items():
         targets = {option.model_fields["target"].annotation.__args__[0]: option for option in options}
         files = sorted((CONF / group).glob("*.yaml"))

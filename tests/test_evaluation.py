@@ -26,7 +26,7 @@ def test_iwae_with_one_sample_equals_the_elbo_with_a_monte_carlo_kl_on_the_same_
     vae, x = digits_vae(), binary_images(50)
     out = vae(x, k=1)
     z = out.z[0]
-    mc_kl = gaussian_log_prob(z, out.mean, out.logvar) - standard_normal_log_prob(z)
+    mc_kl = gaussian_log_prob(z, out.q.mean, out.q.logvar) - standard_normal_log_prob(z)
     torch.testing.assert_close(out.iw_bound, out.log_px_z[0] - mc_kl)
 
 

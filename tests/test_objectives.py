@@ -103,11 +103,11 @@ def test_iw_bound_is_above_the_elbo_and_tightens_as_k_grows(random_vae):
     """E[IWAE_k] is nondecreasing in k and IWAE_1 = ELBO (Burda et al.); checked with MC error bars."""
     torch.manual_seed(4)
     x = torch.bernoulli(torch.rand(400, 1, 8, 8))
-    mean, logvar = random_vae.encode(x)
-    elbo = random_vae.decode_pass(x, mean, logvar, k=1000).elbo  # [B], a low-noise ELBO estimate
+    q = random_vae.encode(x)
+    elbo = random_vae.decode_pass(x, q, k=1000).elbo  # [B], a low-noise ELBO estimate
     bounds = {}
     for k in (1, 10, 100, 1000):
-        per_image = random_vae.decode_pass(x, mean, logvar, k=k).iw_bound
+        per_image = random_vae.decode_pass(x, q, k=k).iw_bound
         bounds[k] = (per_image.mean().item(), per_image.std().item() / math.sqrt(len(x)))
     # k = 1 is an unbiased ELBO estimate
     assert abs(bounds[1][0] - elbo.mean().item()) < 4 * bounds[1][1]

@@ -186,8 +186,34 @@ class DiagonalGaussian(Section):
     target: target("vaelab.model.posteriors.DiagonalGaussian")
 
 
+class FullGaussian(Section):
+    target: target("vaelab.model.posteriors.FullGaussian")
+
+
+class Planar(Section):
+    target: target("vaelab.model.flows.Planar")
+    steps: integer(1)
+
+
+class IAF(Section):
+    target: target("vaelab.model.flows.IAF")
+    steps: integer(1)
+    hidden: SIZES
+    context: integer(1)
+
+
 class StandardNormal(Section):
     target: target("vaelab.model.priors.StandardNormal")
+
+
+class MixtureOfGaussians(Section):
+    target: target("vaelab.model.mixture_priors.MixtureOfGaussians")
+    components: integer(1)
+
+
+class VampPrior(Section):
+    target: target("vaelab.model.mixture_priors.VampPrior")
+    components: integer(1)
 
 
 # Components told apart by `_target_`: the group's options, for the error that lists them.
@@ -195,7 +221,7 @@ COMPONENTS: dict[str, tuple[type[Section], ...]] = {
     "arch": (Mlp, Conv, ResNet),
     "likelihood": (Bernoulli, Gaussian, DiscretizedLogistic),
     "objective": (ELBO, Capacity, IWAE),
-    "posterior": (DiagonalGaussian,),
+    "posterior": (DiagonalGaussian, FullGaussian),
     "prior": (StandardNormal,),
 }
 

@@ -125,29 +125,35 @@ def iw_batch(
     Streams over chunks of the k samples, keeping log sum_i w_i and log sum_i w_i^2 in float32. `on_samples(n)` is
     called after each chunk of n latent samples (images x samples each), for a progress display.
     """
-    mean, logvar = vae.encode(x)  # [B, D], encoded once for all k samples
+    q = vae.encode(x)  # q(z|x) [B, D], encoded once for all k samples
     chunk = max(1, rows // len(x))
     log_sum_w = torch.full((len(x),), -math.inf, device=x.device)  # log sum_i w_i, [B]
     log_sum_w2 = torch.full((len(x),), -math.inf, device=x.device)  # log sum_i w_i^2, [B]
-    sum_log_px_z = torch.zeros(len(x), device=x.device)
+    sums = {"log_px_z": 0.0, "kl": 0.0, "kl_per_dim": 0.0}  # sums over the k samples (a closed-form KL: k times it)
     for start in range(0, k, chunk):
-        out = vae.decode_pass(x, mean, logvar, k=min(chunk, k - start))
+        out = vae.decode_pass(x, q, k=min(chunk, k - start))
         log_w = out.log_weights.float()  # [c, B]
         log_sum_w = torch.logaddexp(log_sum_w, torch.logsumexp(log_w, dim=0))
         log_sum_w2 = torch.logaddexp(log_sum_w2, torch.logsumexp(2 * log_w, dim=0))
-        sum_log_px_z += out.log_px_z.float().sum(0)
+        c = len(log_w)
+        sums["log_px_z"] = sums["log_px_z"] + out.log_px_z.float().sum(0)
+        sums["kl"] = sums["kl"] + c * out.kl.float()
+        sums["kl_per_dim"] = sums["kl_per_dim"] + c * out.kl_per_dim.float()
         if on_samples is not None:
             on_samples(log_w.numel())
-    kl_per_dim = out.kl_per_dim.float()  # closed form, the same for every chunk
-    rec = -sum_log_px_z / k
+    rec, kl = -sums["log_px_z"] / k, sums["kl"] / k
+    # I(x; z) needs q(z|x) at every image's z: a Gaussian's own density, the base Gaussian of a flow.
+    mi_mean, mi_logvar = q.gaussian_marginals() or (q.mean, q.logvar)
     return {
         "log_px": log_sum_w - math.log(k),
-        "elbo": -rec - kl_per_dim.sum(-1),
+        "elbo": -rec - kl,
         "rec": rec,
+        "kl": kl,
         "ess": torch.exp(2 * log_sum_w - log_sum_w2),
-        "kl_per_dim": kl_per_dim,
-        "mean": mean.float(),
-        "logvar": logvar.float(),
+        "kl_per_dim": sums["kl_per_dim"] / k,
+        "expected_z": q.expected_z().float(),
+        "mi_mean": mi_mean.float(),
+        "mi_logvar": mi_logvar.float(),
     }
 
 
@@ -179,12 +185,12 @@ def evaluate_images(vae, images: torch.Tensor, k: int, on_samples: Callable[[int
         elbo=per_image["elbo"].mean().item(),
         elbo_se=standard_error(per_image["elbo"]),
         rec=per_image["rec"].mean().item(),
-        kl=kl_per_dim.sum().item(),
+        kl=per_image["kl"].mean().item(),
         nll_iw=-per_image["log_px"].mean().item(),
         nll_iw_se=standard_error(per_image["log_px"]),
         iw_ess=per_image["ess"].mean().item(),
-        active_units=active_units(per_image["mean"]),
-        mutual_info=mutual_information(per_image["mean"], per_image["logvar"]),
+        active_units=active_units(per_image["expected_z"]),
+        mutual_info=mutual_information(per_image["mi_mean"], per_image["mi_logvar"]),
         kl_per_dim=kl_per_dim.tolist(),
     )
 
@@ -200,13 +206,13 @@ def estimated_seconds(vae, images: torch.Tensor, k: int, timings: int = 2) -> fl
     device, rows, batch = chunking(vae, k)
     x = images[:batch].to(device)
     chunk = min(max(1, rows // len(x)), k)
-    mean, logvar = vae.encode(x)
+    q = vae.encode(x)
     fastest = math.inf
     for _ in range(timings):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        vae.decode_pass(x, mean, logvar, k=chunk)
+        vae.decode_pass(x, q, k=chunk).log_weights
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         fastest = min(fastest, time.perf_counter() - start)

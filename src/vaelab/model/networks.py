@@ -1,7 +1,8 @@
 """Encoder and decoder networks. `arch._target_` names a factory that returns both.
 
-Every factory takes the image shape from the data, so 1x28x28 and 1x8x8 both work, and the number
-of decoder outputs per channel from the likelihood (1 for Bernoulli logits).
+Every factory takes the image shape from the data, so 1x28x28 and 1x8x8 both work, the number of encoder outputs
+from the posterior family (2 * latent_dim for a diagonal Gaussian's mean and log-variance), and the number of decoder
+outputs per channel from the likelihood (1 for Bernoulli logits).
 """
 
 from __future__ import annotations
@@ -12,10 +13,6 @@ import torch
 from torch import nn
 
 from vaelab.errors import ConfigError
-
-# q(z|x)'s log-variance is clamped: exp(logvar) overflows or its gradient explodes outside this range,
-# and a posterior std below e^-6 ~ 0.0025 only happens on the way to a numerical blow-up.
-LOGVAR_MIN, LOGVAR_MAX = -12.0, 8.0
 
 # `arch.activation`: the nonlinearity between layers, by name. SiLU is the default; Burda et al.'s MNIST
 # benchmark uses tanh.
@@ -29,12 +26,6 @@ ACTIVATION_CLASSES: dict[str, type[nn.Module]] = {
     "softplus": nn.Softplus,
 }
 ACTIVATIONS = tuple(ACTIVATION_CLASSES)
-
-
-def mean_and_logvar(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An encoder's output [B, 2D] as q(z|x)'s mean and log-variance, each [B, D], the log-variance clamped."""
-    mean, logvar = params.chunk(2, dim=-1)
-    return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
 
 def activation_class(name: str) -> type[nn.Module]:
@@ -56,14 +47,14 @@ def mlp(sizes: list[int], activation: str = "silu") -> nn.Sequential:
 
 
 class MLPEncoder(nn.Module):
-    """x [B, C, H, W] -> (mean, logvar), each [B, latent_dim]: a diagonal Gaussian q(z|x)."""
+    """x [B, C, H, W] -> the parameters of q(z|x), [B, outputs]."""
 
-    def __init__(self, image_shape: tuple[int, int, int], hidden: list[int], latent_dim: int, activation: str = "silu"):
+    def __init__(self, image_shape: tuple[int, int, int], hidden: list[int], outputs: int, activation: str = "silu"):
         super().__init__()
-        self.net = mlp([math.prod(image_shape), *hidden, 2 * latent_dim], activation)
+        self.net = mlp([math.prod(image_shape), *hidden, outputs], activation)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return mean_and_logvar(self.net(x.flatten(1)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))
 
 
 class MLPDecoder(nn.Module):
@@ -92,11 +83,12 @@ def build_mlp(
     params_per_channel: int,
     hidden: list[int],
     activation: str = "silu",
+    encoder_outputs: int | None = None,
 ) -> tuple[nn.Module, nn.Module]:
     """The default architecture: fully connected, the decoder mirrors the encoder's hidden sizes."""
     hidden = list(hidden)
     return (
-        MLPEncoder(image_shape, hidden, latent_dim, activation),
+        MLPEncoder(image_shape, hidden, encoder_outputs or 2 * latent_dim, activation),
         MLPDecoder(image_shape, hidden, latent_dim, params_per_channel, activation),
     )
 
@@ -172,13 +164,13 @@ class ResidualBlock(nn.Module):
 
 
 class ConvEncoder(nn.Module):
-    """x [B, C, H, W] -> (mean, logvar), each [B, latent_dim]: a diagonal Gaussian q(z|x)."""
+    """x [B, C, H, W] -> the parameters of q(z|x), [B, outputs]."""
 
     def __init__(
         self,
         image_shape: tuple[int, int, int],
         hidden: list[int],
-        latent_dim: int,
+        outputs: int,
         blocks_per_stage: int,
         activation: str = "silu",
     ):
@@ -191,11 +183,11 @@ class ConvEncoder(nn.Module):
             stages += [nn.Conv2d(n_in, n_out, 3, stride=stride, padding=1), act()]
             stages += [ResidualBlock(n_out, activation) for _ in range(blocks_per_stage)]
         self.stages = nn.Sequential(*stages)
-        self.head = nn.Linear(hidden[-1] * math.prod(sizes[-1]), 2 * latent_dim)
+        self.head = nn.Linear(hidden[-1] * math.prod(sizes[-1]), outputs)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.stages(x)  # [B, hidden[-1], h, w]
-        return mean_and_logvar(self.head(features.flatten(1)))
+        return self.head(features.flatten(1))
 
 
 class ConvDecoder(nn.Module):
@@ -242,9 +234,12 @@ def build_conv(
     params_per_channel: int,
     hidden: list[int],
     activation: str = "silu",
+    encoder_outputs: int | None = None,
 ) -> tuple[nn.Module, nn.Module]:
     """Plain convolutional stages, the decoder mirroring the encoder; `hidden` lists each stage's channels."""
-    return build_resnet(image_shape, latent_dim, params_per_channel, hidden, blocks_per_stage=0, activation=activation)
+    return build_resnet(
+        image_shape, latent_dim, params_per_channel, hidden, 0, activation, encoder_outputs=encoder_outputs
+    )
 
 
 def build_resnet(
@@ -254,6 +249,7 @@ def build_resnet(
     hidden: list[int],
     blocks_per_stage: int = 1,
     activation: str = "silu",
+    encoder_outputs: int | None = None,
 ) -> tuple[nn.Module, nn.Module]:
     """Convolutional stages with `blocks_per_stage` residual blocks each (0 is `build_conv`)."""
     hidden = list(hidden)
@@ -262,6 +258,6 @@ def build_resnet(
     if blocks_per_stage < 0:
         raise ValueError(f"arch.blocks_per_stage: must be an int >= 0, got {blocks_per_stage}")
     return (
-        ConvEncoder(image_shape, hidden, latent_dim, blocks_per_stage, activation),
+        ConvEncoder(image_shape, hidden, encoder_outputs or 2 * latent_dim, blocks_per_stage, activation),
         ConvDecoder(image_shape, hidden, latent_dim, params_per_channel, blocks_per_stage, activation),
     )

@@ -8,13 +8,19 @@ For a latent-variable model p(x, z) = p(x|z) p(z) and an encoder q(z|x):
 KL(q || p(z|x)) >= 0, so the ELBO is a lower bound on log p(x), and since log p(x) does not depend
 on q, maximizing the ELBO over q *is* minimizing the reverse KL from q to the true posterior.
 
+The KL term is in closed form where one exists (a diagonal or full-covariance Gaussian q against the standard normal
+prior). Otherwise (a flow posterior, a learned prior) it is the Monte-Carlo estimate E_q[log q(z|x) - log p(z)] over
+the pass's own samples: unbiased, since log q(z|x) of every drawn z is exact (vaelab.model.posteriors).
+
 Training objectives built on it (each reported as `train/loss` = minus the objective):
   * beta-VAE:   E_q[log p(x|z)] - beta * KL(q || p(z)). beta = 1 is the ELBO; beta != 1 is no longer
                 a bound on log p(x), which is why `*/elbo` is always logged with beta = 1.
   * KL warm-up: beta ramps linearly from 0 to beta over `kl_warmup_epochs`, so the decoder learns
                 before the KL term can collapse the posterior onto the prior.
   * free bits:  each latent dimension's batch-averaged KL is floored at `free_bits` nats, so the
-                optimizer gains nothing by pushing a dimension's rate below it (Kingma et al. 2016).
+                optimizer gains nothing by pushing a dimension's rate below it (Kingma et al. 2016). When q or
+                p(z) is not factorised the dimensions' KLs do not add up, so the whole KL is floored at
+                free_bits * D, the D dimensions as one group.
   * capacity:   E_q[log p(x|z)] - gamma * |KL(q || p(z)) - C|, with C ramped linearly from 0 to
                 `nats` (Burgess et al. 2018). Instead of weighting the rate, it pins it to C:
                 a beta-VAE with a moving, rate-dependent beta. At C = 0 it is a strong beta-VAE; it is
@@ -24,7 +30,8 @@ Training objectives built on it (each reported as `train/loss` = minus the objec
                 KL(q || p(z|x)). It has no separate KL term, so beta and free bits do not apply.
                 As k grows the encoder's gradient gets noisier relative to its size (Rainforth et al.
                 2018); `dreg` swaps in the doubly reparameterized estimator (Tucker et al. 2019),
-                which has the same expectation and no score-function term.
+                which has the same expectation and no score-function term. It needs log q(z|x) at any z, so
+                it is refused for flow posteriors (whose transforms have no closed-form inverse).
 
 Each is a component, chosen with `objective=<name>` (conf/objective/): `ELBO` (beta, warm-up, free bits; the
 default), `Capacity` and `IWAE`. An option holds only its own keys, so a combination that means nothing (IWAE with
@@ -138,7 +145,11 @@ class ELBO(Objective):
 
     def loss(self, out: Pass, progress: float) -> torch.Tensor:
         weight = linear_ramp(self.beta, self.kl_warmup_epochs, progress)  # beta itself without a warm-up
-        return beta_vae_loss(out.rec, out.kl_per_dim, weight, self.free_bits)
+        if self.free_bits > 0 and not out.factorised:
+            # Per-dimension KLs do not add up to the KL here: the floor holds the whole KL, as one group of D
+            # dimensions (Kingma et al. 2016 floor groups of latents).
+            return beta_vae_loss(out.rec, out.kl.unsqueeze(-1), weight, self.free_bits * out.z.shape[-1])
+        return beta_vae_loss(out.rec, out.kl_per_dim if self.free_bits > 0 else out.kl.unsqueeze(-1), weight, self.free_bits)
 
 
 @dataclass

@@ -79,8 +79,7 @@ class TrainedVAE:
 
     @torch.inference_mode()
     def predict(self, model_input, params=None) -> np.ndarray:
-        mean, _ = self.vae.encode(self._observe(model_input))
-        return mean.numpy()
+        return self.vae.encode(self._observe(model_input)).expected_z().numpy()
 
     @torch.inference_mode()
     def decode(self, z: np.ndarray) -> np.ndarray:

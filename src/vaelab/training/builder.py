@@ -28,6 +28,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from vaelab.model.likelihoods import Likelihood
+from vaelab.model.posteriors import Posterior
+from vaelab.model.priors import Prior
 from vaelab.model.vae import VAE
 
 # The packages whose own callables a target may name (a callable merely imported into them does not count).
@@ -112,6 +114,10 @@ def build(spec: dict[str, Any], **extra: Any) -> Any:
     return resolve(spec.get("_target_"))(**kwargs, **extra)
 
 
+DIAGONAL_GAUSSIAN = {"_target_": "vaelab.model.posteriors.DiagonalGaussian"}
+STANDARD_NORMAL = {"_target_": "vaelab.model.priors.StandardNormal"}
+
+
 def build_vae(
     image_shape: list[int],
     arch: dict,
@@ -124,11 +130,15 @@ def build_vae(
     """The VAE that `arch`, `likelihood`, `posterior` and `prior` (plain mappings with a `_target_`) describe, for
     this image shape; without `posterior` and `prior`, a diagonal Gaussian q(z|x) and a standard normal p(z)."""
     p_x_z: Likelihood = build(likelihood, grey_levels=grey_levels)
+    q_z_x: Posterior = build(posterior or DIAGONAL_GAUSSIAN, latent_dim=latent_dim)
+    p_z: Prior = build(prior or STANDARD_NORMAL, latent_dim=latent_dim, image_shape=tuple(image_shape))
     encoder, decoder = build(
-        arch, image_shape=tuple(image_shape), latent_dim=latent_dim, params_per_channel=p_x_z.params_per_channel
+        arch,
+        image_shape=tuple(image_shape),
+        latent_dim=latent_dim,
+        params_per_channel=p_x_z.params_per_channel,
+        encoder_outputs=q_z_x.encoder_outputs,
     )
-    q_z_x = build(posterior) if posterior is not None else None
-    p_z = build(prior) if prior is not None else None
     return VAE(encoder, decoder, p_x_z, latent_dim, posterior=q_z_x, prior=p_z)
 
 
