@@ -149,7 +149,8 @@ class ELBO(Objective):
             # Per-dimension KLs do not add up to the KL here: the floor holds the whole KL, as one group of D
             # dimensions (Kingma et al. 2016 floor groups of latents).
             return beta_vae_loss(out.rec, out.kl.unsqueeze(-1), weight, self.free_bits * out.z.shape[-1])
-        return beta_vae_loss(out.rec, out.kl_per_dim if self.free_bits > 0 else out.kl.unsqueeze(-1), weight, self.free_bits)
+        kl = out.kl_per_dim if self.free_bits > 0 else out.kl.unsqueeze(-1)
+        return beta_vae_loss(out.rec, kl, weight, self.free_bits)
 
 
 @dataclass

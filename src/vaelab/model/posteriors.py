@@ -28,7 +28,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from vaelab.model.distributions import gaussian_kl, gaussian_log_prob
+from vaelab.model.distributions import gaussian_kl, gaussian_log_prob, standard_normal_log_prob
 
 # The base's log-variance is clamped: exp(logvar) overflows or its gradient explodes outside this range,
 # and a posterior std below e^-6 ~ 0.0025 only happens on the way to a numerical blow-up.
@@ -79,8 +79,9 @@ class Member:
 
     def log_prob(self, z: torch.Tensor, detach_params: bool = False) -> torch.Tensor:
         """log q(z|x) at any z [k, B, D] -> [k, B]; with `detach_params`, as a function of z alone (DReG)."""
-        raise NotImplementedError(f"{type(self).__name__} has no density at an arbitrary z (its transform has no "
-                                  "closed-form inverse)")
+        raise NotImplementedError(
+            f"{type(self).__name__} has no density at an arbitrary z (its transform has no closed-form inverse)"
+        )
 
     def kl_standard_normal(self) -> torch.Tensor | None:
         """KL(q(z|x) || N(0, I)) in closed form [B], or None where there is none."""
@@ -179,7 +180,7 @@ class FullGaussianMember(Member):
             mean, logvar, cholesky = mean.detach(), logvar.detach(), cholesky.detach()
         centred = (z - mean).unsqueeze(-1)  # [k, B, D, 1]
         eps = torch.linalg.solve_triangular(cholesky.expand(*centred.shape[:-2], -1, -1), centred, upper=False)
-        return gaussian_log_prob(eps.squeeze(-1), torch.zeros_like(logvar), torch.zeros_like(logvar)) - 0.5 * logvar.sum(-1)
+        return standard_normal_log_prob(eps.squeeze(-1)) - 0.5 * logvar.sum(-1)  # log|det L| = sum_d logvar_d / 2
 
     def kl_standard_normal(self) -> torch.Tensor:
         """0.5 (tr Sigma + |mean|^2 - D - log det Sigma), Sigma = L L^T."""

@@ -60,7 +60,7 @@ def check_estimate(vae, images: torch.Tensor, k: int, key: str, max_minutes: flo
 def step_seconds(vae, images: torch.Tensor) -> float:
     """One training step's time on `images` (a batch), from one timed forward pass."""
     start = time.perf_counter()
-    vae.decode_pass(images, vae.encode(images), k=1).log_weights
+    _ = vae.decode_pass(images, vae.encode(images), k=1).log_weights
     return BACKWARD_FACTOR * (time.perf_counter() - start)
 
 
