@@ -98,3 +98,35 @@ def test_mutual_information_matches_the_pairwise_densities_computed_directly():
     pairs = gaussian_log_prob(z[:, None], mean.double()[None], logvar.double()[None])  # [n, m]
     direct = (pairs.diagonal() - (torch.logsumexp(pairs, 1) - math.log(40))).mean().item()
     assert mutual_information(mean, logvar, seed=0, chunk=16) == pytest.approx(direct, rel=1e-9)
+
+
+def test_the_estimators_agree_with_an_independent_float64_implementation_on_the_same_latents():
+    """nll_iw, the ELBO terms and the ESS as torch.distributions writes them, in float64, with the latents the
+    estimator draws (one chunk, so one draw of noise [k, B, D] after the same seed)."""
+    from torch.distributions import Bernoulli as TorchBernoulli
+    from torch.distributions import Normal, kl_divergence
+
+    vae, x, k = digits_vae(seed=4).double(), binary_images(24, seed=5).double(), 50
+    torch.manual_seed(6)
+    result = evaluate_images(vae, x, k=k)
+
+    torch.manual_seed(6)
+    with torch.no_grad():
+        params = vae.encoder(x)
+        mean, logvar = params[:, :4], params[:, 4:].clamp(-12.0, 8.0)
+        q = Normal(mean, torch.exp(0.5 * logvar))
+        z = mean + q.scale * torch.randn((k, *mean.shape), dtype=torch.float64)  # [k, B, D]
+        log_px_z = TorchBernoulli(logits=vae.decoder(z)).log_prob(x).sum((-3, -2, -1))  # [k, B]
+        log_w = log_px_z + Normal(0.0, 1.0).log_prob(z).sum(-1) - q.log_prob(z).sum(-1)
+        log_px = torch.logsumexp(log_w, 0) - math.log(k)
+        weights = torch.softmax(log_w, 0)
+        kl = kl_divergence(q, Normal(0.0, 1.0))  # [B, D]
+        elbo = log_px_z.mean(0) - kl.sum(-1)
+
+    assert result.nll_iw == pytest.approx(-log_px.mean().item(), abs=1e-4)
+    assert result.nll_iw_se == pytest.approx((log_px.std() / math.sqrt(len(x))).item(), abs=1e-4)
+    assert result.elbo == pytest.approx(elbo.mean().item(), abs=1e-4)
+    assert result.rec == pytest.approx(-log_px_z.mean().item(), abs=1e-4)
+    assert result.kl == pytest.approx(kl.sum(-1).mean().item(), abs=1e-6)
+    assert result.kl_per_dim == pytest.approx(kl.mean(0).tolist(), abs=1e-6)
+    assert result.iw_ess == pytest.approx((1 / weights.pow(2).sum(0)).mean().item(), rel=1e-4)

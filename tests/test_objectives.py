@@ -161,3 +161,16 @@ def test_dreg_encoder_gradient_has_the_iwae_expectation(random_vae):
     z_scores = (mean[True] - mean[False]) / torch.sqrt(se[True] ** 2 + se[False] ** 2 + 1e-12)
     assert z_scores.abs().max() < 5  # ~thousands of parameters: a 5-sigma bound holds for every one
     assert (draws[True].var(0).sum() < draws[False].var(0).sum()).item()  # and with less noise
+
+
+def test_reading_the_dreg_bound_twice_weights_the_encoder_gradient_as_reading_it_once(random_vae):
+    """DReG re-weights the gradient reaching z; a second re-weighting would square the weights. A pass computes the
+    bound once, so a loss that reads it twice gets the gradient of the same bound counted twice, nothing else."""
+    x = torch.bernoulli(torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(9)))
+    _, once, _ = encoder_and_decoder_grads(random_vae, x, k=8, dreg=True, seed=10)
+    random_vae.zero_grad()
+    torch.manual_seed(10)
+    out = random_vae(x, k=8)
+    (-(out.dreg_iw_bound.mean() + out.dreg_iw_bound.mean()) / 2).backward()
+    twice = torch.cat([p.grad.flatten() for p in random_vae.encoder.parameters()])
+    torch.testing.assert_close(twice, once)

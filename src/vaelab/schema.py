@@ -391,6 +391,11 @@ class Config(Section):
         if to_server and not (self.tracking.uri or "").startswith(("http://", "https://")):
             allowed = "an http:// or https:// server URI when logger=mlflow_server"
             raise problem("tracking.uri", self.tracking.uri, allowed)
+        # DReG scores the drawn latents under q with its parameters held fixed, which needs q's density at any z;
+        # a flow's transform has no closed-form inverse.
+        if isinstance(self.objective, IWAE) and self.objective.dreg and isinstance(self.posterior, Planar | IAF):
+            allowed = "false with a flow posterior (planar, iaf): DReG needs log q(z|x) at any z, which a flow lacks"
+            raise problem("objective.dreg", True, allowed)
         # Lightning's 16-bit gradient scaler cannot clip the gradients of an optimizer that unscales in its step.
         clipped = self.trainer.gradient_clip_val is not None
         if str(self.trainer.precision).startswith("16") and clipped and self.optim.fused:
