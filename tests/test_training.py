@@ -12,6 +12,7 @@ from helpers.config import TINY, make_config
 from helpers.processes import copy_processed, run_entry
 from helpers.stores import all_runs, artifact_paths, mlflow_client
 from vaelab.checkpoints import load_trained
+from vaelab.stages.evaluate import evaluate
 from vaelab.stages.train import train
 from vaelab.tracking.run import PARENT_TAG, Run
 from vaelab.training.builder import build_optimizer
@@ -142,6 +143,22 @@ def test_train_then_evaluate_on_fashion_mnist_log_into_one_run(project: Path, fa
         "evaluation/kl_per_dim.csv",
     } <= (artifact_paths(mlflow_client(project), run.info.run_id))
     assert (project / "metrics" / "eval.json").is_file()
+
+
+@pytest.mark.integration
+def test_the_evaluate_stage_tags_and_tells_a_mutual_information_within_half_a_nat_of_log_n(project: Path, capsys):
+    """On one image log N = 0, so its mutual information (0) measures nothing; on 50 test images the mutual
+    information of a one-epoch model is far below log N."""
+    run_id = train(make_config(*TINY, "trainer.max_epochs=1"))["run_id"]
+    capsys.readouterr()
+    evaluate(make_config(*TINY, "eval.limit=50"))
+    assert "vaelab.mi_saturated" not in mlflow_client(project).get_run(run_id).data.tags
+    assert "mutual_info" not in capsys.readouterr().out
+
+    evaluate(make_config(*TINY, "eval.limit=1"))
+    saturated = mlflow_client(project).get_run(run_id).data.tags["vaelab.mi_saturated"]
+    assert "within 0.5 nats of its maximum log N = 0.00 (N = 1)" in saturated
+    assert f"vaelab: warning: {saturated}" in capsys.readouterr().out.splitlines()
 
 
 @pytest.mark.subprocess
