@@ -3,6 +3,7 @@
 import copy
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from helpers.processes import copy_processed, run_entry
 from helpers.stores import all_runs, artifact_paths, mlflow_client
 from vaelab.checkpoints import load_trained
 from vaelab.stages.evaluate import evaluate
-from vaelab.stages.train import train
+from vaelab.stages.train import build_module, train
 from vaelab.tracking.run import PARENT_TAG, Run
 from vaelab.training.builder import build_optimizer
 from vaelab.training.module import SELECTION_METRIC, NonFiniteLossError
@@ -181,16 +182,34 @@ class SelectionSpy(Callback):
 
 
 @pytest.mark.integration
-def test_epochs_before_the_kl_warmup_ends_are_never_the_best_checkpoint(project: Path):
-    """During a warm-up the KL weight is below beta, which flatters val/elbo: those epochs are not candidates."""
+@pytest.mark.parametrize(("warmup", "first_candidate"), [(2, 2), (5, 3)])
+def test_epochs_of_the_kl_warmup_its_last_included_are_never_the_best_checkpoint(
+    project: Path, warmup: int, first_candidate: int
+):
+    """During a warm-up the KL weight is below beta, which flatters val/elbo: its epochs are not candidates, the last
+    one included (it too trained with a smaller weight). The last epoch always is, even inside a longer warm-up."""
     spy = SelectionSpy()
-    overrides = ("trainer.max_epochs=4", "objective.beta=4", "objective.kl_warmup_epochs=3")
+    overrides = ("trainer.max_epochs=4", "objective.beta=8", f"objective.kl_warmup_epochs={warmup}")
     summary = train(make_config(*TINY, *overrides), callbacks=[spy])
-    assert spy.values[:2] == [float("-inf")] * 2  # the ramp ends within epoch 2 (0-based)
-    assert all(math.isfinite(v) for v in spy.values[2:])
-    assert summary["best_epoch"] >= 2
+    assert spy.values[:first_candidate] == [float("-inf")] * first_candidate
+    assert all(math.isfinite(v) for v in spy.values[first_candidate:])
+    assert first_candidate <= summary["best_epoch"] <= 3
     best = torch.load(project / "models" / "latest" / "model.ckpt", weights_only=True)
     assert best["epoch"] == summary["best_epoch"]
+
+
+@pytest.mark.parametrize(("warmup", "candidates"), [(0, [0, 1, 2, 3]), (2, [2, 3]), (3, [3]), (4, [3]), (5, [3])])
+def test_the_candidates_for_the_best_checkpoint_are_the_epochs_trained_wholly_after_the_warmup(
+    warmup: int, candidates: list[int]
+):
+    overrides = ("trainer.max_epochs=4", "objective.beta=8", f"objective.kl_warmup_epochs={warmup}")
+    module = build_module(make_config(*TINY, *overrides), image_shape=(1, 8, 8), grey_levels=2)
+    chosen = []
+    for epoch in range(4):
+        module.trainer = SimpleNamespace(max_epochs=4, current_epoch=epoch)
+        if module.selectable():
+            chosen.append(epoch)
+    assert chosen == candidates
 
 
 @pytest.mark.integration
