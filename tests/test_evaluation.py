@@ -1,4 +1,5 @@
-"""Held-out estimators: the IW bound, its chunking, ESS, standard errors, active units, collapse warnings."""
+"""Held-out estimators: the IW bound, its chunking, ESS, standard errors, active units, mutual information, and the
+warnings of a collapsed posterior and of a mutual information saturated at log N."""
 
 import math
 
@@ -10,6 +11,7 @@ from vaelab.model.estimators import active_units, evaluate_images, iw_batch, mut
 from vaelab.model.likelihoods import Bernoulli
 from vaelab.model.networks import build_mlp
 from vaelab.model.vae import VAE
+from vaelab.stages.evaluate import MI_SATURATION_MARGIN, warn_if_saturated
 
 
 def digits_vae(seed: int = 0, latent_dim: int = 4) -> VAE:
@@ -20,6 +22,27 @@ def digits_vae(seed: int = 0, latent_dim: int = 4) -> VAE:
 
 def binary_images(n: int, seed: int = 1) -> torch.Tensor:
     return torch.bernoulli(torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed)))
+
+
+def sharp_digits_vae(latent_dim: int = 4) -> VAE:
+    """Posterior means far apart and variances tiny: no two images' posteriors overlap."""
+    vae = digits_vae(latent_dim=latent_dim)
+    head = vae.encoder.net[-1]  # its outputs are (mean, logvar)
+    with torch.no_grad():
+        head.weight[:latent_dim] *= 100.0
+        head.weight[latent_dim:] = 0.0
+        head.bias[latent_dim:] = -10.0
+    return vae
+
+
+class TagRecorder:
+    """Stands in for a tracked run: keeps the tags set on it."""
+
+    def __init__(self):
+        self.tags: dict[str, str] = {}
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.tags.update(tags)
 
 
 def test_iwae_with_one_sample_equals_the_elbo_with_a_monte_carlo_kl_on_the_same_noise():
@@ -130,3 +153,33 @@ def test_the_estimators_agree_with_an_independent_float64_implementation_on_the_
     assert result.kl == pytest.approx(kl.sum(-1).mean().item(), abs=1e-6)
     assert result.kl_per_dim == pytest.approx(kl.mean(0).tolist(), abs=1e-6)
     assert result.iw_ess == pytest.approx((1 / weights.pow(2).sum(0)).mean().item(), rel=1e-4)
+
+
+def test_the_evaluation_reports_log_n_as_the_most_its_mutual_information_can_be():
+    result = evaluate_images(sharp_digits_vae(), binary_images(8), k=4)
+    assert result.metrics("test")["test/mutual_info_max"] == pytest.approx(math.log(8))
+    assert result.mutual_info <= result.mutual_info_max + 1e-9
+
+
+def test_a_mutual_information_within_half_a_nat_of_log_n_is_told_once_and_tagged_as_saturated(capsys):
+    """With 8 images whose posteriors do not overlap, the estimate is log 8 whatever the code says about x."""
+    result = evaluate_images(sharp_digits_vae(), binary_images(8), k=4)
+    assert result.mutual_info_max - result.mutual_info < MI_SATURATION_MARGIN
+    run = TagRecorder()
+    warn_if_saturated(result, run)
+    sentence = run.tags["vaelab.mi_saturated"]
+    assert f"mutual_info {result.mutual_info:.2f} is within 0.5 nats of its maximum log N = 2.08 (N = 8)" in sentence
+    assert capsys.readouterr().out.splitlines() == [f"vaelab: warning: {sentence}"]
+
+
+def test_a_mutual_information_well_below_log_n_sets_no_tag_and_prints_nothing(capsys):
+    vae = digits_vae()
+    with torch.no_grad():
+        for parameter in vae.encoder.parameters():
+            parameter.zero_()  # every image gets q(z|x) = N(0, I): the code says nothing about x
+    result = evaluate_images(vae, binary_images(8), k=4)
+    assert result.mutual_info == pytest.approx(0.0, abs=1e-9)
+    run = TagRecorder()
+    warn_if_saturated(result, run)
+    assert run.tags == {}
+    assert capsys.readouterr().out == ""

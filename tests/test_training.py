@@ -3,6 +3,7 @@
 import copy
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from helpers.config import TINY, make_config
 from helpers.processes import copy_processed, run_entry
 from helpers.stores import all_runs, artifact_paths, mlflow_client
 from vaelab.checkpoints import load_trained
-from vaelab.stages.train import train
+from vaelab.stages.evaluate import evaluate
+from vaelab.stages.train import build_module, train
 from vaelab.tracking.run import PARENT_TAG, Run
 from vaelab.training.builder import build_optimizer
 from vaelab.training.module import SELECTION_METRIC, NonFiniteLossError
@@ -144,6 +146,22 @@ def test_train_then_evaluate_on_fashion_mnist_log_into_one_run(project: Path, fa
     assert (project / "metrics" / "eval.json").is_file()
 
 
+@pytest.mark.integration
+def test_the_evaluate_stage_tags_and_tells_a_mutual_information_within_half_a_nat_of_log_n(project: Path, capsys):
+    """On one image log N = 0, so its mutual information (0) measures nothing; on 50 test images the mutual
+    information of a one-epoch model is far below log N."""
+    run_id = train(make_config(*TINY, "trainer.max_epochs=1"))["run_id"]
+    capsys.readouterr()
+    evaluate(make_config(*TINY, "eval.limit=50"))
+    assert "vaelab.mi_saturated" not in mlflow_client(project).get_run(run_id).data.tags
+    assert "mutual_info" not in capsys.readouterr().out
+
+    evaluate(make_config(*TINY, "eval.limit=1"))
+    saturated = mlflow_client(project).get_run(run_id).data.tags["vaelab.mi_saturated"]
+    assert "within 0.5 nats of its maximum log N = 0.00 (N = 1)" in saturated
+    assert f"vaelab: warning: {saturated}" in capsys.readouterr().out.splitlines()
+
+
 @pytest.mark.subprocess
 def test_evaluation_is_reproducible(project: Path):
     train(make_config(*TINY))
@@ -164,16 +182,34 @@ class SelectionSpy(Callback):
 
 
 @pytest.mark.integration
-def test_epochs_before_the_kl_warmup_ends_are_never_the_best_checkpoint(project: Path):
-    """During a warm-up the KL weight is below beta, which flatters val/elbo: those epochs are not candidates."""
+@pytest.mark.parametrize(("warmup", "first_candidate"), [(2, 2), (5, 3)])
+def test_epochs_of_the_kl_warmup_its_last_included_are_never_the_best_checkpoint(
+    project: Path, warmup: int, first_candidate: int
+):
+    """During a warm-up the KL weight is below beta, which flatters val/elbo: its epochs are not candidates, the last
+    one included (it too trained with a smaller weight). The last epoch always is, even inside a longer warm-up."""
     spy = SelectionSpy()
-    overrides = ("trainer.max_epochs=4", "objective.beta=4", "objective.kl_warmup_epochs=3")
+    overrides = ("trainer.max_epochs=4", "objective.beta=8", f"objective.kl_warmup_epochs={warmup}")
     summary = train(make_config(*TINY, *overrides), callbacks=[spy])
-    assert spy.values[:2] == [float("-inf")] * 2  # the ramp ends within epoch 2 (0-based)
-    assert all(math.isfinite(v) for v in spy.values[2:])
-    assert summary["best_epoch"] >= 2
+    assert spy.values[:first_candidate] == [float("-inf")] * first_candidate
+    assert all(math.isfinite(v) for v in spy.values[first_candidate:])
+    assert first_candidate <= summary["best_epoch"] <= 3
     best = torch.load(project / "models" / "latest" / "model.ckpt", weights_only=True)
     assert best["epoch"] == summary["best_epoch"]
+
+
+@pytest.mark.parametrize(("warmup", "candidates"), [(0, [0, 1, 2, 3]), (2, [2, 3]), (3, [3]), (4, [3]), (5, [3])])
+def test_the_candidates_for_the_best_checkpoint_are_the_epochs_trained_wholly_after_the_warmup(
+    warmup: int, candidates: list[int]
+):
+    overrides = ("trainer.max_epochs=4", "objective.beta=8", f"objective.kl_warmup_epochs={warmup}")
+    module = build_module(make_config(*TINY, *overrides), image_shape=(1, 8, 8), grey_levels=2)
+    chosen = []
+    for epoch in range(4):
+        module.trainer = SimpleNamespace(max_epochs=4, current_epoch=epoch)
+        if module.selectable():
+            chosen.append(epoch)
+    assert chosen == candidates
 
 
 @pytest.mark.integration

@@ -5,7 +5,7 @@ r"""Held-out evaluation of a trained VAE, in nats per image unless the name says
     inference_gap  -elbo - nll_iw                                   lower bound on E KL(q(z|x) || p(z|x))
     bpd            nll_iw / (C H W ln 2)                            bits per dimension
     active_units   #{d : Var_x(E_q[z_d]) > 0.01}                    Burda et al. (2016)
-    mutual_info    I(x; z) under p_data(x) q(z|x), in nats           how much the code says about x; <= log N
+    mutual_info    I(x; z) under p_data(x) q(z|x), in nats           a lower bound; <= mutual_info_max = log N
     *_se           standard error across images                     is a difference between runs real?
     iw_ess         (sum_i w_i)^2 / sum_i w_i^2, mean over images     out of k: was k large enough?
 
@@ -64,6 +64,11 @@ class Evaluation:
     def latent_dim(self) -> int:
         return len(self.kl_per_dim)
 
+    @property
+    def mutual_info_max(self) -> float:
+        """log N in nats: the most `mutual_info` can be on these N images, however much the code says about x."""
+        return math.log(self.n_images)
+
     def collapse_warning(self) -> str | None:
         """Posterior collapse: fewer than 10% of the latent dimensions carry information about x."""
         if self.active_units < COLLAPSE_FRACTION * self.latent_dim:
@@ -86,6 +91,7 @@ class Evaluation:
             f"{prefix}/iw_ess": self.iw_ess,
             f"{prefix}/active_units": float(self.active_units),
             f"{prefix}/mutual_info": self.mutual_info,
+            f"{prefix}/mutual_info_max": self.mutual_info_max,
         }
 
 
@@ -96,11 +102,12 @@ def active_units(posterior_means: torch.Tensor, threshold: float = ACTIVE_UNIT_T
 
 @torch.inference_mode()
 def mutual_information(mean: torch.Tensor, logvar: torch.Tensor, seed: int = 0, chunk: int = 1024) -> float:
-    """I(x; z) = E_{x, z ~ q(z|x)}[log q(z|x) - log q(z)] over these N images, in nats.
+    """A lower bound on I(x; z) under p_data(x) q(z|x) from these N images, in nats: the mean over images of
+    log q(z_n|x_n) - log q(z_n), one z_n ~ q(z|x_n) each, with q(z) the mixture (1/N) sum_m q(z|x_m).
 
-    The aggregate posterior q(z) is the mixture (1/N) sum_m q(z|x_m), evaluated at one z_n ~ q(z|x_n) per
-    image. It is 0 when every image has the same posterior and at most log N when they do not overlap,
-    so compare it across runs evaluated on the same number of images.
+    It is 0 when every image has the same posterior, and it cannot exceed log N, which it reaches when the posteriors
+    do not overlap, however much more the code says about x (the mean KL to the prior bounds I(x; z) from above).
+    Near log N it measures N, not I(x; z); compare it only across runs evaluated on the same number of images.
     """
     mean, logvar = mean.double(), logvar.double()
     noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed), dtype=mean.dtype)

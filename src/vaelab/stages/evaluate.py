@@ -34,6 +34,33 @@ def warn_if_collapsed(result: Evaluation, run=None) -> None:
             run.set_tags({"vaelab.warning": warning})
 
 
+# How near its ceiling log N test/mutual_info may come before it is reported as saturated. Half a nat below log N,
+# each image's own posterior makes up most of the mixture q(z) at its z (the other N - 1 add a factor e^0.5 in
+# geometric mean): the images are told apart almost perfectly, so the estimate could rise by at most 0.5 nats however
+# much more the code said about x, and its value is set by N rather than by the model.
+MI_SATURATION_MARGIN = 0.5
+
+
+def mi_saturation(result: Evaluation) -> str | None:
+    """A sentence when mutual_info is within MI_SATURATION_MARGIN nats of its maximum log N, else None."""
+    if result.mutual_info_max - result.mutual_info < MI_SATURATION_MARGIN:
+        return (
+            f"mutual_info {result.mutual_info:.2f} is within {MI_SATURATION_MARGIN} nats of its maximum "
+            f"log N = {result.mutual_info_max:.2f} (N = {result.n_images}): it measures the number of images, "
+            "not I(x; z)"
+        )
+    return None
+
+
+def warn_if_saturated(result: Evaluation, run=None) -> None:
+    """Say so, on the console and as the run's `vaelab.mi_saturated` tag, when mutual_info is near log N."""
+    saturation = mi_saturation(result)
+    if saturation:
+        print(f"vaelab: warning: {saturation}")
+        if run is not None:
+            run.set_tags({"vaelab.mi_saturated": saturation})
+
+
 def write_kl_per_dim(kl_per_dim: list[float], path: Path) -> None:
     """test/kl_per_dim as CSV (dim, kl in nats): which latent dimensions carry information."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,4 +220,5 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float | str | None]:
             run.log_artifact(plots, "evaluation")
             run.set_tags({"vaelab.eval.checkpoint": str(path), "vaelab.eval.iw_k": str(cfg.eval.iw_k)})
     warn_if_collapsed(result, run)
+    warn_if_saturated(result, run)
     return {**summary, "run_id": run_id}

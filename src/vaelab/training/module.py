@@ -117,12 +117,12 @@ class VAEModule(pl.LightningModule):
         self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
 
     def selectable(self) -> bool:
-        """May this epoch's weights be chosen as the best? Only once the objective is the final one: during a
-        warm-up the KL weight is below beta, so those epochs would win on val/elbo without being the model asked
-        for. The last epoch is always a candidate, for runs shorter than their ramp."""
-        # The ramp ends within this epoch.
-        ramp_done_after = min(self.objective.ramp_epochs, self.trainer.max_epochs) - 1
-        return self.current_epoch >= ramp_done_after
+        """May this epoch's weights be chosen as the best? Only if it trained wholly with the final objective, from
+        epoch `ramp_epochs` (0-based) on: during a warm-up the KL weight is below beta, in its last epoch too, so
+        those epochs would win on val/elbo without being the model asked for. The last epoch is always a candidate,
+        for runs no longer than their ramp."""
+        first_selectable = min(self.objective.ramp_epochs, self.trainer.max_epochs - 1)
+        return self.current_epoch >= first_selectable
 
     def validation_step(self, x: torch.Tensor, batch_idx: int) -> None:
         out = self.vae(x)
