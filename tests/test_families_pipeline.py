@@ -62,6 +62,8 @@ def trains_evaluates_resumes_and_loads(project: Path, posterior: str, prior: str
     assert again["run_id"] == run_id
     run = mlflow_client(project).get_run(run_id)
     assert run.info.status == "FINISHED"
+    # Which Gaussian stood in for q(z|x) in test/mutual_info, where q(z|x) is not a diagonal Gaussian itself.
+    assert ("vaelab.mutual_info_from" in run.data.tags) == (posterior != "diag_gaussian")
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")

@@ -132,6 +132,10 @@ class GaussianMember(Member):
 class Posterior(nn.Module):
     """A variational family over `latent_dim` dimensions: encoder output [B, encoder_outputs] -> Member."""
 
+    # The mutual-information estimate needs q(z|x') at every image's z, for all pairs of images: a diagonal Gaussian
+    # stands in for a family that is not one (this says which), None where q(z|x) is itself that Gaussian.
+    mutual_info_from: str | None = "the base Gaussian N(mean, diag(exp(logvar))) of each q(z|x), before the flow"
+
     def __init__(self, latent_dim: int):
         super().__init__()
         self.latent_dim = latent_dim
@@ -147,6 +151,8 @@ class Posterior(nn.Module):
 
 class DiagonalGaussian(Posterior):
     """q(z|x) = N(mean, diag(exp(logvar))): a factorised Gaussian."""
+
+    mutual_info_from = None
 
     def forward(self, params: torch.Tensor) -> GaussianMember:
         return GaussianMember(*mean_and_logvar(params, self.latent_dim))
@@ -193,6 +199,8 @@ class FullGaussianMember(Member):
 
 class FullGaussian(Posterior):
     """q(z|x) = N(mean, L L^T), a full covariance through its Cholesky factor, whose diagonal is positive."""
+
+    mutual_info_from = "the diagonal Gaussian with each q(z|x)'s marginals (its correlations left out)"
 
     @property
     def encoder_outputs(self) -> int:

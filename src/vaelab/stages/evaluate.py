@@ -218,7 +218,10 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float | str | None]:
         else:
             run.log_metrics(summary, step=0)
             run.log_artifact(plots, "evaluation")
-            run.set_tags({"vaelab.eval.checkpoint": str(path), "vaelab.eval.iw_k": str(cfg.eval.iw_k)})
+            tags = {"vaelab.eval.checkpoint": str(path), "vaelab.eval.iw_k": str(cfg.eval.iw_k)}
+            if module.vae.posterior.mutual_info_from:
+                tags["vaelab.mutual_info_from"] = module.vae.posterior.mutual_info_from
+            run.set_tags(tags)
     warn_if_collapsed(result, run)
     warn_if_saturated(result, run)
     return {**summary, "run_id": run_id}
