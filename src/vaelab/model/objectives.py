@@ -112,8 +112,8 @@ class Objective:
     """A training objective. `loss` is minus it, averaged over the batch: what is minimized and logged as train/loss.
 
     `latent_samples` is how many latents per image a training pass draws; `ramp_epochs` how many epochs the objective
-    keeps changing (a warm-up, a capacity ramp): earlier epochs optimised another objective and are never chosen as
-    the best checkpoint."""
+    keeps changing (a warm-up, a capacity ramp): those epochs, the ramp's last included, optimised another objective
+    and are never chosen as the best checkpoint (unless the run ends before the ramp does: its last epoch is)."""
 
     latent_samples: int = 1
 
