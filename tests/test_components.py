@@ -11,6 +11,7 @@ from helpers.config import CONF, make_config
 from vaelab.checkpoints import load_trained
 from vaelab.errors import CheckpointError, VaelabError
 from vaelab.model.likelihoods import Bernoulli
+from vaelab.model.mixture_priors import MixtureOfGaussians, VampPrior
 from vaelab.model.networks import build_mlp
 from vaelab.model.objectives import ELBO, IWAE, Capacity, beta_vae_loss, capacity_loss
 from vaelab.model.posteriors import DiagonalGaussian, FullGaussian
@@ -65,6 +66,8 @@ def test_the_iwae_component_draws_k_latents_and_maximizes_the_iw_bound(one_pass,
         ("posterior=diag_gaussian", DiagonalGaussian),
         ("posterior=full_gaussian", FullGaussian),
         ("prior=standard", StandardNormal),
+        ("prior=mog", MixtureOfGaussians),
+        ("prior=vamp", VampPrior),
     ],
 )
 def test_every_component_file_builds_its_class_from_plain_values(group: str, expected: type):

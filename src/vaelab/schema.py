@@ -222,7 +222,7 @@ COMPONENTS: dict[str, tuple[type[Section], ...]] = {
     "likelihood": (Bernoulli, Gaussian, DiscretizedLogistic),
     "objective": (ELBO, Capacity, IWAE),
     "posterior": (DiagonalGaussian, FullGaussian),
-    "prior": (StandardNormal,),
+    "prior": (StandardNormal, MixtureOfGaussians, VampPrior),
 }
 
 
