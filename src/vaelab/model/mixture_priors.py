@@ -84,7 +84,7 @@ def mixture_sample(
     if uniform:
         index = torch.randint(components, (n,), generator=generator)
     else:
-        probs = log_weights.detach().double().softmax(-1).cpu()  # the same choice on any device and dtype
+        probs = log_weights.detach().cpu().double().softmax(-1)  # computed on the CPU: the same choice on any device
         index = torch.multinomial(probs, n, replacement=True, generator=generator)
     eps = torch.randn((n, dims), generator=generator, dtype=means.dtype)
     index, eps = index.to(means.device), eps.to(means.device)
