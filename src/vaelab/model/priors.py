@@ -1,9 +1,9 @@
 r"""The prior p(z), chosen with `prior=<name>` (conf/prior/).
 
     standard   p(z) = N(0, I)
-    mog        a learned mixture of K diagonal Gaussians (vaelab.model.learned_priors.MixtureOfGaussians)
+    mog        a learned mixture of K diagonal Gaussians (vaelab.model.mixture_priors.MixtureOfGaussians)
     vamp       the VampPrior: the mixture of the encoder's base Gaussians at K learned pseudo-inputs
-               (vaelab.model.learned_priors.VampPrior)
+               (vaelab.model.mixture_priors.VampPrior)
 
 A prior is an nn.Module (a learned one trains with the model) built with the latent size and the image shape; the
 VAE binds itself to it, since the VampPrior scores latents through the VAE's own encoder.
