@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from helpers.config import CONF, make_config
 from vaelab.checkpoints import load_trained
 from vaelab.errors import CheckpointError, VaelabError
+from vaelab.model.flows import IAF, Planar
 from vaelab.model.likelihoods import Bernoulli
 from vaelab.model.mixture_priors import MixtureOfGaussians, VampPrior
 from vaelab.model.networks import build_mlp
@@ -65,6 +66,8 @@ def test_the_iwae_component_draws_k_latents_and_maximizes_the_iw_bound(one_pass,
         *((f"objective={name}", cls) for name, cls in (("elbo", ELBO), ("capacity", Capacity), ("iwae", IWAE))),
         ("posterior=diag_gaussian", DiagonalGaussian),
         ("posterior=full_gaussian", FullGaussian),
+        ("posterior=planar", Planar),
+        ("posterior=iaf", IAF),
         ("prior=standard", StandardNormal),
         ("prior=mog", MixtureOfGaussians),
         ("prior=vamp", VampPrior),

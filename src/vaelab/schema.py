@@ -221,7 +221,7 @@ COMPONENTS: dict[str, tuple[type[Section], ...]] = {
     "arch": (Mlp, Conv, ResNet),
     "likelihood": (Bernoulli, Gaussian, DiscretizedLogistic),
     "objective": (ELBO, Capacity, IWAE),
-    "posterior": (DiagonalGaussian, FullGaussian),
+    "posterior": (DiagonalGaussian, FullGaussian, Planar, IAF),
     "prior": (StandardNormal, MixtureOfGaussians, VampPrior),
 }
 
