@@ -198,12 +198,15 @@ def test_full_gaussian_closed_form_kl_equals_a_monte_carlo_estimate():
     assert torch.all((mc - q.kl_standard_normal()).abs() < 5 * stderr)
 
 
-def test_full_gaussian_log_prob_at_any_z_is_the_multivariate_normal_density():
+def test_full_gaussian_log_prob_is_the_multivariate_normal_density_and_agrees_with_its_draws():
     q = full_gaussian_member(seed=10)
     z = 3 * torch.randn(7, 4, 3, dtype=torch.float64)
     expected = MultivariateNormal(q.mean, scale_tril=q.cholesky).log_prob(z)
     torch.testing.assert_close(q.log_prob(z), expected)
     torch.testing.assert_close(q.log_prob(z, detach_params=True), expected)
+    # The draws come from that same density (DReG scores them with log_prob, the bounds with rsample's log q).
+    drawn, log_q = q.rsample(5, torch.Generator().manual_seed(11))
+    torch.testing.assert_close(q.log_prob(drawn), log_q)
 
 
 # -- a model whose posterior is known: p(z) = N(0, I), p(x|z) = N(W z + c, s^2 I) ----------------------------------
