@@ -28,6 +28,8 @@ def test_the_default_config_and_every_experiment_are_valid():
         ("objective.kl_warmup_epochs=1.5", "objective.kl_warmup_epochs"),
         ("objective=iwae objective.k=1", "objective.k"),
         ("objective=iwae objective.dreg=maybe", "objective.dreg"),
+        ("objective=iwae objective.dreg=true posterior=iaf", "objective.dreg"),
+        ("objective=iwae objective.dreg=true posterior=planar", "objective.dreg"),
         ("objective=capacity objective.gamma=0", "objective.gamma"),
         ("objective=capacity objective.nats=-1", "objective.nats"),
         ("optim.lr=0", "optim.lr"),
