@@ -4,6 +4,7 @@ and the training throughput relative to the diagonal Gaussian, measured side by 
     .venv/bin/python benchmarks/families.py                         # the four families, prior=standard, 10 epochs
     .venv/bin/python benchmarks/families.py --priors                # adds prior=mog and prior=vamp (diag_gaussian)
     .venv/bin/python benchmarks/families.py --epochs 2 --limit 500  # a quick look
+    .venv/bin/python benchmarks/families.py --priors --throughput-only  # the throughput table alone
 
 Quality: `pipelines/train.py` then `pipelines/evaluate.py` for each combination (the default MLP VAE, 784-512-16,
 Bernoulli, the plain ELBO, seed 0), in one project folder under --root, with `logger=none`; the numbers are read from
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="throughput rounds")
     parser.add_argument("--steps", type=int, default=40, help="training steps per throughput round")
     parser.add_argument("--root", type=Path, default=None, help="project folder (default: a new temporary one)")
+    parser.add_argument("--throughput-only", action="store_true", help="measure the training throughput alone")
     args = parser.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="vaelab-families-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -101,6 +103,11 @@ def main() -> None:
     run(str(REPO / "pipelines/prepare.py"), root=root)
     rates = throughputs(combinations, args.repeats, args.steps, root)
     base = rates["diag_gaussian", "standard"]
+    if args.throughput_only:
+        print("\n| posterior | prior | train images/s | vs diag_gaussian |\n|---|---|---|---|")
+        for (posterior, prior), rate in rates.items():
+            print(f"| {posterior} | {prior} | {rate:.0f} | {rate / base:.2f}x |")
+        return
     rows = []
     for posterior, prior in combinations:
         print(f"training and evaluating posterior={posterior} prior={prior} ...", flush=True)
