@@ -274,6 +274,13 @@ class Eval(Section):
     val_limit: optional(integer(1)) = None
     limit: optional(integer(1)) = None
     max_minutes: optional(number(0)) = 120.0
+    after_train: FLAG = False
+    gaps: FLAG = False
+    gaps_limit: integer(1) = 500
+    gaps_steps: integer(1) = 500
+    gaps_samples: integer(1) = 16
+    gaps_lr: POSITIVE = 1.0e-2
+    gaps_tolerance: number(0) = 1.0e-4
 
 
 def _is_uri(value: str) -> bool:
