@@ -125,14 +125,15 @@ def mutual_information(mean: torch.Tensor, logvar: torch.Tensor, seed: int = 0, 
 
 @torch.inference_mode()
 def iw_batch(
-    vae, x: torch.Tensor, k: int, rows: int, on_samples: Callable[[int], None] | None = None
+    vae, x: torch.Tensor, k: int, rows: int, on_samples: Callable[[int], None] | None = None, q=None
 ) -> dict[str, torch.Tensor]:
     """Per-image importance-weighted log p(x), ELBO terms and ESS for one batch.
 
     Streams over chunks of the k samples, keeping log sum_i w_i and log sum_i w_i^2 in float32. `on_samples(n)` is
-    called after each chunk of n latent samples (images x samples each), for a progress display.
+    called after each chunk of n latent samples (images x samples each), for a progress display. `q`: the proposal
+    (a posterior Member for these images); the encoder's q(z|x) by default.
     """
-    q = vae.encode(x)  # q(z|x) [B, D], encoded once for all k samples
+    q = vae.encode(x) if q is None else q  # q(z|x) [B, D], encoded once for all k samples
     chunk = max(1, rows // len(x))
     log_sum_w = torch.full((len(x),), -math.inf, device=x.device)  # log sum_i w_i, [B]
     log_sum_w2 = torch.full((len(x),), -math.inf, device=x.device)  # log sum_i w_i^2, [B]

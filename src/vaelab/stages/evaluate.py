@@ -7,6 +7,7 @@ into the run that trained it.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -59,6 +60,35 @@ def warn_if_saturated(result: Evaluation, run=None) -> None:
         print(f"vaelab: warning: {saturation}")
         if run is not None:
             run.set_tags({"vaelab.mi_saturated": saturation})
+
+
+def split_the_gap(vae, images, settings) -> dict[str, float]:
+    """The inference gap on `images` as approximation + amortization (vaelab.model.gaps), with a progress bar over
+    the images and one line saying the result. `settings`: the `eval` config section."""
+    from vaelab.model.gaps import gap_split
+
+    what = f"gap split ({len(images)} images, up to {settings.gaps_steps} steps each, k={settings.iw_k})"
+    start = time.perf_counter()
+    with progress_bar(what, total=len(images)) as advance:
+        split = gap_split(
+            vae,
+            images,
+            k=settings.iw_k,
+            steps=settings.gaps_steps,
+            samples=settings.gaps_samples,
+            lr=settings.gaps_lr,
+            tolerance=settings.gaps_tolerance,
+            on_images=advance,
+        )
+    metrics = split.metrics("test")
+    print(
+        f"vaelab: inference gap on {split.n_images} test images: {metrics['test/gaps_inference_gap']:.2f} nats = "
+        f"approximation {metrics['test/approximation_gap']:.2f} ± {metrics['test/approximation_gap_se']:.2f} + "
+        f"amortization {metrics['test/amortization_gap']:.2f} ± {metrics['test/amortization_gap_se']:.2f} "
+        f"({(time.perf_counter() - start) / split.n_images:.2f} s per image)",
+        flush=True,
+    )
+    return metrics
 
 
 def write_kl_per_dim(kl_per_dim: list[float], path: Path) -> None:
@@ -201,6 +231,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float | str | None]:
     with progress_bar(f"test NLL (k={cfg.eval.iw_k})", total=len(images) * cfg.eval.iw_k) as advance:
         result = evaluate_images(module.vae, images, k=cfg.eval.iw_k, on_samples=advance)
     metrics = result.metrics("test")
+    if cfg.eval.gaps:
+        metrics.update(split_the_gap(module.vae, images[: cfg.eval.gaps_limit], cfg.eval))
 
     plots = paths.plots_dir() / "eval"
     with replacing_dir(plots) as fresh:  # no figure of an earlier evaluation survives
