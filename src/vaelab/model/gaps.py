@@ -70,6 +70,7 @@ class GapSplit:
             f"{prefix}/gaps_nll_iw_refined": -self.log_px_refined.mean().item(),
             f"{prefix}/gaps_elbo_refined": self.elbo_refined.mean().item(),
             f"{prefix}/gaps_n_images": float(self.n_images),
+            f"{prefix}/gaps_steps": sum(self.steps) / len(self.steps),  # mean Adam steps before stopping
         }
 
 

@@ -85,7 +85,8 @@ def split_the_gap(vae, images, settings) -> dict[str, float]:
         f"vaelab: inference gap on {split.n_images} test images: {metrics['test/gaps_inference_gap']:.2f} nats = "
         f"approximation {metrics['test/approximation_gap']:.2f} ± {metrics['test/approximation_gap_se']:.2f} + "
         f"amortization {metrics['test/amortization_gap']:.2f} ± {metrics['test/amortization_gap_se']:.2f} "
-        f"({(time.perf_counter() - start) / split.n_images:.2f} s per image)",
+        f"({metrics['test/gaps_steps']:.0f} refinement steps, "
+        f"{(time.perf_counter() - start) / split.n_images:.2f} s per image)",
         flush=True,
     )
     return metrics
