@@ -40,6 +40,7 @@ from vaelab.stages.preflight import check_buildable
 from vaelab.stages.progress import progress_bar
 from vaelab.stages.publish import publish as publish_outputs
 from vaelab.stages.resume import Resumption, resumption
+from vaelab.sweep.runs import EVAL_FAILURE_TAG
 from vaelab.tracking.lifecycle import ending_of, run_lifecycle
 from vaelab.tracking.run import Run, public_config
 from vaelab.tracking.store import check_store
@@ -53,7 +54,6 @@ from vaelab.training.callbacks import (
 from vaelab.training.module import SELECTION_METRIC, VAEModule
 
 VAL_ESTIMATES = ("val/nll_iw", "val/nll_iw_se", "val/inference_gap", "val/iw_ess")
-EVAL_FAILURE_TAG = "vaelab.eval_failure"  # why eval.after_train's evaluation failed, on a run whose training finished
 
 
 def hydra_overrides() -> list[str]:
