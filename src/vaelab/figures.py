@@ -158,3 +158,48 @@ def save_figures(
     paths.append(save_latent_scatter(means, labels[:5000], folder / "latent_scatter.png"))
     paths.append(save_kl_per_dim(kl_per_dim, folder / "kl_per_dim.png"))
     return paths
+
+
+def gap_split_figure(
+    labels: list[str],
+    approximation: list[float],
+    approximation_se: list[float],
+    amortization: list[float],
+    amortization_se: list[float],
+) -> Figure:
+    """One stacked bar per label: the inference gap split in two, in nats per image. At the bottom the approximation
+    gap (log p(x) minus the ELBO of the best q(z|x) in the family), on top the amortization gap (that ELBO minus the
+    encoder's), so a bar's height is the whole inference gap. Each part's error bar is its standard error."""
+    widest = max((len(line) for label in labels for line in label.splitlines()), default=0)
+    fig = Figure(figsize=(max(4.0, max(0.8, 0.065 * widest) * len(labels) + 1.5), 4.2))
+    ax = fig.subplots()
+    positions = range(len(labels))
+    ax.bar(positions, approximation, yerr=approximation_se, capsize=3, color="tab:blue", label="approximation gap")
+    ax.bar(
+        positions,
+        amortization,
+        bottom=approximation,
+        yerr=amortization_se,
+        capsize=3,
+        color="tab:orange",
+        label="amortization gap",
+    )
+    ax.set_xticks(positions, labels, fontsize=8)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_ylabel("nats per image (lower is better)")
+    ax.set_title("Inference gap = approximation + amortization (test)", fontsize=10)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def save_gap_split(
+    labels: list[str],
+    approximation: list[float],
+    approximation_se: list[float],
+    amortization: list[float],
+    amortization_se: list[float],
+    path: Path,
+) -> Path:
+    """The gap split of each labelled run (a sweep's jobs, or one run) as a PNG: see `gap_split_figure`."""
+    figure = gap_split_figure(labels, approximation, approximation_se, amortization, amortization_se)
+    return save_figure(figure, path)

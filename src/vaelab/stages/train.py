@@ -7,8 +7,10 @@ the MLflow run, so a bad config never leaves a dangling run.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
+import sys
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,7 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from vaelab import __version__, paths
 from vaelab.checkpoints import read_checkpoint
@@ -29,6 +31,7 @@ from vaelab.errors import TrainingInterrupted, VaelabError, storage_problem
 from vaelab.figures import save_figures, save_training_curves
 from vaelab.files import check_writable, replacing_dir, write_text_atomic
 from vaelab.model.estimators import evaluate_images
+from vaelab.redaction import redact_text
 from vaelab.stages.budget import check_estimate, warn_if_slow_step
 from vaelab.stages.evaluate import warn_if_collapsed
 from vaelab.stages.export import register, save_pyfunc
@@ -37,6 +40,7 @@ from vaelab.stages.preflight import check_buildable
 from vaelab.stages.progress import progress_bar
 from vaelab.stages.publish import publish as publish_outputs
 from vaelab.stages.resume import Resumption, resumption
+from vaelab.sweep.runs import EVAL_FAILURE_TAG
 from vaelab.tracking.lifecycle import ending_of, run_lifecycle
 from vaelab.tracking.run import Run, public_config
 from vaelab.tracking.store import check_store
@@ -127,6 +131,9 @@ def train(
     val_images = data.eval_images("val", cfg.eval.val_limit)
     check_estimate(module.vae, val_images, cfg.eval.val_iw_k, "eval.val_iw_k", cfg.eval.max_minutes, "val NLL")
     warn_if_slow_step(module.vae, val_images, cfg)
+    if cfg.eval.after_train:  # a test estimate over budget is refused now, not after the training it would follow
+        test_images = data.eval_images("test", cfg.eval.limit)
+        check_estimate(module.vae, test_images, cfg.eval.iw_k, "eval.iw_k", cfg.eval.max_minutes, "test NLL")
 
     run = None
     tracked = cfg.get("logger") is not None and is_rank_zero()  # under DDP, one run: rank zero's
@@ -292,7 +299,10 @@ def fit_and_publish(
         fitted.append(True)
     if not rank_zero:
         return {}
-    return finish(cfg, trainer, module, data, checkpoint, history, run, config_file, publish)
+    summary = finish(cfg, trainer, module, data, checkpoint, history, run, config_file, publish)
+    if cfg.eval.after_train:
+        summary |= evaluate_after_training(cfg, str(summary["run_id"]), run)
+    return summary
 
 
 def finish(
@@ -353,3 +363,34 @@ def log_model(cfg: DictConfig, run: Run, checkpoint: Path, folder: Path, data: I
     if cfg.tracking.get("register_as"):
         version = register(run.client, run.run_id, cfg.tracking.register_as, data.data_hash)
         run.set_tags({"vaelab.registered_model": f"{cfg.tracking.register_as}/{version}"})
+
+
+def evaluate_after_training(cfg: DictConfig, run_id: str, run: Run | None) -> dict[str, float | str]:
+    """`eval.after_train`: the evaluate stage on the run's best checkpoint, logged into the run itself (still RUNNING,
+    a sweep's child run for a sweep's job); its test metrics, or none when it failed.
+
+    A failure here leaves the run to end FINISHED: its training, checkpoint, figures and model are all logged and
+    sound, and the evaluate stage can be run again on them alone. So the failure is not allowed to mark the run
+    FAILED, nor to pass silently: it is printed with the command that retries it, kept on the run as the tag
+    `vaelab.eval_failure`, and a sweep's summary shows it in the job's failure column. An interrupt still stops the
+    run (KILLED), and resuming it finishes it, evaluation included, without training again.
+    """
+    from vaelab.stages.evaluate import evaluate_checkpoint
+
+    asked = copy.deepcopy(cfg)
+    with read_write(asked), open_dict(asked):
+        asked.run_id, asked.ckpt = run_id, None  # evaluate the checkpoint of this run, and log into this run
+    try:
+        results = evaluate_checkpoint(asked)
+    except Exception as error:  # noqa: BLE001 - see the docstring
+        reason = redact_text(f"{type(error).__name__}: {error}".strip())
+        print(
+            f"vaelab: warning: training finished, but its evaluation on test failed: {reason}\n"
+            f"  `python pipelines/evaluate.py run_id={run_id}` evaluates it again",
+            file=sys.stderr,
+            flush=True,
+        )
+        if run:
+            run.set_tags({EVAL_FAILURE_TAG: reason[:5000]})
+        return {}
+    return {key: value for key, value in results.items() if key != "run_id"}

@@ -54,9 +54,10 @@ def run_job(cfg: DictConfig) -> float:
     point_to(str(summary["run_id"]), hydra.runtime.output_dir)
     run = Run(resolve_uri(cfg.tracking.uri), str(summary["run_id"]), cfg.tracking.experiment)
     run.log_metrics({child_metric(k): float(summary[k]) for k in METRICS})
+    tested = f", test/nll_iw {summary['test/nll_iw']:.2f}" if "test/nll_iw" in summary else ""  # eval.after_train
     print(
         f"vaelab: {label} finished: val/elbo {summary['val/elbo']:.2f}, val/nll_iw {summary['val/nll_iw']:.2f} "
-        f"(best epoch {summary['best_epoch']:.0f}), run {summary['run_id']}",
+        f"(best epoch {summary['best_epoch']:.0f}){tested}, run {summary['run_id']}",
         flush=True,
     )
     return float(summary["val/elbo"])

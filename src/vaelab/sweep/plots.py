@@ -1,4 +1,5 @@
-"""The sweep's plots: val/elbo against each swept value, and rate against distortion when β was swept."""
+"""The sweep's plots: val/elbo against each swept value, rate against distortion when β was swept, and the test
+inference gap split into approximation and amortization when the jobs were evaluated with eval.gaps."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from vaelab.sweep.runs import SELECTION
+from vaelab.sweep.runs import GAP_SPLIT, SELECTION
+from vaelab.sweep.tables import is_number
 
 
 def axis_values(values: list[str]) -> tuple[list[float], list[str], bool]:
@@ -80,3 +82,31 @@ def plot_rate_distortion(rows: list[dict[str, Any]], path: Path) -> list[Path]:
     ax.set_ylabel("distortion: val/rec (nats)")
     ax.set_title("Rate–distortion (dashed: constant ELBO)")
     return [save_figure(fig, path)]
+
+
+def plot_gap_split(rows: list[dict[str, Any]], axes: list[str], path: Path) -> list[Path]:
+    """One stacked bar per finished job that logged both gaps (approximation + amortization, with their standard
+    errors), labelled by its swept values; nothing when no job did."""
+    done = [row for row in rows if row["status"] == "FINISHED" and all(is_number(row.get(m)) for m in GAP_SPLIT)]
+    if not done:
+        return []
+    from vaelab.figures import save_gap_split
+
+    approximation, amortization = GAP_SPLIT
+    labels = [
+        "\n".join(f"{axis}={row['overrides'].get(axis, '')}" for axis in axes) or f"job {row['job']}" for row in done
+    ]
+
+    def values(metric: str) -> list[float]:
+        return [float(row[metric]) if is_number(row.get(metric)) else math.nan for row in done]  # NaN: no error bar
+
+    return [
+        save_gap_split(
+            labels,
+            values(approximation),
+            values(f"{approximation}_se"),
+            values(amortization),
+            values(f"{amortization}_se"),
+            path,
+        )
+    ]

@@ -41,11 +41,28 @@ PARENT_ENV = "VAELAB_SWEEP_RUN_ID"  # the parent run's id, for the jobs
 PARENT_FILE = "parent_run_id"  # the same, in the Hydra sweep folder
 JOB_TAG = f"{TAG_PREFIX}sweep_job"  # a child run's Hydra job number
 JOB_OVERRIDES_TAG = f"{TAG_PREFIX}job_overrides"  # a child run's overrides, as a JSON list
+# Why a run's evaluation right after training (eval.after_train) failed, its training having finished: set by
+# vaelab.stages.train, shown in the summary's failure column (defined here, so the summary need not load Lightning).
+EVAL_FAILURE_TAG = f"{TAG_PREFIX}eval_failure"
 SELECTION = "val/elbo"  # what picks the best job: validation only, higher is better
 AGGREGATE_OVER = "seed"  # jobs that differ only in this key are one configuration
 # The summary's metrics, as train() returns them: at the best checkpoint (val/nll_iw is estimated on it).
 # Each child run also gets them as `best/<name>` metrics, since its `val/*` history ends at the last epoch.
 METRICS = ("val/elbo", "val/nll_iw", "val/rec", "val/kl", "best_epoch")
+# The test metrics a job logs when it is evaluated right after training (eval.after_train), as its run has them;
+# the two gaps (and their standard errors) only with eval.gaps. Reported beside, never selected on.
+TEST_METRICS = (
+    "test/nll_iw",
+    "test/elbo",
+    "test/inference_gap",
+    "test/approximation_gap",
+    "test/approximation_gap_se",
+    "test/amortization_gap",
+    "test/amortization_gap_se",
+    "test/kl",
+    "test/active_units",
+)
+GAP_SPLIT = ("test/approximation_gap", "test/amortization_gap")  # each with its standard error, `<name>_se`
 
 
 def child_metric(name: str) -> str:

@@ -11,18 +11,20 @@ from typing import Any
 import pandas as pd
 
 from vaelab.files import write_text_atomic
-from vaelab.sweep.plots import plot_metric_by_axis, plot_rate_distortion
+from vaelab.sweep.plots import plot_gap_split, plot_metric_by_axis, plot_rate_distortion
 from vaelab.sweep.runs import (
     AGGREGATE_OVER,
+    EVAL_FAILURE_TAG,
     JOB_OVERRIDES_TAG,
     JOB_TAG,
     METRICS,
     SELECTION,
     TAG_PREFIX,
+    TEST_METRICS,
     child_metric,
     child_runs,
 )
-from vaelab.sweep.tables import markdown_table, mean_std, text_table, write_csv
+from vaelab.sweep.tables import is_number, markdown_table, mean_std, text_table, with_standard_errors, write_csv
 from vaelab.tracking.lifecycle import INTERRUPTED, end_run
 from vaelab.tracking.run import Run
 
@@ -46,6 +48,8 @@ class Summary:
         # With seeds, a configuration is best by its mean over seeds, not by one lucky seed.
         scored = [entry for entry in self.aggregated if math.isfinite(entry[f"{SELECTION} mean"])]
         self.best_config = max(scored, key=lambda entry: entry[f"{SELECTION} mean"], default=None)
+        # The test metrics some job logged (eval.after_train), in TEST_METRICS order: columns beside the val ones.
+        self.tested = [m for m in TEST_METRICS if any(is_number(row.get(m)) for row in rows)]
 
     def best_config_line(self) -> str:
         entry = self.best_config
@@ -58,8 +62,9 @@ class Summary:
         )
 
     def job_table(self, columns: list[str] | None = None) -> pd.DataFrame:
-        """One row per job: the swept values, status, metrics at the best checkpoint, run id, failure reason."""
-        columns = columns or ["job", *self.axes, "status", *METRICS, "run_id", "failure"]
+        """One row per job: the swept values, status, metrics at the best checkpoint, its test metrics where it was
+        evaluated, run id, failure reason."""
+        columns = columns or ["job", *self.axes, "status", *METRICS, *self.tested, "run_id", "failure"]
         return job_frame(self.rows).reindex(columns=columns)
 
     def aggregated_table(self, markdown: bool = False) -> pd.DataFrame:
@@ -86,10 +91,10 @@ class Summary:
 
     def console(self) -> str:
         """A short table of the jobs, the mean ± std over seeds if any, and the best job."""
-        columns = ["job", *self.axes, "status", "val/elbo", "val/nll_iw", "run_id"]
+        columns = ["job", *self.axes, "status", "val/elbo", "val/nll_iw", *self.tested, "run_id"]
         lines = [
             f"\nSweep summary: {self.counts()} ({self.folder})",
-            text_table(self.job_table(columns)),
+            text_table(with_standard_errors(self.job_table(columns))),
         ]
         if self.aggregated:
             lines += [f"\nMean ± std over {AGGREGATE_OVER}s:", text_table(self.aggregated_table(markdown=True))]
@@ -121,10 +126,7 @@ def summarize(
         rows = close_running(parent.uri, rows, stopped)
     absent = NOT_RUN if stopped is not None else MISSING
     summary = Summary(with_missing_jobs(rows, launched or [], pointers or {}, absent), folder)
-    files = write_tables(summary, folder)
-    files += plot_metric_by_axis(summary.rows, summary.axes, folder / "val_elbo_by_axis.png")
-    if "objective.beta" in summary.axes:
-        files += plot_rate_distortion(summary.rows, folder / "rate_distortion.png")
+    files = write_tables(summary, folder) + write_figures(summary, folder)
     for path in files:
         parent.log_artifact(path, "summary")
     tags = {f"{TAG_PREFIX}sweep_axes": ",".join(summary.axes), f"{TAG_PREFIX}jobs_failed": str(len(summary.failed))}
@@ -140,6 +142,7 @@ def summarize(
             f"{TAG_PREFIX}best_overrides": " ".join(f"{k}={v}" for k, v in best["overrides"].items()),
         }
         metrics |= {child_metric(m): best[m] for m in METRICS if math.isfinite(best[m])}
+        metrics |= {child_metric(m): best[m] for m in summary.tested if is_number(best.get(m))}
     if summary.best_config:
         tags[f"{TAG_PREFIX}best_config"] = " ".join(f"{k}={v}" for k, v in summary.best_config["config"].items())
     parent.set_tags(tags)
@@ -164,12 +167,13 @@ def close_running(uri: str, rows: list[dict[str, Any]], stopped: BaseException) 
 def collect(uri: str, parent: str) -> list[dict[str, Any]]:
     """One row per child run, in job order, with the metrics of its best checkpoint (blank unless FINISHED). A
     deleted run is a row of status DELETED: its job ran, but its results are gone."""
-    job, listed, spaced, failure = (
-        f"tags.{tag}" for tag in (JOB_TAG, JOB_OVERRIDES_TAG, f"{TAG_PREFIX}overrides", f"{TAG_PREFIX}failure")
+    job, listed, spaced, failure, eval_failure = (
+        f"tags.{tag}"
+        for tag in (JOB_TAG, JOB_OVERRIDES_TAG, f"{TAG_PREFIX}overrides", f"{TAG_PREFIX}failure", EVAL_FAILURE_TAG)
     )
-    logged = {m: f"metrics.{child_metric(m)}" for m in METRICS}
+    logged = {m: f"metrics.{child_metric(m)}" for m in METRICS} | {m: f"metrics.{m}" for m in TEST_METRICS}
     # A column is missing when no child has that tag or metric (every job failed before training, say).
-    columns = ["run_id", "status", "deleted", job, listed, spaced, failure, *logged.values()]
+    columns = ["run_id", "status", "deleted", job, listed, spaced, failure, eval_failure, *logged.values()]
     runs = child_runs(uri, parent, deleted=True).reindex(columns=columns)
     deleted = runs["deleted"].eq(True)
     runs["status"] = runs["status"].mask(deleted, DELETED)
@@ -189,7 +193,7 @@ def collect(uri: str, parent: str) -> list[dict[str, Any]]:
             "status": runs["status"],
             **{m: runs[column].where(finished) for m, column in logged.items()},
             "run_id": runs["run_id"],
-            "failure": runs[failure].fillna("").map(first_line).where(~finished, ""),
+            "failure": runs[failure].fillna("").map(first_line).where(~finished, runs[eval_failure].map(untested)),
         }
     )
     return jobs.sort_values(["job", "run_id"]).to_dict("records")
@@ -212,7 +216,7 @@ def with_missing_jobs(
             "job": num,
             "overrides": dict(map(split_override, launched[num] if num < len(launched) else [])),
             "status": absent,
-            **{m: math.nan for m in METRICS},
+            **{m: math.nan for m in (*METRICS, *TEST_METRICS)},
             "run_id": pointers.get(num, ""),
             "failure": "" if absent == NOT_RUN else "no MLflow run of this job was found (deleted, or never created)",
         }
@@ -224,6 +228,11 @@ def with_missing_jobs(
 
 def first_line(text: str) -> str:
     return next(iter(text.splitlines()), "")
+
+
+def untested(reason: Any) -> str:
+    """A finished job's failure cell: why its evaluation after training failed, if it did."""
+    return f"evaluation on test failed: {first_line(reason)}" if isinstance(reason, str) and reason else ""
 
 
 def split_override(override: str) -> tuple[str, str]:
@@ -271,10 +280,21 @@ def write_tables(summary: Summary, folder: Path) -> list[Path]:
     best = summary.best
     if best:
         title += f"Best by {SELECTION} (validation): job {best['job']}, run `{best['run_id']}`.\n\n"
-    files.append(write_text_atomic(folder / "summary.md", title + markdown_table(jobs)))
+    if any(f"{metric}_se" in summary.tested for metric in summary.tested):
+        title += "Test metrics shown as `value ± se` carry their standard error across the test images.\n\n"
+    files.append(write_text_atomic(folder / "summary.md", title + markdown_table(with_standard_errors(jobs))))
     if summary.aggregated:
         files.append(write_csv(folder / "aggregate.csv", summary.aggregated_table()))
         text = f"# Mean ± sample std over {AGGREGATE_OVER}s\n\n{summary.best_config_line()}\n\n"
         text += markdown_table(summary.aggregated_table(markdown=True))
         files.append(write_text_atomic(folder / "aggregate.md", text))
+    return files
+
+
+def write_figures(summary: Summary, folder: Path) -> list[Path]:
+    """val/elbo by swept value; rate against distortion when β was swept; the gap split when jobs logged it."""
+    files = plot_metric_by_axis(summary.rows, summary.axes, folder / "val_elbo_by_axis.png")
+    if "objective.beta" in summary.axes:
+        files += plot_rate_distortion(summary.rows, folder / "rate_distortion.png")
+    files += plot_gap_split(summary.rows, summary.axes, folder / "gap_split.png")
     return files

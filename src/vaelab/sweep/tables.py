@@ -17,10 +17,27 @@ def cell(value: Any) -> str:
     return str(value)
 
 
+def is_number(value: Any) -> bool:
+    """Does a metric's cell hold a value (not blank: never logged, or the job did not finish)?"""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def mean_std(mean: float, std: float) -> str:
     if math.isnan(mean):
         return ""
     return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def with_standard_errors(table: pd.DataFrame) -> pd.DataFrame:
+    """The table to read: each metric that has a `<metric>_se` column as one `value ± se` column in its place (the CSV
+    keeps them apart, to compute with)."""
+    paired = [c for c in table.columns if f"{c}_se" in table.columns]
+    if not paired:
+        return table
+    table = table.copy()
+    for column in paired:
+        table[column] = [mean_std(v, se) for v, se in zip(table[column], table[f"{column}_se"], strict=True)]
+    return table.drop(columns=[f"{c}_se" for c in paired])
 
 
 def markdown_table(table: pd.DataFrame) -> str:
