@@ -62,7 +62,7 @@ def test_without_a_logger_a_run_with_after_train_still_returns_its_test_metrics(
 def test_a_failed_evaluation_after_training_leaves_the_run_finished_told_tagged_and_in_the_sweep_failure_column(
     project: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ):
-    def broken(cfg):
+    def broken(cfg, publish=True):
         raise RuntimeError("test split unreadable")
 
     monkeypatch.setattr("vaelab.stages.evaluate.evaluate_checkpoint", broken)
@@ -104,6 +104,9 @@ def test_each_job_of_a_sweep_with_after_train_is_evaluated_into_its_child_run_an
     assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
     for child in children:
         assert all(name in child.data.metrics for name in TESTED)
+        # a job's evaluation stays in its own folder; the project's DVC outputs are the evaluate stage's alone
+        assert (project / "outputs" / child.info.run_id / "evaluation" / "reconstructions.png").is_file()
+    assert not (project / "metrics" / "eval.json").exists() and not (project / "plots" / "eval").exists()
 
     folder = project / "outputs" / parent.info.run_id
     rows = read_csv(folder / "summary.csv")

@@ -62,6 +62,9 @@ def warn_if_saturated(result: Evaluation, run=None) -> None:
             run.set_tags({"vaelab.mi_saturated": saturation})
 
 
+GAP_KEYS = ("approximation_gap", "approximation_gap_se", "amortization_gap", "amortization_gap_se")
+
+
 def split_the_gap(vae, images, settings) -> dict[str, float]:
     """The inference gap on `images` as approximation + amortization (vaelab.model.gaps), with a progress bar over
     the images and one line saying the result. `settings`: the `eval` config section."""
@@ -199,9 +202,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float | str | None]:
         ) from None
 
 
-def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float | str | None]:
+def evaluate_checkpoint(cfg: DictConfig, publish: bool = True) -> dict[str, float | str | None]:
     from vaelab.checkpoints import load_trained, sides
-    from vaelab.figures import save_figures
+    from vaelab.figures import save_figures, save_gap_split
     from vaelab.tracking.run import Run
     from vaelab.tracking.store import check_store
 
@@ -235,12 +238,22 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float | str | None]:
     if cfg.eval.gaps:
         metrics.update(split_the_gap(module.vae, images[: cfg.eval.gaps_limit], cfg.eval))
 
-    plots = paths.plots_dir() / "eval"
+    # `publish`: the project's DVC outputs (plots/eval/, metrics/eval.json) are the evaluate stage's. A sweep's job
+    # evaluated after training keeps its figures in its own run folder and writes no shared file.
+    own_folder = not publish and lineage.get("run_id")
+    plots = paths.run_dir(lineage["run_id"]) / "evaluation" if own_folder else paths.plots_dir() / "eval"
     with replacing_dir(plots) as fresh:  # no figure of an earlier evaluation survives
         save_figures(module.vae, images, test["labels"][: len(images)], result.kl_per_dim, fresh, seed=cfg.seed)
         write_kl_per_dim(result.kl_per_dim, fresh / "kl_per_dim.csv")
+        if "test/approximation_gap" in metrics:
+            save_gap_split(
+                [type(module.vae.posterior).__name__],
+                *([metrics[f"test/{gap}"]] for gap in GAP_KEYS),
+                fresh / "gap_split.png",
+            )
     summary = {**metrics, "eval/iw_k": cfg.eval.iw_k, "eval/n_images": result.n_images}
-    write_json_atomic(paths.metrics_dir() / "eval.json", {**summary, "run_id": lineage.get("run_id")})
+    if publish:
+        write_json_atomic(paths.metrics_dir() / "eval.json", {**summary, "run_id": lineage.get("run_id")})
 
     run_id, run = lineage.get("run_id"), None
     if cfg.get("logger") is not None and run_id:

@@ -301,7 +301,7 @@ def fit_and_publish(
         return {}
     summary = finish(cfg, trainer, module, data, checkpoint, history, run, config_file, publish)
     if cfg.eval.after_train:
-        summary |= evaluate_after_training(cfg, str(summary["run_id"]), run)
+        summary |= evaluate_after_training(cfg, str(summary["run_id"]), run, publish)
     return summary
 
 
@@ -365,7 +365,9 @@ def log_model(cfg: DictConfig, run: Run, checkpoint: Path, folder: Path, data: I
         run.set_tags({"vaelab.registered_model": f"{cfg.tracking.register_as}/{version}"})
 
 
-def evaluate_after_training(cfg: DictConfig, run_id: str, run: Run | None) -> dict[str, float | str]:
+def evaluate_after_training(
+    cfg: DictConfig, run_id: str, run: Run | None, publish: bool = True
+) -> dict[str, float | str]:
     """`eval.after_train`: the evaluate stage on the run's best checkpoint, logged into the run itself (still RUNNING,
     a sweep's child run for a sweep's job); its test metrics, or none when it failed.
 
@@ -373,7 +375,8 @@ def evaluate_after_training(cfg: DictConfig, run_id: str, run: Run | None) -> di
     sound, and the evaluate stage can be run again on them alone. So the failure is not allowed to mark the run
     FAILED, nor to pass silently: it is printed with the command that retries it, kept on the run as the tag
     `vaelab.eval_failure`, and a sweep's summary shows it in the job's failure column. An interrupt still stops the
-    run (KILLED), and resuming it finishes it, evaluation included, without training again.
+    run (KILLED), and resuming it finishes it, evaluation included, without training again. `publish`: as for the
+    training's own outputs, only a run that is not a sweep's job writes the project's evaluation files.
     """
     from vaelab.stages.evaluate import evaluate_checkpoint
 
@@ -381,7 +384,7 @@ def evaluate_after_training(cfg: DictConfig, run_id: str, run: Run | None) -> di
     with read_write(asked), open_dict(asked):
         asked.run_id, asked.ckpt = run_id, None  # evaluate the checkpoint of this run, and log into this run
     try:
-        results = evaluate_checkpoint(asked)
+        results = evaluate_checkpoint(asked, publish=publish)
     except Exception as error:  # noqa: BLE001 - see the docstring
         reason = redact_text(f"{type(error).__name__}: {error}".strip())
         print(
