@@ -26,13 +26,17 @@ from vaelab.stages.budget import check_estimate
 from vaelab.stages.progress import progress_bar
 
 
-def warn_if_collapsed(result: Evaluation, run=None) -> None:
-    """Say so, on the console and as the run's `vaelab.warning` tag, when the posterior has collapsed."""
-    warning = result.collapse_warning()
+def warn(warning: str | None, tag: str, run=None) -> None:
+    """A warning about the numbers, if there is one: printed, and kept as the run's tag `tag`."""
     if warning:
         print(f"vaelab: warning: {warning}")
         if run is not None:
-            run.set_tags({"vaelab.warning": warning})
+            run.set_tags({tag: warning})
+
+
+def warn_if_collapsed(result: Evaluation, run=None) -> None:
+    """Say so, on the console and as the run's `vaelab.warning` tag, when the posterior has collapsed."""
+    warn(result.collapse_warning(), "vaelab.warning", run)
 
 
 # How near its ceiling log N test/mutual_info may come before it is reported as saturated. Half a nat below log N,
@@ -55,11 +59,7 @@ def mi_saturation(result: Evaluation) -> str | None:
 
 def warn_if_saturated(result: Evaluation, run=None) -> None:
     """Say so, on the console and as the run's `vaelab.mi_saturated` tag, when mutual_info is near log N."""
-    saturation = mi_saturation(result)
-    if saturation:
-        print(f"vaelab: warning: {saturation}")
-        if run is not None:
-            run.set_tags({"vaelab.mi_saturated": saturation})
+    warn(mi_saturation(result), "vaelab.mi_saturated", run)
 
 
 GAP_KEYS = ("approximation_gap", "approximation_gap_se", "amortization_gap", "amortization_gap_se")
