@@ -116,6 +116,8 @@ def test_each_job_of_a_sweep_with_after_train_is_evaluated_into_its_child_run_an
         assert float(row["test/nll_iw"]) == pytest.approx(nll[row["run_id"]])
         assert row["test/elbo"] and row["test/inference_gap"] and row["test/kl"] and row["test/active_units"]
         assert "test/approximation_gap" not in row  # eval.gaps=false: no gap columns, and no gap figure
+    throughput = {c.info.run_id: c.data.metrics["train/images_per_sec"] for c in children}  # at the last epoch
+    assert all(float(row["train/images_per_sec"]) == pytest.approx(throughput[row["run_id"]]) for row in rows)
     header = next(line for line in (folder / "summary.md").read_text().splitlines() if line.startswith("|"))
     assert "test/nll_iw" in header and "test/elbo" in header
     console = done.stdout.split("Sweep summary")[1]
@@ -140,6 +142,7 @@ def gap_job(num: int, elbo: float, nll: float, gaps: tuple[float, float, float, 
         "test/inference_gap": 3.0,
         "test/kl": 2.0,
         "test/active_units": 4.0,
+        "train/images_per_sec": 1000.0 + num,
         "run_id": f"run{num}",
         "failure": "",
     }
@@ -216,8 +219,10 @@ def test_the_summary_tables_show_the_test_metrics_and_the_gaps_with_their_standa
         "test/amortization_gap_se",
         "test/kl",
         "test/active_units",
+        "train/images_per_sec",  # what each configuration costs to train
     ]
     assert float(second["test/nll_iw"]) == 30.0 and float(second["test/amortization_gap_se"]) == 0.06
+    assert float(second["train/images_per_sec"]) == 1001.0
     [first_md, _] = markdown_rows(tmp_path / "summary.md")
     assert (first_md["test/approximation_gap"], first_md["test/amortization_gap"]) == ("2.00 ± 0.10", "1.00 ± 0.05")
     assert "test/approximation_gap_se" not in first_md and first_md["test/nll_iw"] == "31"

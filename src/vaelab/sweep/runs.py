@@ -62,6 +62,8 @@ TEST_METRICS = (
     "test/kl",
     "test/active_units",
 )
+# Training images per second at a job's last epoch (the first pays for warm-up): what each configuration costs.
+THROUGHPUT = "train/images_per_sec"
 GAP_SPLIT = ("test/approximation_gap", "test/amortization_gap")  # each with its standard error, `<name>_se`
 
 

@@ -21,6 +21,7 @@ from vaelab.sweep.runs import (
     SELECTION,
     TAG_PREFIX,
     TEST_METRICS,
+    THROUGHPUT,
     child_metric,
     child_runs,
 )
@@ -63,8 +64,8 @@ class Summary:
 
     def job_table(self, columns: list[str] | None = None) -> pd.DataFrame:
         """One row per job: the swept values, status, metrics at the best checkpoint, its test metrics where it was
-        evaluated, run id, failure reason."""
-        columns = columns or ["job", *self.axes, "status", *METRICS, *self.tested, "run_id", "failure"]
+        evaluated, its training throughput, run id, failure reason."""
+        columns = columns or ["job", *self.axes, "status", *METRICS, *self.tested, THROUGHPUT, "run_id", "failure"]
         return job_frame(self.rows).reindex(columns=columns)
 
     def aggregated_table(self, markdown: bool = False) -> pd.DataFrame:
@@ -171,7 +172,9 @@ def collect(uri: str, parent: str) -> list[dict[str, Any]]:
         f"tags.{tag}"
         for tag in (JOB_TAG, JOB_OVERRIDES_TAG, f"{TAG_PREFIX}overrides", f"{TAG_PREFIX}failure", EVAL_FAILURE_TAG)
     )
-    logged = {m: f"metrics.{child_metric(m)}" for m in METRICS} | {m: f"metrics.{m}" for m in TEST_METRICS}
+    logged = {m: f"metrics.{child_metric(m)}" for m in METRICS} | {
+        m: f"metrics.{m}" for m in (*TEST_METRICS, THROUGHPUT)
+    }
     # A column is missing when no child has that tag or metric (every job failed before training, say).
     columns = ["run_id", "status", "deleted", job, listed, spaced, failure, eval_failure, *logged.values()]
     runs = child_runs(uri, parent, deleted=True).reindex(columns=columns)
