@@ -30,6 +30,10 @@ def test_the_default_config_and_every_experiment_are_valid():
         ("objective=iwae objective.dreg=maybe", "objective.dreg"),
         ("objective=iwae objective.dreg=true posterior=iaf", "objective.dreg"),
         ("objective=iwae objective.dreg=true posterior=planar", "objective.dreg"),
+        ("arch=mlp2 prior=vamp", "prior"),
+        ("arch=mlp2 arch.latent_dims=[100]", "arch.latent_dims"),
+        ("arch=mlp2 arch.latent_dims=[100,0]", "arch.latent_dims"),
+        ("arch=mlp2 arch.top_hidden=[]", "arch.top_hidden"),
         ("objective=capacity objective.gamma=0", "objective.gamma"),
         ("objective=capacity objective.nats=-1", "objective.nats"),
         ("optim.lr=0", "optim.lr"),
@@ -144,7 +148,7 @@ def test_hydra_composition_errors_are_one_line_naming_the_key_with_exit_status_2
     ("overrides", "problem"),
     [
         (["objective=iwae", "objective.beta=4"], ("objective.beta", "4", "nowhere: objective has no key beta")),
-        (["arch=nope"], ("arch", "nope", "one of ['conv', 'mlp', 'resnet']")),
+        (["arch=nope"], ("arch", "nope", "one of ['conv', 'mlp', 'mlp2', 'resnet']")),
         (["model.beta=4"], ("model.beta", "4", "nowhere: it moved to objective.beta")),
     ],
 )

@@ -33,6 +33,7 @@ FEW_STEPS = [
 
 def test_the_experiments_are_discovered():
     named = {"quick", "fashion_default", "beta_vae", "latent_2d", "conv_iwae", "mnist_burda", "capacity_vae"}
+    named |= {"mnist_burda_2layer", "iaf_vamp"}
     assert named <= set(EXPERIMENTS)
 
 

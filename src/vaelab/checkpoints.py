@@ -90,7 +90,8 @@ def trained_with(hparams: dict[str, Any]) -> str:
     details = ", ".join(f"{key}={value}" for key, value in arch.items())
     likelihood = str(hparams["likelihood"].get("_target_", "?")).rpartition(".")[2]
     shape = sides(hparams["image_shape"])
-    return f"arch {target}({details}), latent_dim {hparams['latent_dim']}, images {shape}, likelihood {likelihood}"
+    latent = "" if "latent_dims" in arch else f", latent_dim {hparams['latent_dim']}"  # arch=mlp2 names its own
+    return f"arch {target}({details}){latent}, images {shape}, likelihood {likelihood}"
 
 
 def check_weights_fit(module: VAEModule, state_dict: dict[str, Any], path: str | Path) -> None:

@@ -90,10 +90,19 @@ def problems(cfg: DictConfig | dict) -> list[Problem]:
 
 
 def validate(cfg: DictConfig | dict) -> None:
-    """Raise ConfigError listing every invalid key, or return silently."""
+    """Raise ConfigError listing every invalid key, or return silently (after `settle`)."""
     found = problems(cfg)
     if found:
         raise ConfigError(found)
+    settle(cfg)
+
+
+def settle(cfg: DictConfig | dict) -> None:
+    """Set the keys that other keys decide, so that the run's params and checkpoint say what was built: with
+    `arch.latent_dims` (arch=mlp2), model.latent_dim is their sum, the size of the joint latent z = (z1, z2)."""
+    layers = OmegaConf.select(cfg, "arch.latent_dims") if isinstance(cfg, DictConfig) else None
+    if layers is not None:
+        cfg.model.latent_dim = sum(layers)
 
 
 def search_problems(cfg: DictConfig) -> list[Problem]:

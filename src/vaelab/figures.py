@@ -85,10 +85,10 @@ def save_kl_per_dim(kl_per_dim: list[float], path: Path) -> Path:
 
 @torch.no_grad()
 def traversal_grid(vae, x: torch.Tensor, kl_per_dim: list[float], dims: int = 8, steps: int = 9, span: float = 3.0):
-    """One row per latent dimension (the `dims` with the largest KL): decode the posterior mean of image
+    """One row per latent dimension of the code (the `dims` with the largest KL): decode the posterior mean of image
     `x` [1, C, H, W] with that one coordinate swept over [-span, span] prior standard deviations."""
-    order = sorted(range(len(kl_per_dim)), key=lambda d: -kl_per_dim[d])[:dims]
-    mean = vae.encode(x).expected_z()  # [1, D]
+    order = sorted(range(vae.code_dim), key=lambda d: -kl_per_dim[d])[:dims]
+    mean = vae.code(x)  # [1, D]
     values = torch.linspace(-span, span, steps, device=mean.device)
     z = mean.repeat(len(order) * steps, 1)  # [rows * steps, D]
     for row, d in enumerate(order):
@@ -99,8 +99,8 @@ def traversal_grid(vae, x: torch.Tensor, kl_per_dim: list[float], dims: int = 8,
 @torch.no_grad()
 def interpolation_grid(vae, x_from: torch.Tensor, x_to: torch.Tensor, steps: int = 10):
     """One row per pair: decode straight lines between the posterior means of x_from[i] and x_to[i]."""
-    start = vae.encode(x_from).expected_z()  # [n, D]
-    end = vae.encode(x_to).expected_z()
+    start = vae.code(x_from)  # [n, D]
+    end = vae.code(x_to)
     t = torch.linspace(0, 1, steps, device=start.device)[None, :, None]  # [1, steps, 1]
     z = (1 - t) * start[:, None] + t * end[:, None]  # [n, steps, D]
     return vae.likelihood.mean(vae.decoder(z.flatten(0, 1))), steps
@@ -143,7 +143,7 @@ def save_figures(
     """Every picture of a trained model on held-out `images` (already in the likelihood's representation)."""
     device = next(vae.parameters()).device
     x = images[:64].to(device)
-    means = vae.encode(images[:5000].to(device)).expected_z()
+    means = vae.code(images[:5000].to(device))
     traversals, steps = traversal_grid(vae, x[:1], kl_per_dim)
     paths = [
         save_reconstructions(vae, x[:32], folder / "reconstructions.png"),

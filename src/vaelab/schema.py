@@ -148,6 +148,17 @@ class ResNet(Mlp):
     blocks_per_stage: integer(0)
 
 
+class Mlp2(Section):
+    target: target("vaelab.model.hierarchy.build_mlp2")
+    latent_dims: Annotated[
+        list[Annotated[int, Field(gt=0)]],
+        Field(min_length=2, max_length=2, description="two integers > 0, the sizes of z1 and z2"),
+    ]
+    hidden: SIZES
+    top_hidden: SIZES
+    activation: one_of(*ACTIVATIONS)
+
+
 class Bernoulli(Section):
     target: target("vaelab.model.likelihoods.Bernoulli")
 
@@ -218,7 +229,7 @@ class VampPrior(Section):
 
 # Components told apart by `_target_`: the group's options, for the error that lists them.
 COMPONENTS: dict[str, tuple[type[Section], ...]] = {
-    "arch": (Mlp, Conv, ResNet),
+    "arch": (Mlp, Conv, ResNet, Mlp2),
     "likelihood": (Bernoulli, Gaussian, DiscretizedLogistic),
     "objective": (ELBO, Capacity, IWAE),
     "posterior": (DiagonalGaussian, FullGaussian, Planar, IAF),
@@ -403,6 +414,11 @@ class Config(Section):
         if isinstance(self.objective, IWAE) and self.objective.dreg and isinstance(self.posterior, Planar | IAF):
             allowed = "false with a flow posterior (planar, iaf): DReG needs log q(z|x) at any z, which a flow lacks"
             raise problem("objective.dreg", True, allowed)
+        # The VampPrior is a mixture of q(z|u_k) at pseudo-inputs u_k; with two layers the prior is p(z2), and z2 is
+        # not what the encoder's family describes (that is q(z1|x)).
+        if isinstance(self.arch, Mlp2) and isinstance(self.prior, VampPrior):
+            allowed = "standard or mog with arch=mlp2 (the prior is p(z2), the encoder's family is q(z1|x))"
+            raise problem("prior", "vamp", allowed)
         # Lightning's 16-bit gradient scaler cannot clip the gradients of an optimizer that unscales in its step.
         clipped = self.trainer.gradient_clip_val is not None
         if str(self.trainer.precision).startswith("16") and clipped and self.optim.fused:

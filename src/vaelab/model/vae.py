@@ -108,6 +108,16 @@ class VAE(nn.Module):
         self.prior = prior if prior is not None else StandardNormal(latent_dim)
         self.prior.bind(self)
 
+    @property
+    def code_dim(self) -> int:
+        """How many leading coordinates of z the decoder reads: all of them, or z1's of a two-layer model."""
+        return getattr(self.decoder, "code_dim", self.latent_dim)
+
+    @torch.no_grad()
+    def code(self, x: torch.Tensor) -> torch.Tensor:
+        """E_q[z|x] over the coordinates the decoder reads, [B, code_dim]: what the pyfunc model and figures show."""
+        return self.encode(x).expected_z()[..., : self.code_dim]
+
     def encode(self, x: torch.Tensor) -> Member:
         """q(z|x) for each image of x [B, C, H, W]."""
         return self.posterior(self.encoder(x))

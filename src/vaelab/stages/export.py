@@ -1,12 +1,13 @@
 """The trained VAE as an MLflow pyfunc model: `mlflow.pyfunc.load_model(f"runs:/{run_id}/model")`.
 
-`predict(images)` encodes float32 images [N, C, H, W] in [0, 1] to their posterior means [N, latent_dim]; NaN,
+`predict(images)` encodes float32 images [N, C, H, W] in [0, 1] to their posterior means [N, code_dim] (the whole
+latent, or z1 of a two-layer model: the coordinates the decoder reads); NaN,
 infinite or out-of-range values (0-255 images not divided by 255) raise a ModelInputError that says which. The
 images are observed as in evaluation (grey levels, then binarized with a fixed seed for Bernoulli models), so the
 same image always gets the same code. To decode or sample, take the model out of its wrapper:
 
     vae = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").get_raw_model()
-    images = vae.decode(z)           # z: float32 [N, latent_dim] -> E[x|z], [N, C, H, W] in [0, 1]
+    images = vae.decode(z)           # z: float32 [N, code_dim] -> E[x|z], [N, C, H, W] in [0, 1]
     images = vae.sample(16, seed=0)  # 16 draws of E[x|z], z ~ p(z)
     module = vae.module              # the LightningModule itself
 
@@ -79,11 +80,11 @@ class TrainedVAE:
 
     @torch.inference_mode()
     def predict(self, model_input, params=None) -> np.ndarray:
-        return self.vae.encode(self._observe(model_input)).expected_z().numpy()
+        return self.vae.code(self._observe(model_input)).numpy()
 
     @torch.inference_mode()
     def decode(self, z: np.ndarray) -> np.ndarray:
-        params = self.vae.decoder(checked_input(z, "codes", (self.vae.latent_dim,)))
+        params = self.vae.decoder(checked_input(z, "codes", (self.vae.code_dim,)))
         return self.vae.likelihood.mean(params).numpy()
 
     @torch.inference_mode()

@@ -358,7 +358,7 @@ def finish(
 def log_model(cfg: DictConfig, run: Run, checkpoint: Path, folder: Path, data: ImageData, module: VAEModule) -> None:
     """The best weights as an MLflow pyfunc (runs:/<run_id>/model), registered when `tracking.register_as` names it."""
     with replacing_dir(folder) as fresh:  # MLflow refuses to save over an earlier model (e.g. before a resume)
-        save_pyfunc(checkpoint, fresh, data.image_shape, module.vae.latent_dim)
+        save_pyfunc(checkpoint, fresh, data.image_shape, module.vae.code_dim)
     run.log_artifact(folder, paths.PYFUNC_MODEL)
     if cfg.tracking.get("register_as"):
         version = register(run.client, run.run_id, cfg.tracking.register_as, data.data_hash)

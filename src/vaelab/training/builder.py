@@ -27,6 +27,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from vaelab.model.hierarchy import two_layer
 from vaelab.model.likelihoods import Likelihood
 from vaelab.model.posteriors import Posterior
 from vaelab.model.priors import Prior
@@ -130,8 +131,15 @@ def build_vae(
     """The VAE that `arch`, `likelihood`, `posterior` and `prior` (plain mappings with a `_target_`) describe, for
     this image shape; without `posterior` and `prior`, a diagonal Gaussian q(z|x) and a standard normal p(z)."""
     p_x_z: Likelihood = build(likelihood, grey_levels=grey_levels)
-    q_z_x: Posterior = build(posterior or DIAGONAL_GAUSSIAN, latent_dim=latent_dim)
-    p_z: Prior = build(prior or STANDARD_NORMAL, latent_dim=latent_dim, image_shape=tuple(image_shape))
+    layers = arch.get("latent_dims")  # arch=mlp2: z1's and z2's sizes; the VAE's z is (z1, z2)
+    # The chosen family is q(z1|x) and the chosen prior p(z2) of a two-layer model (vaelab.model.hierarchy).
+    q_z_x: Posterior = build(posterior or DIAGONAL_GAUSSIAN, latent_dim=layers[0] if layers else latent_dim)
+    p_z: Prior = build(
+        prior or STANDARD_NORMAL, latent_dim=layers[-1] if layers else latent_dim, image_shape=tuple(image_shape)
+    )
+    if layers:
+        q_z_x, p_z = two_layer(q_z_x, p_z, list(layers), list(arch["top_hidden"]), arch["activation"])
+        latent_dim = sum(layers)
     encoder, decoder = build(
         arch,
         image_shape=tuple(image_shape),
