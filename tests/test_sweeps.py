@@ -168,7 +168,8 @@ def test_a_parallel_sweep_survives_failing_jobs_and_exits_non_zero(project: Path
 @pytest.mark.parametrize(
     ("swept", "named"),
     [
-        (["arch=mlp,nope"], "arch='nope': allowed one of ['conv', 'mlp', 'mlp2', 'resnet']"),  # the bad option comes second
+        # the bad option comes second
+        (["arch=mlp,nope"], "arch='nope': allowed one of ['conv', 'mlp', 'mlp2', 'resnet']"),
         (["model.latnt_dim=2,4"], "model.latnt_dim='2': allowed nowhere: model has no key latnt_dim"),
         (["objective.beta=1,4", "objective=iwae,elbo"], "objective.beta='1': allowed nowhere: objective has no key"),
     ],

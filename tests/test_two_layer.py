@@ -96,6 +96,10 @@ def test_the_code_is_z1_which_the_decoder_reads_alone():
     assert (vae.latent_dim, vae.code_dim) == (Z1 + Z2, Z1)
     code = vae.code(x)
     torch.testing.assert_close(code, vae.encoder(x)[:, :Z1])  # E_q[z1|x], exact for a Gaussian q(z1|x)
+    mean, logvar = vae.encode(x).marginals()  # exact for z1, the draws' moments for z2
+    torch.testing.assert_close(mean[:, :Z1], code)
+    torch.testing.assert_close(logvar[:, :Z1], vae.encoder(x)[:, Z1 : 2 * Z1])
+    assert mean.shape == logvar.shape == (3, Z1 + Z2)
     z2 = torch.randn(3, Z2, dtype=code.dtype)
     torch.testing.assert_close(vae.decoder(torch.cat([code, z2], -1)), vae.decoder(code))
 

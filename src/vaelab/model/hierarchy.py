@@ -78,6 +78,15 @@ class TwoLayerMember(Member):
         mean, logvar = self.second(z1, detach_params=detach_params)
         return self.first.log_prob(z1, detach_params=detach_params) + gaussian_log_prob(z2, mean, logvar)
 
+    def marginals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """z1's exact marginals where q(z1|x) has Gaussian ones; z2's from the moments of the fixed-seed draws."""
+        mean, logvar = super().marginals()
+        first = self.first.gaussian_marginals()
+        if first is None:
+            return mean, logvar
+        d1 = self.first.latent_dim
+        return torch.cat([first[0], mean[..., d1:]], -1), torch.cat([first[1], logvar[..., d1:]], -1)
+
     def expected_z(self) -> torch.Tensor:
         """E_q[z1|x] as q(z1|x) has it (exact for a Gaussian), and E_q[z2|x] from the fixed-seed draws."""
         z1 = self.first.expected_z()
