@@ -48,9 +48,8 @@ def test_the_importance_weighted_bound_is_the_joint_one_computed_by_hand():
         out = vae(x, k=k)
         z1, z2 = out.z[..., :Z1], out.z[..., Z1:]
         # The same networks, read by hand: q(z1|x) q(z2|z1) and p(z2) p(z1|z2) p(x|z1).
-        log_q = normal(vae.encoder(x), Z1).log_prob(z1).sum(-1) + normal(
-            vae.posterior.second.net(z1), Z2
-        ).log_prob(z2).sum(-1)
+        log_q1 = normal(vae.encoder(x), Z1).log_prob(z1).sum(-1)
+        log_q = log_q1 + normal(vae.posterior.second.net(z1), Z2).log_prob(z2).sum(-1)
         log_p = (
             Normal(0.0, 1.0).log_prob(z2).sum(-1)
             + normal(vae.prior.conditional.net(z2), Z1).log_prob(z1).sum(-1)
@@ -83,9 +82,8 @@ def test_prior_draws_take_z1_from_p_z1_given_z2():
     with torch.no_grad():
         z = vae.prior.sample(20000, torch.Generator().manual_seed(1))
         z1, z2 = z[:, :Z1], z[:, Z1:]
-        residual = (z1 - normal(vae.prior.conditional.net(z2), Z1).mean) / normal(
-            vae.prior.conditional.net(z2), Z1
-        ).stddev
+        p_z1_z2 = normal(vae.prior.conditional.net(z2), Z1)
+        residual = (z1 - p_z1_z2.mean) / p_z1_z2.stddev
     # z2 ~ N(0, I), and z1 given z2 is standard normal after removing p(z1|z2)'s mean and scale.
     assert z2.mean(0).abs().max() < 0.05 and (z2.std(0) - 1).abs().max() < 0.05
     assert residual.mean(0).abs().max() < 0.05 and (residual.std(0) - 1).abs().max() < 0.05
