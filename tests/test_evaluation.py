@@ -183,3 +183,34 @@ def test_a_mutual_information_well_below_log_n_sets_no_tag_and_prints_nothing(ca
     warn_if_saturated(result, run)
     assert run.tags == {}
     assert capsys.readouterr().out == ""
+
+
+MEMORY_PROBE = """
+import torch
+from vaelab.model.estimators import evaluate_images
+from vaelab.training.builder import build_vae
+
+def resident_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 // 2**20
+
+torch.manual_seed(0)
+arch = {"_target_": "vaelab.model.networks.build_mlp", "hidden": [64]}
+prior = {"_target_": "vaelab.model.mixture_priors.VampPrior", "components": 100}
+vae = build_vae([1, 28, 28], arch, {"_target_": "vaelab.model.likelihoods.Bernoulli"}, 16, prior=prior).eval()
+images = (torch.rand(200, 1, 28, 28) > 0.5).float()
+evaluate_images(vae, images[:8], k=1000)
+before = resident_mb()
+evaluate_images(vae, images, k=1000)
+print(resident_mb() - before)
+"""
+
+
+@pytest.mark.subprocess
+def test_evaluating_more_images_takes_no_more_memory_than_a_few_batches():
+    # Each batch's temporaries are ~25 MB here (k x images x 100 mixture components x 16 dimensions); a process that
+    # kept memory per batch would grow by about that for each of the 50 batches of 4 images.
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True, check=True)
+    assert int(done.stdout.split()[-1]) < 300

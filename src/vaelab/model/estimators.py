@@ -178,13 +178,17 @@ def evaluate_images(vae, images: torch.Tensor, k: int, on_samples: Callable[[int
     `on_samples(n)` is called after each chunk of n latent samples (of len(images) * k in all), for a progress
     display that moves even when one image's k samples take minutes."""
     device, rows, batch = chunking(vae, k)
-    parts: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, len(images), batch):
+    n = len(images)
+    # One buffer per result for all the images, filled batch by batch. Keeping each batch's small result tensors
+    # instead would leave them between the batches' large temporaries in glibc's heap, which then cannot reuse or
+    # return that memory: with the VampPrior at k = 1000 the process grew by ~30 MB a batch, 24 GB for the test set.
+    per_image: dict[str, torch.Tensor] = {}
+    for start in range(0, n, batch):
         x = images[start : start + batch].to(device, non_blocking=True)
         for name, value in iw_batch(vae, x, k, rows, on_samples).items():
-            parts.setdefault(name, []).append(value.cpu())
-    per_image = {name: torch.cat(values).double() for name, values in parts.items()}
-    n = len(images)
+            if name not in per_image:
+                per_image[name] = torch.empty((n, *value.shape[1:]), dtype=torch.float64)
+            per_image[name][start : start + len(x)] = value.cpu()
     kl_per_dim = per_image["kl_per_dim"].mean(0)
     return Evaluation(
         n_images=n,
