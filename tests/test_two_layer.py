@@ -143,7 +143,7 @@ SMALL = [
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("prior", ["standard", "mog"])
+@pytest.mark.parametrize("prior", ["standard", pytest.param("mog", marks=pytest.mark.slow)])
 def test_a_two_layer_model_trains_evaluates_resumes_and_loads_as_the_pyfunc_model(project: Path, prior: str):
     import mlflow
 
