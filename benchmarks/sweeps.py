@@ -4,6 +4,7 @@ trials per hour; this measures whether they do.
 
     .venv/bin/python benchmarks/sweeps.py                      # CPU: 8 trials, n_jobs 1 then 2
     python benchmarks/sweeps.py --device cuda --jobs 1,4,8     # one GPU shared by 1, 4 and 8 jobs
+    .venv/bin/python benchmarks/sweeps.py --fixed-cost         # what a job and a process cost beyond training
 
 Every measurement runs the same sweep (`--sweep`, default: latent 2,8 x beta 1,4 x arch mlp,conv = 8 trials) with
 `pipelines/train.py -m`, in a throw-away project root with its own MLflow store, so parent and child runs, summaries
@@ -14,6 +15,8 @@ and checkpoints are all written as in real use. n_jobs=1 is Hydra's basic launch
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import os
 import shutil
 import subprocess
@@ -40,6 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2, help="epochs per trial (default: 2)")
     p.add_argument("--limit-train", type=int, default=10_000, help="training images per trial (default: 10,000)")
     p.add_argument("--out", type=Path, default=HERE / "results", help="sweeps.md and the sweep logs go here")
+    p.add_argument("--fixed-cost", action="store_true", help="instead: a job's cost beyond its training loop (from "
+                   "1-job and N-job digits sweeps on one core) and the training path's import time")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=3, help="--fixed-cost: medians of this many runs (default: 3)")
+    p.add_argument("--fixed-jobs", type=int, default=5, help="--fixed-cost: jobs of the longer sweep (default: 5)")
     args = p.parse_args(argv)
     args.jobs = [int(n) for n in (args.jobs or ("1,4,8" if args.device == "cuda" else "1,2")).split(",")]
     return args
@@ -78,9 +85,80 @@ def measure(args: argparse.Namespace, n_jobs: int, processed: Path) -> dict:
     return {"n_jobs": n_jobs, "seconds": seconds, "trials": trials, "exit": code, "log": str(log)}
 
 
+# One core, one torch thread: the protocol for fixed costs, so a neighbour's load or a second thread's spinning
+# does not pass for vaelab's own time.
+PINNED = ["taskset", "-c", "0"]
+
+
+def pinned_env(root: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DVC_ROOT", "MLFLOW_TRACKING_URI")}
+    return {**env, "VAELAB_ROOT": str(root), "OMP_NUM_THREADS": "1"}
+
+
+def timed(command: list[str], root: Path) -> float:
+    begun = perf_counter()
+    subprocess.run(PINNED + command, cwd=root, env=pinned_env(root), check=True, capture_output=True)
+    return perf_counter() - begun
+
+
+def digits_sweep(root: Path, jobs: int) -> tuple[float, float]:
+    """Wall seconds of a `jobs`-job digits sweep (2 epochs each) in the fresh project `root`, and the seconds its
+    jobs spent in their training loops (from each job's images/s and the training images)."""
+    betas = ",".join(str(b + 1) for b in range(jobs))
+    command = [sys.executable, str(REPO / "pipelines" / "train.py"), "-m", "data=digits", "trainer.max_epochs=2",
+               "trainer.accelerator=cpu", f"objective.beta={betas}", "tracking.system_metrics=false"]  # fmt: skip
+    seconds = timed(command, root)
+    [summary] = root.glob("outputs/*/summary.csv")
+    manifest = json.loads(next(root.glob("data/processed/*/manifest.json")).read_text())
+    n_train = manifest["splits"]["train"]["count"]
+    rows = list(csv.DictReader(summary.open()))
+    training = sum(2 * n_train / float(row["train/images_per_sec"]) for row in rows)
+    return seconds, training
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def fixed_cost(args: argparse.Namespace) -> None:
+    """A sweep job's cost beyond its training loop, and a process's cost of importing the training path."""
+    load = os.getloadavg()[0]
+    one: list[tuple[float, float]] = []
+    many: list[tuple[float, float]] = []
+    imports: dict[str, list[float]] = {"import torch": [], "import vaelab.stages.train": []}
+    for _ in range(args.repeats):
+        for jobs, into in ((1, one), (args.fixed_jobs, many)):
+            root = Path(tempfile.mkdtemp(prefix="vaelab-fixed-cost-"))
+            try:
+                into.append(digits_sweep(root, jobs))
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+        for statement, times in imports.items():
+            times.append(timed([sys.executable, "-c", statement], REPO))
+    per_job = median([(m[0] - o[0]) / (args.fixed_jobs - 1) for o, m in zip(one, many, strict=True)])
+    training = median([m[1] / args.fixed_jobs for m in many])
+    torch_s, train_s = (median(times) for times in imports.values())
+    rows = [
+        ["1-job digits sweep, wall s", f"{median([o[0] for o in one]):.1f}"],
+        [f"{args.fixed_jobs}-job digits sweep, wall s", f"{median([m[0] for m in many]):.1f}"],
+        ["each extra job, s", f"{per_job:.2f}"],
+        ["  of which its training loop, s", f"{training:.2f}"],
+        ["  fixed cost (the rest), s", f"{per_job - training:.2f}"],
+        ["import torch, s", f"{torch_s:.2f}"],
+        ["import vaelab.stages.train, s", f"{train_s:.2f} ({train_s / torch_s:.1f}x import torch)"],
+    ]
+    header = (f"fixed costs: median of {args.repeats}, taskset -c 0, OMP_NUM_THREADS=1, digits, 2 epochs per job; "
+              f"load average at start {load:.1f}")  # fmt: skip
+    text = f"{header}\n\n{markdown_table(['measure', 'value'], rows)}"
+    print(text)
+    (args.out / "fixed_cost.md").write_text(text + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.fixed_cost:
+        return fixed_cost(args)
     cfg = compose_config(throughput_args(["--device", args.device]))
     processed, _ = prepare_data(cfg)
     load = os.getloadavg()[0]

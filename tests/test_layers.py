@@ -63,3 +63,25 @@ def test_a_planted_import_breaks_its_contract(tree: Path, module: str, planted: 
     done = lint_imports(tree)
     assert done.returncode != 0
     assert f"{contract}" in done.stdout and "BROKEN" in done.stdout
+
+
+def imported_packages(script: str, *overrides: str, root: Path) -> set[str]:
+    """The top-level packages a real run of pipelines/<script> imports, as `python -X importtime` lists them."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", str(REPO / "pipelines" / script), *overrides],
+        cwd=root,
+        env=subprocess_env(VAELAB_ROOT=str(root)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    lines = [line.split("|")[-1] for line in done.stderr.splitlines() if line.startswith("import time:")]
+    return {name.strip().split(".")[0] for name in lines}
+
+
+def test_preparing_data_imports_neither_lightning_nor_mlflow(project: Path):
+    # Every DVC prepare stage pays for what it imports; the training stack is seconds of it.
+    packages = imported_packages("prepare.py", "data=digits", root=project)
+    assert "torch" in packages  # the listing is real: preparing saves tensors
+    assert not packages & {"lightning", "mlflow", "matplotlib", "optuna", "hydra_plugins"}
