@@ -64,16 +64,22 @@ def sweep_command(args: argparse.Namespace, n_jobs: int) -> list[str]:
     return command
 
 
+def project_env(root: Path, threads: str) -> dict[str, str]:
+    """This environment for a run in the project `root` with `threads` torch threads, without a DVC root or an
+    MLflow URI that would send it elsewhere."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DVC_ROOT", "MLFLOW_TRACKING_URI")}
+    return {**env, "VAELAB_ROOT": str(root), "OMP_NUM_THREADS": threads}
+
+
 def measure(args: argparse.Namespace, n_jobs: int, processed: Path) -> dict:
     """One whole sweep in a fresh project root (the prepared data linked in); its wall time and trial count."""
     root = Path(tempfile.mkdtemp(prefix="vaelab-sweep-bench-"))
     try:
         (root / "data" / "processed").mkdir(parents=True)
         (root / "data" / "processed" / processed.name).symlink_to(processed)
-        env = {k: v for k, v in os.environ.items() if k not in ("DVC_ROOT", "MLFLOW_TRACKING_URI")}
-        env["VAELAB_ROOT"] = str(root)
         # Each job would otherwise start one torch thread per core: n_jobs x cores threads fighting for the cores.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n_jobs)))
+        threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n_jobs)))
+        env = project_env(root, threads)
         log = args.out / f"sweep-jobs{n_jobs}.log"
         begun = perf_counter()
         with open(log, "w") as out:
@@ -90,14 +96,9 @@ def measure(args: argparse.Namespace, n_jobs: int, processed: Path) -> dict:
 PINNED = ["taskset", "-c", "0"]
 
 
-def pinned_env(root: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("DVC_ROOT", "MLFLOW_TRACKING_URI")}
-    return {**env, "VAELAB_ROOT": str(root), "OMP_NUM_THREADS": "1"}
-
-
 def timed(command: list[str], root: Path) -> float:
     begun = perf_counter()
-    subprocess.run(PINNED + command, cwd=root, env=pinned_env(root), check=True, capture_output=True)
+    subprocess.run(PINNED + command, cwd=root, env=project_env(root, "1"), check=True, capture_output=True)
     return perf_counter() - begun
 
 

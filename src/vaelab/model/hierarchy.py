@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from vaelab.model.distributions import LOG_2PI, gaussian_log_prob
+from vaelab.model.distributions import gaussian_log_prob
 from vaelab.model.networks import MLPDecoder, MLPEncoder, mlp
-from vaelab.model.posteriors import LOGVAR_MAX, LOGVAR_MIN, Member, Posterior
+from vaelab.model.posteriors import Member, Posterior, mean_and_logvar, standard_noise
 from vaelab.model.priors import Prior
 
 
@@ -44,8 +44,7 @@ class ConditionalGaussian(nn.Module):
             out = functional_call(self.net, {name: p.detach() for name, p in self.net.named_parameters()}, (u,))
         else:
             out = self.net(u)
-        mean, logvar = out.split(self.out_dim, dim=-1)
-        return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+        return mean_and_logvar(out, self.out_dim)
 
 
 class TwoLayerMember(Member):
@@ -66,11 +65,7 @@ class TwoLayerMember(Member):
     def rsample(self, k: int = 1, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         z1, log_q1 = self.first.rsample(k, generator)  # [k, B, D1], [k, B]
         mean, logvar = self.second(z1)
-        if generator is None:
-            eps = torch.randn_like(mean)
-        else:
-            eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
-        z2 = mean + torch.exp(0.5 * logvar) * eps
+        z2 = mean + torch.exp(0.5 * logvar) * standard_noise(mean.shape, mean, generator)
         return torch.cat([z1, z2], -1), log_q1 + gaussian_log_prob(z2, mean, logvar)
 
     def log_prob(self, z: torch.Tensor, detach_params: bool = False) -> torch.Tensor:
@@ -99,7 +94,7 @@ class TwoLayerPosterior(Posterior):
     def __init__(self, first: Posterior, second_dim: int, hidden: list[int], activation: str):
         super().__init__(first.latent_dim + second_dim)
         self.first = first
-        self.second = ConditionalGaussian(first.latent_dim, second_dim, list(hidden), activation)
+        self.second = ConditionalGaussian(first.latent_dim, second_dim, hidden, activation)
         self.mutual_info_from = "q(z1|x) alone: " + (first.mutual_info_from or "the diagonal Gaussian it is")
 
     @property
@@ -117,7 +112,7 @@ class TwoLayerPrior(Prior):
     def __init__(self, top: Prior, first_dim: int, hidden: list[int], activation: str):
         super().__init__(first_dim + top.latent_dim)
         self.top, self.first_dim = top, first_dim
-        self.conditional = ConditionalGaussian(top.latent_dim, first_dim, list(hidden), activation)
+        self.conditional = ConditionalGaussian(top.latent_dim, first_dim, hidden, activation)
 
     def bind(self, vae) -> None:
         self.top.bind(vae)
@@ -135,15 +130,14 @@ class TwoLayerPrior(Prior):
         per-dimension KL of a two-layer model is that of each layer given the one above."""
         z1, z2 = self.split(z)
         mean, logvar = self.conditional(z2)
-        within = -0.5 * (LOG_2PI + logvar + (z1 - mean).pow(2) * torch.exp(-logvar))
+        within = gaussian_log_prob(z1.unsqueeze(-1), mean.unsqueeze(-1), logvar.unsqueeze(-1))  # per dimension
         return torch.cat([within, self.top.marginal_log_prob(z2)], -1)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         weight = next(self.conditional.parameters())  # the device and dtype p(z1|z2) computes in
         z2 = self.top.sample(n, generator).to(weight)
-        eps = torch.randn((n, self.first_dim), generator=generator).to(weight)
         mean, logvar = self.conditional(z2)
-        return torch.cat([mean + torch.exp(0.5 * logvar) * eps, z2], -1)
+        return torch.cat([mean + torch.exp(0.5 * logvar) * standard_noise(mean.shape, weight, generator), z2], -1)
 
 
 class FirstLayerDecoder(MLPDecoder):

@@ -40,9 +40,17 @@ MOMENT_SEED = 0
 
 
 def mean_and_logvar(params: torch.Tensor, latent_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first 2D of an encoder's output [B, P] as the base's mean and clamped log-variance, each [B, D]."""
-    mean, logvar = params[:, :latent_dim], params[:, latent_dim : 2 * latent_dim]
+    """The first 2D of a network's output [..., P] as a Gaussian's mean and clamped log-variance, each [..., D]."""
+    mean, logvar = params[..., :latent_dim], params[..., latent_dim : 2 * latent_dim]
     return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+
+
+def standard_noise(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """N(0, I) draws of `shape` on `like`'s device and dtype. With a generator they are drawn from it on the CPU, so
+    a seed gives the same draws on any device."""
+    if generator is None:
+        return torch.randn(shape, device=like.device, dtype=like.dtype)
+    return torch.randn(shape, generator=generator, dtype=like.dtype).to(like.device)
 
 
 class Member:
@@ -68,11 +76,7 @@ class Member:
     def rsample(self, k: int = 1, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """k reparameterized draws z [k, B, D] and their exact log q(z|x) [k, B]. With a generator, the noise is drawn
         on the CPU from it (the same draws on any device)."""
-        shape = (k, *self.mean.shape)
-        if generator is None:
-            eps = torch.randn(shape, device=self.mean.device, dtype=self.mean.dtype)
-        else:
-            eps = torch.randn(shape, generator=generator, dtype=self.mean.dtype).to(self.mean.device)
+        eps = standard_noise((k, *self.mean.shape), self.mean, generator)
         z0 = self.mean + torch.exp(0.5 * self.logvar) * eps
         z, log_det = self.transform(z0)
         return z, gaussian_log_prob(z0, self.mean, self.logvar) - log_det
