@@ -187,6 +187,18 @@ def test_a_second_signal_during_the_cleanup_is_ignored_and_the_store_stays_consi
     assert_store_intact(project)
 
 
+@pytest.mark.subprocess
+def test_ctrl_c_while_a_new_store_is_created_exits_130_and_leaves_a_store_the_next_run_uses(project: Path):
+    # The 60th statement falls in the migrations that create a new MLflow store, the first seconds of a first run.
+    during_creation = ("sqlalchemy.engine.default:DefaultDialect.do_execute", "SIGINT", 60)
+    done = run_entry("train.py", *TINY, root=project, check=False, env=signalled(during_creation))
+
+    assert_stopped_cleanly(done, "vaelab: interrupted")
+    assert_store_intact(project)
+    run_entry("train.py", *TINY, root=project)
+    assert [run.info.status for run in all_runs(project)] == ["FINISHED"]
+
+
 def test_the_first_stop_signal_raises_keyboard_interrupt_and_later_ones_are_only_reported(monkeypatch, capsys):
     monkeypatch.setattr(lifecycle, "_received", [])
     before = {signum: signal.getsignal(signum) for signum in lifecycle.STOP_SIGNALS}
@@ -288,3 +300,29 @@ def test_a_slow_training_step_is_warned_about_before_training(monkeypatch, capsy
     monkeypatch.setattr(budget, "SLOW_STEP_S", 0)
     assert budget.warn_if_slow_step(vae, images, cfg) > 0
     assert "warning: one training step is timed at about" in capsys.readouterr().out
+
+
+def test_a_stop_signal_during_a_store_call_lets_the_call_finish_and_then_interrupts(monkeypatch, tmp_path: Path):
+    # Raised inside SQLAlchemy, the interrupt would leave a half-migrated store or a closed cursor's traceback.
+    from vaelab.tracking.store import StoreClient
+
+    monkeypatch.setattr(lifecycle, "_received", [])
+    client = StoreClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    finished = []
+
+    def interrupted_call():
+        os.kill(os.getpid(), signal.SIGINT)
+        signal.sigtimedwait([], 0)  # a bytecode boundary: the handler has run by now
+        finished.append(client._client.create_experiment("during the signal"))
+        return finished[-1]
+
+    before = {signum: signal.getsignal(signum) for signum in lifecycle.STOP_SIGNALS}
+    try:
+        lifecycle.stop_on_signals()
+        with pytest.raises(KeyboardInterrupt):
+            client._retry(interrupted_call, "creating an experiment")
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    assert finished and client.get_experiment(finished[0]).name == "during the signal"
+    assert lifecycle.stop_signal() == "SIGINT"

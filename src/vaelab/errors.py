@@ -96,5 +96,5 @@ def exit_on_user_error() -> Iterator[None]:
         print(f"vaelab: {redact_text(str(problem))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as error:
-        print(f"vaelab: {redact_text(str(error or 'interrupted'))}", file=sys.stderr)
+        print(f"vaelab: {redact_text(str(error) or 'interrupted')}", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT)

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
 
+from vaelab.tracking import deferral
 from vaelab.tracking.run import Run
 
 INTERRUPTS = (KeyboardInterrupt, SystemExit)
@@ -53,7 +54,11 @@ def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
             flush=True,
         )
         return
-    raise Terminated(f"stopped by {name}") if signum == signal.SIGTERM else KeyboardInterrupt()
+    interrupt = Terminated(f"stopped by {name}") if signum == signal.SIGTERM else KeyboardInterrupt()
+    if deferral.deferring():
+        deferral.defer(interrupt)  # raised as the store call under way ends: see vaelab.tracking.deferral
+        return
+    raise interrupt
 
 
 def stop_signal() -> str | None:

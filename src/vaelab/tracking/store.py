@@ -18,6 +18,7 @@ from filelock import FileLock
 from vaelab import paths
 from vaelab.errors import StoreLockedError, VaelabError
 from vaelab.redaction import redact_url
+from vaelab.tracking.deferral import deferring_interrupts
 
 STORE_LOCK_TIMEOUT_S = 30.0  # default of tracking.lock_timeout_s
 SQLITE = "sqlite:///"
@@ -137,7 +138,8 @@ class StoreClient:
         deadline, delay = time.monotonic() + self.lock_timeout_s, 0.25
         while True:
             try:
-                return call(*args, **kwargs)
+                with deferring_interrupts():
+                    return call(*args, **kwargs)
             except Exception as error:
                 if "database is locked" not in str(error):
                     raise
