@@ -14,6 +14,7 @@ from helpers.processes import copy_processed, run_entry
 from helpers.stores import all_runs, artifact_paths, mlflow_client
 from vaelab.checkpoints import load_trained
 from vaelab.stages.evaluate import evaluate
+from vaelab.stages.phases import PHASES
 from vaelab.stages.train import build_module, train
 from vaelab.tracking.run import PARENT_TAG, Run
 from vaelab.training.builder import build_optimizer
@@ -44,6 +45,10 @@ def test_one_short_training_makes_a_finished_run_linked_to_its_checkpoint(projec
     assert metrics["val/elbo"] < 0 and metrics["val/rec"] > 0 and metrics["val/kl"] >= 0
     assert metrics["train/loss"] == pytest.approx(-metrics["train/elbo"], rel=1e-5)  # beta = 1, no warm-up
     assert summary["val/elbo"] == pytest.approx(metrics["val/elbo"])
+    # where its wall time went, phase by phase (no evaluation: eval.after_train is off)
+    phases = {name for name in metrics if name.startswith("time/")}
+    assert phases == {f"time/{phase}_s" for phase in PHASES if phase != "evaluation"}
+    assert all(metrics[name] > 0 for name in phases)
 
     assert run.data.params["model.latent_dim"] == "4"
     assert run.data.params["data.name"] == "digits"

@@ -14,6 +14,7 @@ import sys
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from time import perf_counter
 
 import lightning.pytorch as pl
 import torch
@@ -36,6 +37,7 @@ from vaelab.stages.budget import check_estimate, warn_if_slow_step
 from vaelab.stages.evaluate import warn_if_collapsed
 from vaelab.stages.export import register, save_pyfunc
 from vaelab.stages.logger import lightning_logger
+from vaelab.stages.phases import Phases
 from vaelab.stages.preflight import check_buildable
 from vaelab.stages.progress import progress_bar
 from vaelab.stages.publish import publish as publish_outputs
@@ -107,6 +109,8 @@ def train(
     job or a search's trial, `parent_run_id` set) publishes nothing shared: its checkpoint and figures stay in
     outputs/<run_id>/ and its MLflow run, so parallel jobs never overwrite each other's results.
     """
+    began = perf_counter()
+    phases = Phases()
     pruned = tuple(pruned)
     resume = None
     validate(cfg)
@@ -153,6 +157,7 @@ def train(
             parent_run_id=parent_run_id,
         )
     run_id = run.run_id if run else resume.run_id if resume else None
+    phases.add("setup", perf_counter() - began)
     saved = paths.interrupted_checkpoint(run_id) if run_id else None
 
     def where_saved() -> dict[str, str]:
@@ -164,7 +169,15 @@ def train(
         with run_lifecycle(run, pruned=pruned, interrupt_tags=where_saved):
             try:
                 return fit_and_publish(
-                    cfg, module, data, run, callbacks, publish=parent_run_id is None, resume=resume, fitted=fitted
+                    cfg,
+                    module,
+                    data,
+                    run,
+                    callbacks,
+                    publish=parent_run_id is None,
+                    resume=resume,
+                    fitted=fitted,
+                    phases=phases,
                 )
             finally:
                 if monitor:
@@ -249,9 +262,12 @@ def fit_and_publish(
     publish: bool = True,
     resume: Resumption | None = None,
     fitted: list[bool] | None = None,
+    phases: Phases | None = None,
 ) -> dict[str, float | str]:
     """Everything that happens inside the run: any failure here marks the run FAILED or KILLED. `fitted` gets an
-    entry once Trainer.fit has returned."""
+    entry once Trainer.fit has returned. `phases` times each phase, logged to the run as `time/<phase>_s`."""
+    phases = phases or Phases()
+    fit_began = perf_counter()
     # Under DDP every rank runs train(). Only rank zero has the MLflow run and writes files; the other ranks train
     # their shard of the data and stop after fit (ModelCheckpoint takes rank zero's folder, and saves on rank zero).
     rank_zero = is_rank_zero()
@@ -295,13 +311,17 @@ def fit_and_publish(
     )
     # weights_only: resume checked this file, and Lightning's own read of it must not run a pickle either.
     trainer.fit(module, datamodule=data, ckpt_path=resume.checkpoint if resume else None, weights_only=True)
+    phases.add("fit", perf_counter() - fit_began)
     if fitted is not None:
         fitted.append(True)
     if not rank_zero:
         return {}
-    summary = finish(cfg, trainer, module, data, checkpoint, history, run, config_file, publish)
+    summary = finish(cfg, trainer, module, data, checkpoint, history, run, config_file, publish, phases)
     if cfg.eval.after_train:
-        summary |= evaluate_after_training(cfg, str(summary["run_id"]), run, publish)
+        with phases("evaluation"):
+            summary |= evaluate_after_training(cfg, str(summary["run_id"]), run, publish)
+    if run:
+        run.log_metrics(phases.metrics())
     return summary
 
 
@@ -315,21 +335,18 @@ def finish(
     run: Run | None,
     config_file: Path,
     publish: bool = True,
+    phases: Phases | None = None,
 ) -> dict[str, float | str]:
     """After fit: reload the best weights, estimate val/nll_iw, draw figures, log artifacts, publish."""
-    best = Path(checkpoint.best_model_path)
-    state = read_checkpoint(best)
-    module.load_state_dict(state["state_dict"])
-    module.eval()
-
-    val_images = data.eval_images("val", cfg.eval.val_limit)
-    with progress_bar(f"val NLL (k={cfg.eval.val_iw_k})", total=len(val_images) * cfg.eval.val_iw_k) as advance:
-        val_iw = evaluate_images(module.vae, val_images, k=cfg.eval.val_iw_k, on_samples=advance)
+    phases = phases or Phases()
+    with phases("estimates"):
+        best, state, val_images, val_iw = best_estimates(cfg, module, data, checkpoint)
     out_dir = config_file.parent
     figures = out_dir / paths.FIGURES
-    val_labels = data.split("val")["labels"][: len(val_images)]
-    save_figures(module.vae, val_images, val_labels, val_iw.kl_per_dim, figures, seed=cfg.seed)
-    save_training_curves(history.rows, figures / "training_curves.png")
+    with phases("figures"):
+        val_labels = data.split("val")["labels"][: len(val_images)]
+        save_figures(module.vae, val_images, val_labels, val_iw.kl_per_dim, figures, seed=cfg.seed)
+        save_training_curves(history.rows, figures / "training_curves.png")
 
     best_row = next(row for row in history.rows if row["epoch"] == state["epoch"])
     # The end-of-training IW estimates use the first eval.val_limit val images (all by default).
@@ -343,16 +360,32 @@ def finish(
     }
     warn_if_collapsed(val_iw, run)
     if run:
-        run.log_metrics({**val_estimates, "val/iw_k": float(cfg.eval.val_iw_k)}, step=trainer.global_step)
-        run.log_artifact(config_file, "config")
-        run.log_artifact(best, paths.CHECKPOINTS)
-        run.log_artifact(figures, paths.FIGURES)
-        log_model(cfg, run, best, out_dir / paths.PYFUNC_MODEL, data, module)
+        with phases("model_logging"):
+            run.log_metrics({**val_estimates, "val/iw_k": float(cfg.eval.val_iw_k)}, step=trainer.global_step)
+            run.log_artifact(config_file, "config")
+            run.log_artifact(best, paths.CHECKPOINTS)
+            run.log_artifact(figures, paths.FIGURES)
+            log_model(cfg, run, best, out_dir / paths.PYFUNC_MODEL, data, module)
 
     summary["run_id"] = module.lineage["run_id"]
     if publish:
-        publish_outputs(best, module.lineage["run_id"], config_file, summary, history.rows)
+        with phases("publish"):
+            publish_outputs(best, module.lineage["run_id"], config_file, summary, history.rows)
     return summary
+
+
+def best_estimates(cfg: DictConfig, module: VAEModule, data: ImageData, checkpoint: ModelCheckpoint):
+    """The best checkpoint's weights loaded into `module`, and its IW estimates on the first eval.val_limit val
+    images: (checkpoint path, checkpoint state, those images, their estimates)."""
+    best = Path(checkpoint.best_model_path)
+    state = read_checkpoint(best)
+    module.load_state_dict(state["state_dict"])
+    module.eval()
+
+    val_images = data.eval_images("val", cfg.eval.val_limit)
+    with progress_bar(f"val NLL (k={cfg.eval.val_iw_k})", total=len(val_images) * cfg.eval.val_iw_k) as advance:
+        val_iw = evaluate_images(module.vae, val_images, k=cfg.eval.val_iw_k, on_samples=advance)
+    return best, state, val_images, val_iw
 
 
 def log_model(cfg: DictConfig, run: Run, checkpoint: Path, folder: Path, data: ImageData, module: VAEModule) -> None:

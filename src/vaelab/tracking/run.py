@@ -174,8 +174,10 @@ class Run:
         self.client.log_batch(self.run_id, metrics=items)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for key, value in redacted(tags).items():
-            self.client.set_tag(self.run_id, key, value)
+        from mlflow.entities import RunTag
+
+        if tags:  # one write, however many tags
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in redacted(tags).items()])
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if path.is_dir():
