@@ -32,6 +32,8 @@ from throughput import compose_config, markdown_table, prepare_data  # noqa: E40
 from throughput import parse_args as throughput_args  # noqa: E402
 
 DEFAULT_SWEEP = "model.latent_dim=2,8 objective.beta=1,4 arch=mlp,conv"
+# A run's phases (vaelab.stages.phases.PHASES), in order; spelled out so that older code can be measured too.
+PHASES = ("setup", "fit", "estimates", "figures", "model_logging", "publish", "evaluation")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,19 +104,58 @@ def timed(command: list[str], root: Path) -> float:
     return perf_counter() - begun
 
 
-def digits_sweep(root: Path, jobs: int) -> tuple[float, float]:
-    """Wall seconds of a `jobs`-job digits sweep (2 epochs each) in the fresh project `root`, and the seconds its
-    jobs spent in their training loops (from each job's images/s and the training images)."""
+DIGITS = ["data=digits", "trainer.max_epochs=2", "trainer.accelerator=cpu", "tracking.system_metrics=false"]
+
+
+def digits_sweep(root: Path, jobs: int) -> dict:
+    """A `jobs`-job digits sweep (2 epochs each) in the fresh project `root`: its wall seconds, the seconds its jobs
+    spent in their training loops (from each job's images/s and the training images), and each job's phases as its
+    run logged them (`time/<phase>_s`, vaelab.stages.phases; none where the code predates them)."""
     betas = ",".join(str(b + 1) for b in range(jobs))
-    command = [sys.executable, str(REPO / "pipelines" / "train.py"), "-m", "data=digits", "trainer.max_epochs=2",
-               "trainer.accelerator=cpu", f"objective.beta={betas}", "tracking.system_metrics=false"]  # fmt: skip
+    command = [sys.executable, str(REPO / "pipelines" / "train.py"), "-m", *DIGITS, f"objective.beta={betas}"]
     seconds = timed(command, root)
     [summary] = root.glob("outputs/*/summary.csv")
-    manifest = json.loads(next(root.glob("data/processed/*/manifest.json")).read_text())
-    n_train = manifest["splits"]["train"]["count"]
+    n_train = digits_train_count(root)
     rows = list(csv.DictReader(summary.open()))
     training = sum(2 * n_train / float(row["train/images_per_sec"]) for row in rows)
-    return seconds, training
+    return {"seconds": seconds, "training": training, "phases": job_phases(root)}
+
+
+def digits_train_count(root: Path) -> int:
+    manifest = json.loads(next(root.glob("data/processed/*/manifest.json")).read_text())
+    return manifest["splits"]["train"]["count"]
+
+
+def job_phases(root: Path) -> list[dict[str, float]]:
+    """Each child run's `time/<phase>_s` metrics, from the sweep's own MLflow store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return [{k[5:-2]: v for k, v in r.data.metrics.items() if k.startswith("time/")} for r in children]
+
+
+def bare_loop_seconds(root: Path) -> float:
+    """The same 2 digits epochs (model, batch size, Adam) as a plain PyTorch loop: throughput.py's bare worker,
+    pinned like the sweeps, on the data the sweep prepared in `root`."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose(config_name="train", overrides=DIGITS), resolve=True)
+    [manifest_file] = root.glob("data/processed/*/manifest.json")
+    manifest = json.loads(manifest_file.read_text())
+    spec = {"config": cfg, "data_folder": str(manifest_file.parent), "image_shape": manifest["image_shape"],
+            "grey_levels": manifest["grey_levels"], "device": "cpu", "precision": "32-true",
+            "batch_size": cfg["data"]["batch_size"], "epochs": 2, "warmup_epochs": 0, "limit_train": None,
+            "seed": cfg["seed"], "threads": 1}  # fmt: skip
+    spec_file, result_file = root / "bare.spec.json", root / "bare.result.json"
+    spec_file.write_text(json.dumps(spec))
+    worker = [sys.executable, str(HERE / "throughput.py"), "--worker", "bare", "--spec", str(spec_file),
+              "--result", str(result_file)]  # fmt: skip
+    timed(worker, root)
+    return json.loads(result_file.read_text())["seconds"]
 
 
 def median(values: list[float]) -> float:
@@ -122,29 +163,44 @@ def median(values: list[float]) -> float:
 
 
 def fixed_cost(args: argparse.Namespace) -> None:
-    """A sweep job's cost beyond its training loop, and a process's cost of importing the training path."""
+    """A sweep job's cost beyond its training loop, where it goes, and a process's cost of importing the training
+    path; beside them, a bare PyTorch loop's time for the same training."""
     load = os.getloadavg()[0]
-    one: list[tuple[float, float]] = []
-    many: list[tuple[float, float]] = []
+    one: list[dict] = []
+    many: list[dict] = []
+    bare: list[float] = []
     imports: dict[str, list[float]] = {"import torch": [], "import vaelab.stages.train": []}
     for _ in range(args.repeats):
         for jobs, into in ((1, one), (args.fixed_jobs, many)):
             root = Path(tempfile.mkdtemp(prefix="vaelab-fixed-cost-"))
             try:
                 into.append(digits_sweep(root, jobs))
+                if jobs == 1:
+                    bare.append(bare_loop_seconds(root))
             finally:
                 shutil.rmtree(root, ignore_errors=True)
         for statement, times in imports.items():
             times.append(timed([sys.executable, "-c", statement], REPO))
-    per_job = median([(m[0] - o[0]) / (args.fixed_jobs - 1) for o, m in zip(one, many, strict=True)])
-    training = median([m[1] / args.fixed_jobs for m in many])
+    per_job = median([(m["seconds"] - o["seconds"]) / (args.fixed_jobs - 1) for o, m in zip(one, many, strict=True)])
+    training = median([m["training"] / args.fixed_jobs for m in many])
     torch_s, train_s = (median(times) for times in imports.values())
     rows = [
-        ["1-job digits sweep, wall s", f"{median([o[0] for o in one]):.1f}"],
-        [f"{args.fixed_jobs}-job digits sweep, wall s", f"{median([m[0] for m in many]):.1f}"],
+        ["1-job digits sweep, wall s", f"{median([o['seconds'] for o in one]):.1f}"],
+        [f"{args.fixed_jobs}-job digits sweep, wall s", f"{median([m['seconds'] for m in many]):.1f}"],
         ["each extra job, s", f"{per_job:.2f}"],
         ["  of which its training loop, s", f"{training:.2f}"],
         ["  fixed cost (the rest), s", f"{per_job - training:.2f}"],
+        ["bare PyTorch loop, the same 2 epochs, s", f"{median(bare):.2f}"],
+    ]
+    phases = [p for m in many for p in m["phases"]]
+    if phases:
+        rows.append(["a job's phases (its run's time/<phase>_s, median over jobs), s", ""])
+        seen = [name for name in PHASES if any(name in p for p in phases)]
+        medians = {name: median([p.get(name, 0.0) for p in phases]) for name in seen}
+        rows += [[f"  {name}", f"{seconds:.2f}"] for name, seconds in medians.items()]
+        rows.append(["  Hydra and the sweep's bookkeeping (the rest of the extra job), s",
+                     f"{per_job - sum(medians.values()):.2f}"])  # fmt: skip
+    rows += [
         ["import torch, s", f"{torch_s:.2f}"],
         ["import vaelab.stages.train, s", f"{train_s:.2f} ({train_s / torch_s:.1f}x import torch)"],
     ]

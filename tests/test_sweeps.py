@@ -9,9 +9,12 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import shutil
 import statistics
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -25,6 +28,8 @@ ONE_EPOCH = [o for o in TINY if not o.startswith(("trainer.max_epochs=", "model.
 ONE_EPOCH += ["trainer.max_epochs=1"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SUMMARY_FILES = {"summary.csv", "summary.md", "val_elbo_by_axis.png"}
+RUN_FIGURES = ("reconstructions", "samples", "traversals", "interpolations", "latent_scatter", "kl_per_dim")
+RUN_FIGURES = (*(f"{name}.png" for name in RUN_FIGURES), "training_curves.png")
 
 
 def sweep_runs(root: Path):
@@ -46,7 +51,7 @@ def markdown_rows(path: Path) -> list[str]:
 
 
 @pytest.mark.subprocess
-def test_a_grid_sweep_nests_every_job_under_one_parent_and_summarises_them(project: Path):
+def test_a_grid_sweep_nests_every_job_under_one_parent_and_summarises_them(project: Path, tmp_path: Path):
     # 2 x 2 x 2: latent size x beta x seed, run one after another (Hydra's basic launcher).
     sweep = ("model.latent_dim=2,4", "objective.beta=1,4", "seed=0,1")
     done = run_entry("train.py", "-m", *ONE_EPOCH, *sweep, root=project)
@@ -112,6 +117,20 @@ def test_a_grid_sweep_nests_every_job_under_one_parent_and_summarises_them(proje
     assert sweep_dir.parent == project / "outputs" / "multirun"
     assert (sweep_dir / "parent_run_id").read_text().strip() == parent_id
     assert {(sweep_dir / str(n) / "run_id").read_text().strip() for n in range(8)} == {r["run_id"] for r in rows}
+
+    # Each job keeps all a single run keeps: its params, config, checkpoint, figures, timings and a model that loads.
+    client = mlflow_client(project)
+    images = np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)
+    swept_params = {tuple(c.data.params[k] for k in ("model.latent_dim", "objective.beta", "seed")) for c in children}
+    assert swept_params == set(itertools.product(["2", "4"], ["1", "4"], ["0", "1"]))
+    for child in children:
+        logged = artifact_paths(client, child.info.run_id)
+        assert {"config/config.yaml", "checkpoints/best.ckpt", *(f"figures/{name}" for name in RUN_FIGURES)} <= logged
+        assert child.data.metrics["time/fit_s"] > 0 and child.data.metrics["time/figures_s"] > 0
+        model = mlflow.pyfunc.load_model(client.download_artifacts(child.info.run_id, "model", str(tmp_path)))
+        latent_dim = int(child.data.params["model.latent_dim"])
+        assert model.predict(images).shape == (3, latent_dim)
+        shutil.rmtree(tmp_path / "model")
 
     # Sweep jobs publish nothing shared: models/latest/ and metrics/ belong to single runs (DVC's train stage).
     assert not (project / "models" / "latest").exists()
