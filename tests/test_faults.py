@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from helpers.config import SIGNAL_EPOCHS, SIGNALLABLE, TINY, make_config
 from helpers.filesystems import tmpfs
@@ -129,6 +130,32 @@ def test_a_store_locked_for_too_long_fails_clearly_before_the_run_and_stays_inta
     assert f"the MLflow store sqlite:///{db} stayed locked by another process" in done.stderr
     assert store_is_intact(db)
     assert all_runs(project) == []  # nothing half-created
+
+
+def test_a_new_store_is_a_copy_of_the_empty_store_this_mlflow_made_once(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first, second = (tmp_path / name / "mlflow.db" for name in ("first", "second"))
+    first.parent.mkdir(), second.parent.mkdir()
+    ensure_experiment(f"sqlite:///{first}", "vaelab")
+    [empty] = (tmp_path / "cache" / "vaelab").glob("empty-mlflow-store-*.db")
+    made = empty.stat().st_mtime_ns
+    ensure_experiment(f"sqlite:///{second}", "vaelab")
+
+    assert empty.stat().st_mtime_ns == made  # made once, copied since
+    for db in (first, second):
+        experiments = {e.name: e.artifact_location for e in MlflowClient(f"sqlite:///{db}").search_experiments()}
+        assert experiments["vaelab"] == (db.parent / "mlartifacts" / "vaelab").as_uri()
+        assert set(experiments) == {"Default", "vaelab"}  # MLflow's own Default, made when the copy was opened
+        assert store_is_intact(db)
+
+
+def test_where_the_cache_cannot_be_written_mlflow_makes_the_new_store_itself(tmp_path: Path, monkeypatch):
+    (tmp_path / "not a folder").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not a folder"))
+    db = tmp_path / "mlflow.db"
+    ensure_experiment(f"sqlite:///{db}", "vaelab")
+    assert {e.name for e in MlflowClient(f"sqlite:///{db}").search_experiments()} == {"Default", "vaelab"}
+    assert store_is_intact(db)
 
 
 @pytest.mark.subprocess

@@ -189,9 +189,11 @@ def test_a_second_signal_during_the_cleanup_is_ignored_and_the_store_stays_consi
 
 @pytest.mark.subprocess
 def test_ctrl_c_while_a_new_store_is_created_exits_130_and_leaves_a_store_the_next_run_uses(project: Path):
-    # The 60th statement falls in the migrations that create a new MLflow store, the first seconds of a first run.
+    # The 60th statement falls in the migrations that make a new MLflow store, the first seconds of a first run; an
+    # empty cache folder makes the run make its store that way (not copy the empty store made once, as it may).
     during_creation = ("sqlalchemy.engine.default:DefaultDialect.do_execute", "SIGINT", 60)
-    done = run_entry("train.py", *TINY, root=project, check=False, env=signalled(during_creation))
+    env = {**signalled(during_creation), "XDG_CACHE_HOME": str(project / "cache")}
+    done = run_entry("train.py", *TINY, root=project, check=False, env=env)
 
     assert_stopped_cleanly(done, "vaelab: interrupted")
     assert_store_intact(project)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
+import shutil
 import sqlite3
+import tempfile
 import time
 from contextlib import closing, nullcontext
 from pathlib import Path
@@ -165,6 +167,8 @@ def ensure_experiment(uri: str, experiment: str, lock_timeout_s: float = STORE_L
         _check_sqlite(uri, may_create_folder=uri == default_uri())
         db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(db) + ".lock") if db else nullcontext():
+        if db is not None and not db.exists():
+            copy_new_store(db)
         client = StoreClient(uri, lock_timeout_s)
         found = client.get_experiment_by_name(experiment)
         if found is not None and found.lifecycle_stage == "deleted":
@@ -172,6 +176,51 @@ def ensure_experiment(uri: str, experiment: str, lock_timeout_s: float = STORE_L
         if found is not None:
             return found.experiment_id
         return client.create_experiment(experiment, artifact_location=artifact_location(uri, experiment))
+
+
+def copy_new_store(db: Path) -> None:
+    """A new sqlite store at `db`, copied from an empty one that this MLflow made and migrated.
+
+    MLflow makes a new store by running every schema migration since its first release, ~3 s on one core, which each
+    new project (and each test, and each benchmark's fresh root) would pay again. The empty store is made once per
+    MLflow, SQLAlchemy, Alembic and sqlite version, in the user's cache folder, and holds no experiment: on first
+    opening a copy, MLflow adds its Default experiment there, with an artifact folder of its own. Where the cache
+    cannot be written, MLflow makes the store itself, as before."""
+    template = empty_store()
+    if template is None:
+        return
+    partial = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(template, partial)
+        os.replace(partial, db)
+    except OSError:
+        partial.unlink(missing_ok=True)  # MLflow makes the store instead
+
+
+def empty_store() -> Path | None:
+    """The cached empty, migrated store for the installed versions, made now if missing; None where it cannot be."""
+    import alembic
+    import mlflow
+    import sqlalchemy
+
+    versions = f"mlflow {mlflow.__version__} sqlalchemy {sqlalchemy.__version__} alembic {alembic.__version__}"
+    key = hashlib.sha256(f"{versions} sqlite {sqlite3.sqlite_version}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vaelab"
+    template = cache / f"empty-mlflow-store-{key}.db"
+    if template.is_file():
+        return template
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as scratch:
+            fresh = Path(scratch) / "mlflow.db"
+            StoreClient(f"{SQLITE}{fresh}").search_experiments()  # MLflow makes and migrates it
+            with closing(sqlite3.connect(fresh)) as connection, connection:
+                connection.execute("DELETE FROM experiment_tags")
+                connection.execute("DELETE FROM experiments")  # Default's artifact folder is the scratch folder's
+            os.replace(fresh, template)  # whole or not at all, whoever else makes it at the same time
+    except (OSError, sqlite3.Error):
+        return None
+    return template
 
 
 def in_trash(uri: str, experiment: str, experiment_id: str) -> str:
