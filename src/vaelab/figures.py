@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torchvision.utils import save_image
 
 MIN_SIDE = 28  # upscale tiny images (8x8 digits) so a grid is readable
@@ -27,6 +28,13 @@ def with_margins(fig: Figure, wspace: float = 0.25, **inches: float) -> Figure:
         wspace=wspace,
     )
     return fig
+
+
+def few_ticks(ax, integer_x: bool = False, x_bins: int = 5) -> None:
+    """At most about five ticks an axis: every tick label is text drawn afresh, the costliest part of a small
+    figure. `integer_x`: whole numbers only on x (epochs, latent dimensions)."""
+    ax.xaxis.set_major_locator(MaxNLocator(x_bins, integer=integer_x))
+    ax.yaxis.set_major_locator(MaxNLocator(5))
 
 
 def save_figure(fig: Figure, path: Path, tight: bool = True) -> Path:
@@ -84,6 +92,7 @@ def save_training_curves(history: list[dict[str, float]], path: Path) -> Path:
                 ax.plot(epochs, values, style, markersize=3, label=split)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
+        few_ticks(ax, integer_x=True)
         ax.grid(alpha=0.3)
     drawn = [ax for ax in axes if ax.lines]
     if drawn:  # every panel draws train and val alike: one legend says which is which
@@ -96,6 +105,7 @@ def save_kl_per_dim(kl_per_dim: list[float], path: Path) -> Path:
     fig = with_margins(Figure(figsize=(max(4.0, 0.25 * len(kl_per_dim) + 1.5), 3.0)))
     ax = fig.subplots()
     ax.bar(range(len(kl_per_dim)), kl_per_dim, color="tab:blue")
+    few_ticks(ax, integer_x=True, x_bins=10)
     ax.set_xlabel("latent dimension")
     ax.set_ylabel("KL (nats)")
     ax.set_title("KL per latent dimension (test)", fontsize=10)
@@ -148,6 +158,7 @@ def save_latent_scatter(means: torch.Tensor, labels: torch.Tensor, path: Path) -
     else:
         x, y, y_label = points[:, 0], labels, "label"
     scatter = ax.scatter(x, y, c=labels, cmap="tab10", s=3, alpha=0.6)
+    few_ticks(ax)
     # Beside the axes: loc="best" would test every position against thousands of points.
     ax.legend(*scatter.legend_elements(), title="label", fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_xlabel(f"{axis} 1")

@@ -93,12 +93,17 @@ def record_failure(
         return None
 
 
+_redacted: set[Path] = set()  # the sweep folders this process has already redacted
+
+
 def redact_sweep_config(folder: Path) -> None:
     """Hydra saves the sweep's config, with the command line's overrides, as multirun.yaml in the sweep folder
-    before any job starts: each job rewrites it without its secrets (vaelab.redaction), the same for every job."""
+    before any job starts: the first job of each process rewrites it without its secrets (vaelab.redaction), the
+    same for every job, and the others need not read it again."""
     saved = folder / MULTIRUN_CONFIG
-    if not saved.is_file():
+    if folder in _redacted or not saved.is_file():
         return
+    _redacted.add(folder)
     config = OmegaConf.to_container(OmegaConf.load(saved), resolve=False)
     public = redact_config(config)
     if public != config:
