@@ -223,6 +223,13 @@ def job(num: int, status: str = "FINISHED", elbo: float = math.nan, **overrides:
     }
 
 
+def test_a_sweep_composes_each_job_once_as_it_launches_it_after_the_callback_checked_every_swept_value():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["sweep=beta"], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_ == "hydra_plugins.vaelab_sweeper.checked_sweeper.CheckedSweeper"
+    assert cfg.hydra.sweeper.params == {"objective.beta": "0.25,0.5,1,2,4,8"}  # sweeps read as with Hydra's own
+
+
 def test_seeds_aggregate_to_mean_and_std_per_configuration_and_failures_are_counted():
     rows = [
         job(0, elbo=-10.0, beta="1", seed="0"),

@@ -126,13 +126,18 @@ def child_runs(uri: str, parent: str, deleted: bool = False) -> pd.DataFrame:
     return runs.assign(deleted=runs.reindex(columns=["run_id"])["run_id"].isin(gone["run_id"]))
 
 
+CHECKED_SWEEPER = "hydra_plugins.vaelab_sweeper.checked_sweeper.CheckedSweeper"  # the default: conf/train.yaml
+
+
 def launched_jobs(sweeper: DictConfig, overrides: list[str]) -> list[list[str]] | None:
-    """The overrides of every job Hydra's basic sweeper launches for these sweeper settings and command line, in job
-    order (what its `sweep` expands them to); None for another sweeper, or a sweep it cannot expand here."""
+    """The overrides of every job Hydra's basic sweeper (or vaelab's, which is one) launches for these sweeper
+    settings and command line, in job order (what its `sweep` expands them to); None for another sweeper, or a sweep
+    it cannot expand here."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    if sweeper.get("_target_") != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}":
+    basic = f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"
+    if sweeper.get("_target_") not in (basic, CHECKED_SWEEPER):
         return None
     arguments = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()] + list(overrides)
     try:
