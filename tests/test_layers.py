@@ -1,5 +1,6 @@
 """The package's layers are walls a tool checks: import-linter's contracts in pyproject.toml hold for the tree, and
-planting a forbidden import in a layer breaks the build."""
+planting a forbidden import in a layer breaks the build. And every process imports only what its work needs: Lightning
+alone costs a process several seconds of imports, which every DVC stage, sweep job and model load would pay again."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers.config import REPO
-from helpers.processes import subprocess_env
+from helpers.config import REPO, TINY
+from helpers.processes import run_entry, subprocess_env
 
 pytestmark = pytest.mark.subprocess
 
@@ -42,7 +43,7 @@ def tree(tmp_path: Path) -> Path:
 def test_the_layer_contracts_hold(tree: Path):
     done = lint_imports(tree)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "4 kept, 0 broken" in done.stdout
+    assert "5 kept, 0 broken" in done.stdout
 
 
 @pytest.mark.parametrize(
@@ -55,6 +56,9 @@ def test_the_layer_contracts_hold(tree: Path):
         ("training/callbacks.py", "import mlflow", "The training layer imports no Hydra"),
         ("tracking/run.py", "import lightning.pytorch.loggers", "The tracking layer imports no Lightning"),
         ("stages/train.py", "import pipelines.train", "The library never imports the entry points"),
+        ("stages/budget.py", "import lightning.pytorch", "Reading, evaluating and serving a checkpoint"),
+        ("training/builder.py", "import lightning.pytorch", "Reading, evaluating and serving a checkpoint"),
+        ("stages/export.py", "import vaelab.training.callbacks", "Reading, evaluating and serving a checkpoint"),
     ],
 )
 def test_a_planted_import_breaks_its_contract(tree: Path, module: str, planted: str, contract: str):
@@ -63,6 +67,12 @@ def test_a_planted_import_breaks_its_contract(tree: Path, module: str, planted: 
     done = lint_imports(tree)
     assert done.returncode != 0
     assert f"{contract}" in done.stdout and "BROKEN" in done.stdout
+
+
+def packages_listed(importtime: str) -> set[str]:
+    """The top-level packages in a `python -X importtime` listing (a process's stderr)."""
+    lines = [line.split("|")[-1] for line in importtime.splitlines() if line.startswith("import time:")]
+    return {name.strip().split(".")[0] for name in lines}
 
 
 def imported_packages(script: str, *overrides: str, root: Path) -> set[str]:
@@ -76,8 +86,25 @@ def imported_packages(script: str, *overrides: str, root: Path) -> set[str]:
         timeout=300,
         check=True,
     )
-    lines = [line.split("|")[-1] for line in done.stderr.splitlines() if line.startswith("import time:")]
-    return {name.strip().split(".")[0] for name in lines}
+    return packages_listed(done.stderr)
+
+
+HEAVY = ("lightning", "mlflow", "matplotlib", "torchvision", "optuna")  # seconds of imports each, Lightning most
+
+
+def heavy_imports(code: str, root: Path) -> set[str]:
+    """Which of HEAVY a fresh Python process holds in sys.modules once it has run `code`."""
+    probe = f"{code}\nimport sys\nprint(' '.join(name for name in {HEAVY!r} if name in sys.modules))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=root,
+        env=subprocess_env(VAELAB_ROOT=str(root)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return set(done.stdout.splitlines()[-1].split()) if done.stdout.strip() else set()
 
 
 def test_preparing_data_imports_neither_lightning_nor_mlflow(project: Path):
@@ -85,3 +112,91 @@ def test_preparing_data_imports_neither_lightning_nor_mlflow(project: Path):
     packages = imported_packages("prepare.py", "data=digits", root=project)
     assert "torch" in packages  # the listing is real: preparing saves tensors
     assert not packages & {"lightning", "mlflow", "matplotlib", "optuna", "hydra_plugins"}
+
+
+@pytest.mark.parametrize(
+    ("script", "bad"),
+    [("train.py", "trainer.max_epochs=-1"), ("evaluate.py", "eval.iw_k=-1"), ("search.py", "search.n_trials=-1")],
+)
+def test_a_bad_value_is_refused_before_torch_is_imported(project: Path, script: str, bad: str):
+    # A typo on the command line is reported in about a second, not after the seconds the training stack takes.
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", str(REPO / "pipelines" / script), bad],
+        cwd=project,
+        env=subprocess_env(VAELAB_ROOT=str(project)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and f"{bad}: allowed" in done.stderr, done.stderr[-2000:]
+    packages = packages_listed(done.stderr)
+    assert "hydra" in packages  # the listing is real: the config was composed
+    assert not packages & {"torch", "lightning", "mlflow", "matplotlib", "optuna"}
+
+
+def test_the_evaluate_stage_imports_no_lightning_matplotlib_or_mlflow_until_it_evaluates(project: Path):
+    assert heavy_imports("import vaelab.stages.evaluate", project) == set()
+
+
+def test_the_sweep_callback_and_summary_import_neither_torch_nor_lightning(project: Path):
+    # Hydra's parent process of a parallel sweep loads these, and trains nothing itself.
+    code = "import vaelab.sweep.callback, vaelab.sweep.summary, sys; assert 'torch' not in sys.modules"
+    assert heavy_imports(code, project) == set()
+
+
+def test_the_search_driver_imports_neither_torch_nor_lightning_before_the_study_opens(project: Path):
+    # Validating a search's command line and space needs Hydra only; Optuna and the training stack come after.
+    code = "import vaelab.search.driver, sys; assert 'torch' not in sys.modules"
+    assert heavy_imports(code, project) == set()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project root holding one tiny trained model: models/latest/, its MLflow run and its exported MLflow model."""
+    root = tmp_path_factory.mktemp("trained")
+    run_entry("train.py", *TINY, "trainer.max_epochs=1", "eval.val_limit=50", root=root)
+    return root
+
+
+def test_evaluating_a_checkpoint_imports_no_lightning(trained: Path):
+    # Building the VAE from the checkpoint's hyper-parameters and loading its weights takes torch and the model
+    # layer; the figures and the run it logs into take matplotlib and MLflow.
+    packages = imported_packages("evaluate.py", "eval.iw_k=4", root=trained)
+    assert (trained / "metrics" / "eval.json").is_file()
+    assert {"torch", "matplotlib", "mlflow"} <= packages
+    assert not packages & {"lightning", "torchmetrics", "optuna"}
+
+
+def test_loading_the_exported_model_imports_no_lightning(trained: Path):
+    [model] = (trained / "outputs").glob("*/model")
+    code = (
+        "import mlflow.pyfunc, numpy as np\n"
+        f"model = mlflow.pyfunc.load_model({str(model)!r})\n"
+        "assert model.predict(np.full((2, 1, 8, 8), 0.5, dtype=np.float32)).shape == (2, 4)"
+    )
+    assert heavy_imports(code, trained) == {"mlflow"}
+
+
+def test_the_checkpoint_reader_knows_the_training_modules_constructor_arguments():
+    from inspect import Parameter, signature
+
+    from vaelab.checkpoints import OPTIONAL_HPARAMS, REQUIRED_HPARAMS
+    from vaelab.training.module import VAEModule
+
+    arguments = [p for name, p in signature(VAEModule.__init__).parameters.items() if name != "self"]
+    assert tuple(p.name for p in arguments if p.default is Parameter.empty) == REQUIRED_HPARAMS
+    assert tuple(p.name for p in arguments if p.default is not Parameter.empty) == OPTIONAL_HPARAMS
+
+
+def test_a_checkpoint_read_without_lightning_gives_back_the_lightning_module_that_trained_it(trained: Path):
+    import torch
+
+    from vaelab.checkpoints import load_trained
+    from vaelab.training.module import VAEModule
+
+    model = load_trained(trained / "models" / "latest" / "model.ckpt")
+    module = model.lightning_module()
+    assert isinstance(module, VAEModule) and not module.training
+    assert module.lineage == model.lineage and module.hparams == model.hparams
+    weights = model.state_dict()
+    assert all(torch.equal(weights[name], tensor) for name, tensor in module.state_dict().items())

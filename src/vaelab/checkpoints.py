@@ -1,6 +1,10 @@
 """Reading a trained model back from a checkpoint file, safely: whatever the file holds, nothing in it runs, and
 anything that is not a vaelab VAE checkpoint (random bytes, a pickle with code, another model, weights that do not
-fit) is a CheckpointError naming the file."""
+fit) is a CheckpointError naming the file.
+
+Reading one imports torch and the model layer, not Lightning: evaluating a checkpoint or serving it as an MLflow model
+has no use for a Trainer, and importing Lightning costs a process seconds (import-linter checks this,
+pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -10,20 +14,27 @@ import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vaelab import __version__
 from vaelab.errors import CheckpointError
-from vaelab.training.builder import is_trusted, targets_within
-from vaelab.training.module import VAEModule
+from vaelab.training.builder import build_vae, is_trusted, targets_within
+
+if TYPE_CHECKING:
+    from vaelab.training.module import VAEModule
 
 # Where a checkpoint's hyper-parameters may hold a `_target_`: building the network calls what those name, so
 # weights_only=True stops code hidden in the pickle, and the builder's trusted-target list stops code named in the
 # hyper-parameters (a plain string passes weights_only).
 INSTANTIATED_HPARAMS = ("arch", "likelihood", "objective", "posterior", "prior", "optimizer", "scheduler")
 NOT_A_CHECKPOINT = "not a PyTorch checkpoint, or a truncated or corrupted one"
+# A checkpoint's hyper-parameters are VAEModule's constructor arguments (vaelab.training.module): named here rather
+# than read from its signature, so that reading a checkpoint imports no Lightning (a test keeps the two the same).
+# Those without a default are in every vaelab checkpoint.
+REQUIRED_HPARAMS = ("image_shape", "arch", "likelihood", "latent_dim", "objective", "posterior", "prior")
+OPTIONAL_HPARAMS = ("optimizer", "scheduler", "nan_policy", "grey_levels", "channels_last")
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -57,22 +68,22 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def checked_hyperparameters(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
-    """VAEModule's constructor arguments from the checkpoint, refused unless every `_target_` in them is trusted."""
+    """The checkpoint's hyper-parameters (VAEModule's constructor arguments), refused unless every `_target_` in them
+    is trusted."""
     hparams = checkpoint.get("hyper_parameters")
     if isinstance(hparams, dict) and "arch" in hparams and "objective" not in hparams:
         raise CheckpointError(
             f"{path}: written by vaelab 0.1, whose checkpoints vaelab {__version__} no longer reads (the objective, "
             "posterior and prior became components); train the model again"
         )
-    init = inspect.signature(VAEModule.__init__).parameters
-    required = [name for name, p in init.items() if name != "self" and p.default is inspect.Parameter.empty]
-    missing = [name for name in required if not isinstance(hparams, dict) or name not in hparams]
+    missing = [name for name in REQUIRED_HPARAMS if not isinstance(hparams, dict) or name not in hparams]
     if missing:
         raise CheckpointError(
             f"{path}: not a vaelab VAE checkpoint: its hyper-parameters lack {', '.join(missing)} "
             "(a checkpoint of another model, or saved without save_hyperparameters)"
         )
-    hparams = {name: value for name, value in hparams.items() if name in init}
+    known = REQUIRED_HPARAMS + OPTIONAL_HPARAMS
+    hparams = {name: value for name, value in hparams.items() if name in known}
     for where, target in targets_within(hparams):
         if where not in INSTANTIATED_HPARAMS or not is_trusted(target):
             raise CheckpointError(
@@ -94,7 +105,7 @@ def trained_with(hparams: dict[str, Any]) -> str:
     return f"arch {target}({details}){latent}, images {shape}, likelihood {likelihood}"
 
 
-def check_weights_fit(module: VAEModule, state_dict: dict[str, Any], path: str | Path) -> None:
+def check_weights_fit(module: torch.nn.Module, state_dict: dict[str, Any], path: str | Path) -> None:
     """The checkpoint's tensors have the names and shapes of the network its hyper-parameters describe."""
     expected = module.state_dict()
     missing = sorted(expected.keys() - state_dict.keys())
@@ -125,18 +136,56 @@ def shape_of(value: object) -> str:
     return sides(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
-def load_trained(path: str | Path, map_location: str | torch.device = "cpu") -> VAEModule:
-    """A trained module from a vaelab checkpoint, with a CheckpointError naming the file for anything else.
+class Hyperparameters(dict):
+    """A checkpoint's hyper-parameters, read as keys or as attributes (`hparams.latent_dim`), as a LightningModule's
+    are."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class TrainedModel(torch.nn.Module):
+    """A trained VAE as a checkpoint holds it: the network `vae`, the `hparams` it was built from and its `lineage`
+    (run id, data settings and hash, composed config: empty for a checkpoint written outside vaelab's training).
+
+    Its weights have the checkpoint's names (`vae.*`), so they load as they were saved; `lightning_module()` gives
+    the LightningModule that trained them, for a Trainer."""
+
+    def __init__(self, hparams: dict[str, Any], lineage: dict[str, Any] | None = None):
+        super().__init__()
+        self.hparams = Hyperparameters(hparams)
+        accepted = inspect.signature(build_vae).parameters  # the network's part; the rest configured its training
+        self.vae = build_vae(**{name: value for name, value in hparams.items() if name in accepted})
+        if hparams.get("channels_last"):
+            self.vae.to(memory_format=torch.channels_last)  # the layout it trained in, as VAEModule builds it
+        self.lineage: dict[str, Any] = lineage or {}
+
+    def lightning_module(self) -> VAEModule:
+        """The LightningModule of these hyper-parameters, holding these weights and this lineage, on the same device
+        and in the same mode."""
+        from vaelab.training.module import VAEModule
+
+        module = VAEModule(**self.hparams)
+        module.load_state_dict(self.state_dict())
+        module.lineage = self.lineage
+        device = next(self.parameters()).device
+        return module.to(device).train(self.training)
+
+
+def load_trained(path: str | Path, map_location: str | torch.device = "cpu") -> TrainedModel:
+    """A trained model from a vaelab checkpoint, in eval mode, with a CheckpointError naming the file for anything else.
 
     The file is read once with `weights_only=True` and checked before anything is built from it: its
     hyper-parameters may name only vaelab's networks and likelihoods, and its weights must fit them."""
     checkpoint = read_checkpoint(path)
     hparams = checked_hyperparameters(checkpoint, path)
     try:
-        module = VAEModule(**hparams)
+        model = TrainedModel(hparams, checkpoint.get("vaelab"))
     except Exception as error:  # noqa: BLE001 - any failure means the same: these values build no VAE
         raise CheckpointError(f"{path}: its hyper-parameters build no vaelab VAE ({error})") from error
-    check_weights_fit(module, checkpoint["state_dict"], path)
-    module.load_state_dict(checkpoint["state_dict"])
-    module.on_load_checkpoint(checkpoint)
-    return module.to(map_location).eval()
+    check_weights_fit(model, checkpoint["state_dict"], path)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.to(map_location).eval()

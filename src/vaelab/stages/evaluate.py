@@ -15,8 +15,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab import paths
+from vaelab.checkpoints import TrainedModel, load_trained, sides, trained_with
 from vaelab.config import validate
-from vaelab.data.datamodule import fixed_observations
+from vaelab.data.observations import fixed_observations
 from vaelab.data.prepare import read_prepared
 from vaelab.data.settings import Settings
 from vaelab.errors import CheckpointError, DataError, EvaluationInterrupted
@@ -150,13 +151,11 @@ def model_entries(components: dict[str, dict], latent_dim: int, data: Settings) 
     return {**{name: components[name] for name in COMPONENTS}, "model.latent_dim": latent_dim, **settings}
 
 
-def check_checkpoint_fits(path: Path, module, cfg: DictConfig, keys: list[str]) -> Settings:
+def check_checkpoint_fits(path: Path, model: TrainedModel, cfg: DictConfig, keys: list[str]) -> Settings:
     """The checkpoint's data settings, after checking that it is the model the config's `keys` ask for.
 
     An evaluation of another model than the one asked for would report its numbers under the wrong name."""
-    from vaelab.checkpoints import trained_with
-
-    lineage, hparams = module.lineage, module.hparams
+    lineage, hparams = model.lineage, model.hparams
     if not isinstance(lineage.get("data"), dict) or "data_hash" not in lineage:
         raise CheckpointError(
             f"{path}: has no vaelab lineage (its data settings and data hash), so which test images belong to it "
@@ -203,7 +202,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float | str | None]:
 
 
 def evaluate_checkpoint(cfg: DictConfig, publish: bool = True) -> dict[str, float | str | None]:
-    from vaelab.checkpoints import load_trained, sides
     from vaelab.figures import save_figures, save_gap_split
     from vaelab.tracking.run import Run
     from vaelab.tracking.store import check_store
@@ -214,13 +212,13 @@ def evaluate_checkpoint(cfg: DictConfig, publish: bool = True) -> dict[str, floa
     path = resolve_checkpoint(cfg)
     torch.manual_seed(cfg.seed)  # the importance samples too: the same checkpoint gives the same numbers
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    module = load_trained(path, map_location=device)
-    lineage = module.lineage
-    prepared = read_prepared(check_checkpoint_fits(path, module, cfg, asked_keys(cfg)), splits=("test",))
+    trained = load_trained(path, map_location=device)
+    lineage = trained.lineage
+    prepared = read_prepared(check_checkpoint_fits(path, trained, cfg, asked_keys(cfg)), splits=("test",))
     folder, manifest = prepared.folder, prepared.manifest
-    if list(manifest["image_shape"]) != list(module.hparams["image_shape"]):
+    if list(manifest["image_shape"]) != list(trained.hparams["image_shape"]):
         raise CheckpointError(
-            f"{path} was trained on {sides(module.hparams['image_shape'])} images, but its data settings now "
+            f"{path} was trained on {sides(trained.hparams['image_shape'])} images, but its data settings now "
             f"give {sides(manifest['image_shape'])} images ({folder})"
         )
     if manifest["data_hash"] != lineage["data_hash"]:
@@ -229,25 +227,25 @@ def evaluate_checkpoint(cfg: DictConfig, publish: bool = True) -> dict[str, floa
             f"{lineage['data_hash'][:12]}; re-run prepare with the checkpoint's data settings"
         )
     test = prepared.splits["test"]
-    images = fixed_observations(test, "test", type(module.vae.likelihood), manifest, cfg.eval.limit)
+    images = fixed_observations(test, "test", type(trained.vae.likelihood), manifest, cfg.eval.limit)
 
-    check_estimate(module.vae, images, cfg.eval.iw_k, "eval.iw_k", cfg.eval.max_minutes, "test NLL")
+    check_estimate(trained.vae, images, cfg.eval.iw_k, "eval.iw_k", cfg.eval.max_minutes, "test NLL")
     with progress_bar(f"test NLL (k={cfg.eval.iw_k})", total=len(images) * cfg.eval.iw_k) as advance:
-        result = evaluate_images(module.vae, images, k=cfg.eval.iw_k, on_samples=advance)
+        result = evaluate_images(trained.vae, images, k=cfg.eval.iw_k, on_samples=advance)
     metrics = result.metrics("test")
     if cfg.eval.gaps:
-        metrics.update(split_the_gap(module.vae, images[: cfg.eval.gaps_limit], cfg.eval))
+        metrics.update(split_the_gap(trained.vae, images[: cfg.eval.gaps_limit], cfg.eval))
 
     # `publish`: the project's DVC outputs (plots/eval/, metrics/eval.json) are the evaluate stage's. A sweep's job
     # evaluated after training keeps its figures in its own run folder and writes no shared file.
     own_folder = not publish and lineage.get("run_id")
     plots = paths.run_dir(lineage["run_id"]) / "evaluation" if own_folder else paths.plots_dir() / "eval"
     with replacing_dir(plots) as fresh:  # no figure of an earlier evaluation survives
-        save_figures(module.vae, images, test["labels"][: len(images)], result.kl_per_dim, fresh, seed=cfg.seed)
+        save_figures(trained.vae, images, test["labels"][: len(images)], result.kl_per_dim, fresh, seed=cfg.seed)
         write_kl_per_dim(result.kl_per_dim, fresh / "kl_per_dim.csv")
         if "test/approximation_gap" in metrics:
             save_gap_split(
-                [type(module.vae.posterior).__name__],
+                [type(trained.vae.posterior).__name__],
                 *([metrics[f"test/{gap}"]] for gap in GAP_KEYS),
                 fresh / "gap_split.png",
             )
@@ -265,8 +263,8 @@ def evaluate_checkpoint(cfg: DictConfig, publish: bool = True) -> dict[str, floa
             run.log_metrics(summary, step=0)
             run.log_artifact(plots, "evaluation")
             tags = {"vaelab.eval.checkpoint": str(path), "vaelab.eval.iw_k": str(cfg.eval.iw_k)}
-            if module.vae.posterior.mutual_info_from:
-                tags["vaelab.mutual_info_from"] = module.vae.posterior.mutual_info_from
+            if trained.vae.posterior.mutual_info_from:
+                tags["vaelab.mutual_info_from"] = trained.vae.posterior.mutual_info_from
             run.set_tags(tags)
     warn_if_collapsed(result, run)
     warn_if_saturated(result, run)

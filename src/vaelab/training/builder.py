@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from vaelab.model.hierarchy import two_layer
 from vaelab.model.likelihoods import Likelihood
@@ -59,7 +58,14 @@ def _is_trusted(found: object, module_name: str) -> bool:
         return False
     if issubclass(found, torch.optim.Optimizer | torch.optim.lr_scheduler.LRScheduler):
         return found.__module__.startswith("torch.optim")
-    return found is pl.Trainer or issubclass(found, Callback)
+    return _is_lightning_trainer_or_callback(found)
+
+
+def _is_lightning_trainer_or_callback(found: type) -> bool:
+    # Nothing is a Trainer or a Callback while Lightning is not loaded, and loading it costs seconds that building a
+    # VAE from a checkpoint has no use for. A target inside lightning.pytorch, or a vaelab callback, loads it.
+    pl = sys.modules.get("lightning.pytorch")
+    return pl is not None and (found is pl.Trainer or issubclass(found, pl.Callback))
 
 
 def resolve(target: object) -> Callable[..., Any]:
