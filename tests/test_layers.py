@@ -138,13 +138,13 @@ def test_the_evaluate_stage_imports_no_lightning_matplotlib_or_mlflow_until_it_e
     assert heavy_imports("import vaelab.stages.evaluate", project) == set()
 
 
-def test_the_sweep_callback_and_summary_import_neither_torch_nor_lightning(project: Path):
+def test_loading_the_sweep_callback_and_summary_imports_neither_torch_nor_lightning(project: Path):
     # Hydra's parent process of a parallel sweep loads these, and trains nothing itself.
     code = "import vaelab.sweep.callback, vaelab.sweep.summary, sys; assert 'torch' not in sys.modules"
     assert heavy_imports(code, project) == set()
 
 
-def test_the_search_driver_imports_neither_torch_nor_lightning_before_the_study_opens(project: Path):
+def test_loading_the_search_driver_imports_neither_torch_nor_lightning(project: Path):
     # Validating a search's command line and space needs Hydra only; Optuna and the training stack come after.
     code = "import vaelab.search.driver, sys; assert 'torch' not in sys.modules"
     assert heavy_imports(code, project) == set()
