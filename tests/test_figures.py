@@ -1,13 +1,12 @@
 """Every figure is written, and is a valid PNG of the expected size."""
 
-
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from vaelab.figures import MIN_SIDE, save_figures, save_training_curves
+from vaelab.figures import MIN_SIDE, save_figures, save_training_curves, tile
 from vaelab.model.likelihoods import Bernoulli
 from vaelab.model.networks import build_mlp
 from vaelab.model.vae import VAE
@@ -75,3 +74,14 @@ def test_a_handful_of_images_or_a_single_latent_still_draws_every_figure(tmp_pat
     for path in paths:
         with Image.open(path) as picture:
             picture.verify()
+
+
+def test_a_grid_puts_nrow_images_to_a_row_each_framed_by_two_white_pixels():
+    images = torch.linspace(0, 0.8, 5).view(5, 1, 1, 1).expand(5, 1, 3, 3)  # five flat grey squares
+    grid = tile(images, nrow=3)
+
+    assert grid.shape == (1, 2 * (3 + 2) + 2, 3 * (3 + 2) + 2)  # two rows of three cells, padding between and around
+    cell = lambda row, column: grid[0, 2 + 5 * row : 5 + 5 * row, 2 + 5 * column : 5 + 5 * column]  # noqa: E731
+    assert torch.equal(cell(0, 1), images[1, 0]) and torch.equal(cell(1, 0), images[3, 0])
+    assert torch.equal(cell(1, 2), torch.ones(3, 3))  # no sixth image: white
+    assert torch.equal(grid[0, :2], torch.ones(2, grid.shape[2]))

@@ -144,6 +144,11 @@ def test_loading_the_sweep_callback_and_summary_imports_neither_torch_nor_lightn
     assert heavy_imports(code, project) == set()
 
 
+def test_drawing_a_figure_imports_no_torchvision(project: Path):
+    # torchvision imports torch's compiler: seconds for a sweep's parent or an evaluation that draws its figures.
+    assert heavy_imports("import vaelab.figures", project) == {"matplotlib"}
+
+
 def test_loading_the_search_driver_imports_neither_torch_nor_lightning(project: Path):
     # Validating a search's command line and space needs Hydra only; Optuna and the training stack come after.
     code = "import vaelab.search.driver, sys; assert 'torch' not in sys.modules"

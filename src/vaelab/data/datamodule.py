@@ -17,18 +17,10 @@ import math
 import lightning.pytorch as pl
 import torch
 
-from vaelab.data.prepare import EVAL_SEED_OFFSET, read_prepared
+from vaelab.data.observations import fixed_observations
+from vaelab.data.prepare import read_prepared
 from vaelab.data.settings import Settings
 from vaelab.model.likelihoods import Bernoulli, Likelihood
-
-
-def fixed_observations(
-    split: dict[str, torch.Tensor], name: str, likelihood: type[Likelihood], manifest: dict, limit: int | None = None
-) -> torch.Tensor:
-    """Split `name` (val or test) as the model sees it at evaluation, float32 [N, C, H, W], fixed by seed."""
-    split = {k: v[:limit] for k, v in split.items()} if limit else split
-    seed = manifest["binarize_seed"] + EVAL_SEED_OFFSET[name]
-    return likelihood.observe_fixed(split, manifest["grey_levels"], seed)
 
 
 class TensorBatches:

@@ -9,7 +9,7 @@ same image always gets the same code. To decode or sample, take the model out of
     vae = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").get_raw_model()
     images = vae.decode(z)           # z: float32 [N, code_dim] -> E[x|z], [N, C, H, W] in [0, 1]
     images = vae.sample(16, seed=0)  # 16 draws of E[x|z], z ~ p(z)
-    module = vae.module              # the LightningModule itself
+    trained = vae.module             # the network, its hparams and lineage; .lightning_module() for a Trainer
 
 The model folder holds the checkpoint and names this module as its loader (`_load_pyfunc`), so loading needs
 vaelab installed, as it is wherever the model was trained.
