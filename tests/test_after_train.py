@@ -14,7 +14,7 @@ from matplotlib.container import BarContainer
 from helpers.config import TINY, make_config
 from helpers.processes import run_entry
 from helpers.stores import all_runs, artifact_paths, mlflow_client
-from vaelab.figures import gap_split_figure
+from vaelab.charts import gap_split_figure
 from vaelab.stages.train import train
 from vaelab.sweep.summary import Summary, collect, write_figures, write_tables
 from vaelab.tracking.run import Run

@@ -144,9 +144,11 @@ def test_loading_the_sweep_callback_and_summary_imports_neither_torch_nor_lightn
     assert heavy_imports(code, project) == set()
 
 
-def test_drawing_a_figure_imports_no_torchvision(project: Path):
-    # torchvision imports torch's compiler: seconds for a sweep's parent or an evaluation that draws its figures.
+def test_drawing_a_figure_imports_no_torchvision_and_a_chart_no_torch(project: Path):
+    # torchvision imports torch's compiler: seconds for an evaluation that draws its figures. A sweep's or a search's
+    # parent process draws its summary charts with matplotlib alone.
     assert heavy_imports("import vaelab.figures", project) == {"matplotlib"}
+    assert heavy_imports("import vaelab.charts, sys; assert 'torch' not in sys.modules", project) == {"matplotlib"}
 
 
 def test_loading_the_search_driver_imports_neither_torch_nor_lightning(project: Path):

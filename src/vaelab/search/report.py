@@ -162,7 +162,7 @@ def save_study_plots(study: optuna.Study, folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as optuna_plots
 
-    from vaelab.figures import save_figure
+    from vaelab.charts import save_figure
 
     complete = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     plots = {

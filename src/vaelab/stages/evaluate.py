@@ -202,7 +202,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float | str | None]:
 
 
 def evaluate_checkpoint(cfg: DictConfig, publish: bool = True) -> dict[str, float | str | None]:
-    from vaelab.figures import save_figures, save_gap_split
+    from vaelab.charts import save_gap_split
+    from vaelab.figures import save_figures
     from vaelab.tracking.run import Run
     from vaelab.tracking.store import check_store
 

@@ -29,7 +29,7 @@ def plot_metric_by_axis(rows: list[dict[str, Any]], axes: list[str], path: Path)
         return []
     from matplotlib.figure import Figure
 
-    from vaelab.figures import save_figure
+    from vaelab.charts import save_figure
 
     fig = Figure(figsize=(3.6 * len(axes), 3.4))
     panels = fig.subplots(1, len(axes), sharey=True, squeeze=False)
@@ -62,7 +62,7 @@ def plot_rate_distortion(rows: list[dict[str, Any]], path: Path) -> list[Path]:
         return []
     from matplotlib.figure import Figure
 
-    from vaelab.figures import save_figure
+    from vaelab.charts import save_figure
 
     rate = [row["val/kl"] for row in done]
     distortion = [row["val/rec"] for row in done]
@@ -90,7 +90,7 @@ def plot_gap_split(rows: list[dict[str, Any]], axes: list[str], path: Path) -> l
     done = [row for row in rows if row["status"] == "FINISHED" and all(is_number(row.get(m)) for m in GAP_SPLIT)]
     if not done:
         return []
-    from vaelab.figures import save_gap_split
+    from vaelab.charts import save_gap_split
 
     approximation, amortization = GAP_SPLIT
     labels = [
