@@ -216,30 +216,30 @@ def worker_bare(spec: dict) -> dict:
 
 
 def lightning_meter(clock: TrainingClock):
-    """A Lightning callback that feeds `clock`: each epoch's training loop, up to validation, is one window."""
+    """A Lightning callback that feeds `clock`: each epoch's training loop, up to validation, is one window.
+
+    It counts nothing per batch: the module counts the epoch's images (VAEModule.images_this_epoch), so measuring
+    adds no per-step work of its own beyond Lightning's dispatch of its hooks."""
     import lightning.pytorch as pl
 
     class Meter(pl.Callback):
         def __init__(self) -> None:
-            self.images, self.open = 0, False
+            self.open = False
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
-            self.images, self.open = 0, True
+            self.open = True
             clock.start(trainer.current_epoch)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.images += len(batch)
 
         def on_validation_epoch_start(self, trainer, pl_module) -> None:
             if not trainer.sanity_checking:
-                self.close(trainer)
+                self.close(trainer, pl_module)
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
-            self.close(trainer)  # when no validation ran this epoch
+            self.close(trainer, pl_module)  # when no validation ran this epoch
 
-        def close(self, trainer) -> None:
+        def close(self, trainer, pl_module) -> None:
             if self.open:
-                clock.stop(trainer.current_epoch, self.images)
+                clock.stop(trainer.current_epoch, pl_module.images_this_epoch)
                 self.open = False
 
     return Meter()

@@ -20,20 +20,17 @@ from vaelab.paths import INTERRUPTED
 class EpochHistory(Callback):
     """Per-epoch train and val metrics plus training throughput, for curves and `metrics/train.json`.
 
-    Throughput counts training images over the training part of the epoch only (validation excluded).
+    Throughput counts training images over the training part of the epoch only (validation excluded). The module
+    counts them (`images_this_epoch`, as VAEModule does): a per-batch hook here would cost every step a call.
     """
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
         self._start = 0.0
-        self._images = 0
         self._train_seconds: float | None = None
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start, self._images, self._train_seconds = perf_counter(), 0, None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._images += len(batch)
+        self._start, self._train_seconds = perf_counter(), None
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and self._train_seconds is None:
@@ -42,7 +39,7 @@ class EpochHistory(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         seconds = self._train_seconds if self._train_seconds is not None else perf_counter() - self._start
         # Under DDP each rank trains its own shard at the same time: the run's throughput is the ranks' sum.
-        local = torch.tensor(self._images / max(seconds, 1e-9), device=pl_module.device)
+        local = torch.tensor(pl_module.images_this_epoch / max(seconds, 1e-9), device=pl_module.device)
         throughput = float(trainer.strategy.reduce(local, reduce_op="sum"))
         pl_module.log("train/images_per_sec", throughput, rank_zero_only=True)
         row = {

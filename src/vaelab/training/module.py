@@ -10,6 +10,7 @@ Logged, in nats per image (signs as in the README):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,6 +25,18 @@ PROGRESS_EVERY = 20  # batches between updates of the progress bar's loss
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite and `nan_policy=fail`."""
+
+
+@dataclass
+class EpochTally:
+    """One training epoch's running totals. `sums`: [3] float64 on the device, the loss, rec and KL (nats per image)
+    each times its step's images, over the finite steps. Changed in place, so a step costs no attribute writes on the
+    module."""
+
+    sums: torch.Tensor
+    images: int = 0  # images of the finite steps: what the logged means average over
+    skipped: int = 0  # non-finite steps skipped under nan_policy=skip
+    seen: int = 0  # every training image of the epoch, skipped steps included
 
 
 class VAEModule(pl.LightningModule):
@@ -59,7 +72,27 @@ class VAEModule(pl.LightningModule):
         # Provenance written into every checkpoint: run id, data hash, composed config (set by training).
         self.lineage: dict[str, Any] = {}
 
+    # Lightning records the hook it is running on the module before and after every hook it calls, about forty times a
+    # training step. nn.Module's __setattr__ first checks each value against the parameters, buffers and submodules;
+    # a hook's name is none of those, so it is stored directly.
+    LIGHTNING_BOOKKEEPING = frozenset({"_current_fx_name"})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.LIGHTNING_BOOKKEEPING:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     # -- training -------------------------------------------------------------------------------
+
+    # The training step runs the optimizer itself (manual optimization): Lightning's automatic loop wraps every step
+    # in a closure and more hooks, a measurable share of a small model's step (benchmarks/README.md). It falls back to
+    # the automatic loop when the Trainer is asked to clip gradients or accumulate them, which Lightning does only
+    # there.
+    @property
+    def automatic_optimization(self) -> bool:
+        trainer = self._trainer
+        return trainer is not None and (bool(trainer.gradient_clip_val) or trainer.accumulate_grad_batches != 1)
 
     def progress(self, batch_idx: int) -> float:
         """Training progress in fractional epochs, for the warm-up and capacity schedules."""
@@ -68,18 +101,38 @@ class VAEModule(pl.LightningModule):
     def training_step(self, x: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         out = self.vae(x, k=self.objective.latent_samples)
         loss = self.objective.loss(out, self.progress(batch_idx))
+        tally = self.tally
+        tally.seen += len(x)
         finite = bool(torch.isfinite(loss))
         if finite:
             self.accumulate(loss, out, len(x), batch_idx)
         elif self.hparams.nan_policy == "skip":
-            self._skipped += 1
+            tally.skipped += 1
         else:
             raise NonFiniteLossError(
                 f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, batch {batch_idx}"
             )
-        if batch_idx == self.trainer.num_training_batches - 1:
+        last = batch_idx == self.trainer.num_training_batches - 1
+        if last:
             self.log_epoch_metrics()
-        return loss if finite else None  # None: Lightning skips backward and the optimizer step
+        if self.automatic_optimization:
+            return loss if finite else None  # None: Lightning skips backward; its optimizer step finds no gradients
+        self.optimize(loss if finite else None, epoch_ends=last)
+        return None
+
+    def optimize(self, loss: torch.Tensor | None, epoch_ends: bool) -> None:
+        """One optimizer step on `loss`, as Lightning's automatic loop takes it: the gradients are zeroed, then
+        back-propagated, then stepped. A skipped step (`loss` None) still steps, with no gradients, so it counts in
+        `global_step` as it always has. The learning-rate schedule moves once an epoch, after the epoch's last step
+        and before validation, so checkpoints hold the same scheduler state as with the automatic loop."""
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        if loss is not None:
+            self.manual_backward(loss)
+        optimizer.step()
+        schedule = self.lr_schedulers()
+        if epoch_ends and schedule is not None:
+            schedule.step()
 
     # Per-step self.log calls cost a large share of a small model's step in Lightning's bookkeeping (benchmarks/
     # README.md). So the epoch's training metrics are summed on the device, with no host sync, and logged once, at
@@ -88,32 +141,37 @@ class VAEModule(pl.LightningModule):
     SUMMED = ("train/loss", "train/rec", "train/kl")
 
     def on_train_epoch_start(self) -> None:
-        self._sums = torch.zeros(len(self.SUMMED), device=self.device, dtype=torch.float64)
-        self._images, self._skipped = 0, 0
+        self.tally = EpochTally(torch.zeros(len(self.SUMMED), device=self.device, dtype=torch.float64))
+
+    @property
+    def images_this_epoch(self) -> int:
+        """Training images this epoch so far, those of skipped steps included: what throughput counts."""
+        return self.tally.seen
 
     def accumulate(self, loss: torch.Tensor, out, n: int, batch_idx: int) -> None:
         with torch.no_grad():
-            self._sums.add_(torch.stack([loss, out.rec.mean(), out.kl.mean()]), alpha=n)
-        self._images += n
+            self.tally.sums.add_(torch.stack([loss, out.rec.mean(), out.kl.mean()]), alpha=n)
+        self.tally.images += n
         if batch_idx % PROGRESS_EVERY == 0:
             self.log("loss", loss, prog_bar=True, logger=False, batch_size=n)  # a live value for the progress bar
 
     def log_epoch_metrics(self) -> None:
-        if self._skipped and not self._images:
+        tally = self.tally
+        if tally.skipped and not tally.images:
             # nan_policy=skip rides out a bad batch; an epoch with no finite step at all learned nothing, and every
             # later one would do the same (the weights are unchanged, or already non-finite).
             raise NonFiniteLossError(
-                f"every training step of epoch {self.current_epoch} ({self._skipped} steps) had a non-finite loss, so "
+                f"every training step of epoch {self.current_epoch} ({tally.skipped} steps) had a non-finite loss, so "
                 "nan_policy=skip skipped them all: the model diverged or the data is not finite (lower optim.lr, or "
                 "check the data)"
             )
         metrics = {}
-        if self._images:
-            loss, rec, kl = (self._sums / self._images).float()
+        if tally.images:
+            loss, rec, kl = (tally.sums / tally.images).float()
             metrics = {"train/loss": loss, "train/elbo": -(rec + kl), "train/rec": rec, "train/kl": kl}
             metrics.update(self.objective.logged())
-        if self._skipped:
-            metrics["train/skipped_steps"] = float(self._skipped)
+        if tally.skipped:
+            metrics["train/skipped_steps"] = float(tally.skipped)
         self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
 
     def selectable(self) -> bool:
