@@ -218,11 +218,11 @@ def worker_bare(spec: dict) -> dict:
 def lightning_meter(clock: TrainingClock):
     """A Lightning callback that feeds `clock`: each epoch's training loop, up to validation, is one window.
 
-    It counts nothing per batch: the module counts the epoch's images (VAEModule.images_this_epoch), so measuring
-    adds no per-step work of its own beyond Lightning's dispatch of its hooks."""
-    import lightning.pytorch as pl
+    It has no per-step hook: the module counts the epoch's images (VAEModule.images_this_epoch), so measuring adds
+    no work to a step."""
+    from vaelab.training.callbacks import EpochCallback
 
-    class Meter(pl.Callback):
+    class Meter(EpochCallback):
         def __init__(self) -> None:
             self.open = False
 

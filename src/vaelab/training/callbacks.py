@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -17,7 +18,22 @@ from vaelab.files import write_bytes_atomic
 from vaelab.paths import INTERRUPTED
 
 
-class EpochHistory(Callback):
+class EpochCallback(Callback):
+    """A callback with no work to do at a training step: its per-step hooks are None, which Lightning skips.
+
+    Lightning calls every callback's per-step hooks at every step, five or six of them, each through its profiler and
+    its record of the running hook: a measurable share of a small model's step for hooks that do nothing
+    (benchmarks/README.md). An attribute that is not callable, it does not call at all."""
+
+    on_train_batch_start = None
+    on_before_backward = None
+    on_after_backward = None
+    on_before_optimizer_step = None
+    on_before_zero_grad = None
+    on_train_batch_end = None
+
+
+class EpochHistory(EpochCallback):
     """Per-epoch train and val metrics plus training throughput, for curves and `metrics/train.json`.
 
     Throughput counts training images over the training part of the epoch only (validation excluded). The module
@@ -60,7 +76,7 @@ class EpochHistory(Callback):
         self.rows = list(state_dict["rows"])
 
 
-class RngState(Callback):
+class RngState(EpochCallback):
     """Saves and restores the torch RNGs (CPU and CUDA) with each checkpoint, so a resumed run draws the
     binarization noise and latent samples it would have drawn. Data order is seeded by epoch already."""
 
@@ -76,7 +92,7 @@ class RngState(Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
-class InterruptCheckpoint(Callback):
+class InterruptCheckpoint(EpochCallback):
     """On Ctrl-C or SIGTERM, the state at that moment is saved as `interrupted.ckpt`, beside `last.ckpt`.
 
     Only on an interrupt: a failure's state is not worth keeping. `last.ckpt`, the end of the last complete
@@ -97,15 +113,32 @@ class InterruptCheckpoint(Callback):
 
 
 class ThrottledRichProgressBar(RichProgressBar):
-    """Lightning's Rich progress bar, redrawn every `refresh_rate` training batches and at the epoch's last.
+    """Lightning's Rich progress bar, redrawn every `refresh_rate` training batches but at most once every
+    `min_seconds`, and always at the epoch's last batch.
 
-    Lightning's own redraws (and re-reads the progress-bar metrics) after every batch whatever `refresh_rate` says:
-    a measurable share of a small model's step (benchmarks/README.md, "Hand-written paths kept for speed")."""
+    Lightning's own redraws (and re-reads the progress-bar metrics) after every batch whatever `refresh_rate` says.
+    A redraw costs milliseconds, so even every 20 batches of a small model's 5 ms steps it took ~2% of training
+    (benchmarks/README.md, "Hand-written paths kept for speed"); two redraws a second keep that below half a percent
+    at any step time."""
+
+    def __init__(self, *args: Any, min_seconds: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.min_seconds = min_seconds
+        self._drawn_at = -math.inf
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         done = batch_idx + 1
-        if done % self.refresh_rate == 0 or done == self.total_train_batches:
+        due = done % self.refresh_rate == 0 and perf_counter() - self._drawn_at >= self.min_seconds
+        if due or done == self.total_train_batches:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            self._drawn_at = perf_counter()
+
+    # Its per-step hooks other than on_train_batch_end do nothing: skipped, as for EpochCallback.
+    on_train_batch_start = None
+    on_before_backward = None
+    on_after_backward = None
+    on_before_optimizer_step = None
+    on_before_zero_grad = None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
