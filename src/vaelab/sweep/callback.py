@@ -139,8 +139,11 @@ class SweepCallback(Callback):
 def check_jobs_compose(config: DictConfig) -> None:
     """Every swept value composes (its group option exists, its key is known) before the parent run exists: a typo
     then stops the sweep in one line, instead of after the parent, or even some of the jobs, ran. Each distinct
-    override is composed once, beside the first job's others, rather than every job: sum, not product, of the axes."""
+    override is composed once, beside the first job's others, rather than every job: sum, not product, of the axes.
+    Another value of a key that is not a config group composes exactly when the first job's value does, so only the
+    first job's composition checks it."""
     from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
 
     from vaelab.config import hydra_errors
     from vaelab.sweep.runs import launched_jobs
@@ -149,10 +152,13 @@ def check_jobs_compose(config: DictConfig) -> None:
     if not jobs:
         return
     first = {override.partition("=")[0]: override for override in jobs[0]}
+    loader = GlobalHydra.instance().config_loader()
     variants = [list(first.values())]
     for override in dict.fromkeys(o for job in jobs[1:] for o in job):
-        if override not in first.values():
-            variants.append(list({**first, override.partition("=")[0]: override}.values()))
+        key = override.partition("=")[0]
+        if override in first.values() or (key in first and not loader.get_group_options(key.lstrip("+~"))):
+            continue
+        variants.append(list({**first, key: override}.values()))
     for overrides in variants:
         with hydra_errors():
             compose(config_name=config.hydra.job.config_name, overrides=overrides)
