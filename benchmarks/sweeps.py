@@ -31,6 +31,7 @@ sys.path.insert(0, str(HERE))
 from throughput import compose_config, markdown_table, prepare_data  # noqa: E402
 from throughput import parse_args as throughput_args  # noqa: E402
 
+CODE = REPO  # the checkout measured by --fixed-cost (--code)
 DEFAULT_SWEEP = "model.latent_dim=2,8 objective.beta=1,4 arch=mlp,conv"
 # A run's phases (vaelab.stages.phases.PHASES), in order; spelled out so that older code can be measured too.
 PHASES = ("setup", "fit", "estimates", "figures", "model_logging", "publish", "evaluation")
@@ -48,8 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fixed-cost", action="store_true", help="instead: a job's cost beyond its training loop (from "
                    "1-job and N-job digits sweeps on one core) and the training path's import time")  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="--fixed-cost: medians of this many runs (default: 3)")
-    p.add_argument("--fixed-jobs", type=int, default=5, help="--fixed-cost: jobs of the longer sweep (default: 5)")
+    p.add_argument("--fixed-jobs", type=int, default=9, help="--fixed-cost: jobs of the longer sweep (default: 9)")
+    p.add_argument("--code", type=Path, default=REPO, help="--fixed-cost: the checkout whose pipelines and src/ run "
+                   "(default: this one), e.g. a worktree of an earlier commit, to compare in one sitting")  # fmt: skip
     args = p.parse_args(argv)
+    global CODE
+    CODE = args.code.resolve()
     args.jobs = [int(n) for n in (args.jobs or ("1,4,8" if args.device == "cuda" else "1,2")).split(",")]
     return args
 
@@ -68,9 +73,10 @@ def sweep_command(args: argparse.Namespace, n_jobs: int) -> list[str]:
 
 def project_env(root: Path, threads: str) -> dict[str, str]:
     """This environment for a run in the project `root` with `threads` torch threads, without a DVC root or an
-    MLflow URI that would send it elsewhere."""
+    MLflow URI that would send it elsewhere; the measured checkout's code first on the path (see --code)."""
     env = {k: v for k, v in os.environ.items() if k not in ("DVC_ROOT", "MLFLOW_TRACKING_URI")}
-    return {**env, "VAELAB_ROOT": str(root), "OMP_NUM_THREADS": threads}
+    path = os.pathsep.join(filter(None, [str(CODE / "src"), env.get("PYTHONPATH")]))
+    return {**env, "VAELAB_ROOT": str(root), "OMP_NUM_THREADS": threads, "PYTHONPATH": path}
 
 
 def measure(args: argparse.Namespace, n_jobs: int, processed: Path) -> dict:
@@ -112,13 +118,16 @@ def digits_sweep(root: Path, jobs: int) -> dict:
     spent in their training loops (from each job's images/s and the training images), and each job's phases as its
     run logged them (`time/<phase>_s`, vaelab.stages.phases; none where the code predates them)."""
     betas = ",".join(str(b + 1) for b in range(jobs))
-    command = [sys.executable, str(REPO / "pipelines" / "train.py"), "-m", *DIGITS, f"objective.beta={betas}"]
+    command = [sys.executable, str(CODE / "pipelines" / "train.py"), "-m", *DIGITS, f"objective.beta={betas}"]
     seconds = timed(command, root)
     [summary] = root.glob("outputs/*/summary.csv")
     n_train = digits_train_count(root)
     rows = list(csv.DictReader(summary.open()))
     training = sum(2 * n_train / float(row["train/images_per_sec"]) for row in rows)
-    return {"seconds": seconds, "training": training, "phases": job_phases(root)}
+    children = child_runs(root)
+    phases = [{k[5:-2]: v for k, v in run.data.metrics.items() if k.startswith("time/")} for run in children]
+    steady = steady_job_seconds(children) if jobs >= 3 else None
+    return {"seconds": seconds, "training": training, "phases": phases, "steady": steady}
 
 
 def digits_train_count(root: Path) -> int:
@@ -126,14 +135,21 @@ def digits_train_count(root: Path) -> int:
     return manifest["splits"]["train"]["count"]
 
 
-def job_phases(root: Path) -> list[dict[str, float]]:
-    """Each child run's `time/<phase>_s` metrics, from the sweep's own MLflow store."""
+def child_runs(root: Path) -> list:
+    """The sweep's child runs, from its own MLflow store, in the order they started."""
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return [{k[5:-2]: v for k, v in r.data.metrics.items() if k.startswith("time/")} for r in children]
+    return sorted((r for r in runs if "mlflow.parentRunId" in r.data.tags), key=lambda r: r.info.start_time)
+
+
+def steady_job_seconds(children: list) -> float:
+    """A job's wall time once the process is warm: the median time from one child run's start to the next's, the
+    first job's (which pays the first figure's, model's and store's one-off costs) left out. Each interval holds a
+    whole job: Hydra's part, the training run, and the sweep's bookkeeping."""
+    starts = [run.info.start_time / 1000 for run in children]
+    return median([later - earlier for earlier, later in zip(starts[1:-1], starts[2:], strict=True)])
 
 
 def bare_loop_seconds(root: Path) -> float:
@@ -180,26 +196,28 @@ def fixed_cost(args: argparse.Namespace) -> None:
             finally:
                 shutil.rmtree(root, ignore_errors=True)
         for statement, times in imports.items():
-            times.append(timed([sys.executable, "-c", statement], REPO))
+            times.append(timed([sys.executable, "-c", statement], CODE))
     per_job = median([(m["seconds"] - o["seconds"]) / (args.fixed_jobs - 1) for o, m in zip(one, many, strict=True)])
+    steady = median([m["steady"] for m in many])
     training = median([m["training"] / args.fixed_jobs for m in many])
     torch_s, train_s = (median(times) for times in imports.values())
     rows = [
         ["1-job digits sweep, wall s", f"{median([o['seconds'] for o in one]):.1f}"],
         [f"{args.fixed_jobs}-job digits sweep, wall s", f"{median([m['seconds'] for m in many]):.1f}"],
-        ["each extra job, s", f"{per_job:.2f}"],
+        ["each extra job (the sweeps' difference over the extra jobs), s", f"{per_job:.2f}"],
+        ["a warm job (from one child run's start to the next's), s", f"{steady:.2f}"],
         ["  of which its training loop, s", f"{training:.2f}"],
-        ["  fixed cost (the rest), s", f"{per_job - training:.2f}"],
+        ["  fixed cost (the rest), s", f"{steady - training:.2f}"],
         ["bare PyTorch loop, the same 2 epochs, s", f"{median(bare):.2f}"],
     ]
-    phases = [p for m in many for p in m["phases"]]
-    if phases:
-        rows.append(["a job's phases (its run's time/<phase>_s, median over jobs), s", ""])
+    phases = [p for m in many for p in m["phases"][1:]]  # warm jobs: the first pays one-off costs
+    if any(phases):  # runs log their phases since vaelab.stages.phases
+        rows.append(["a warm job's phases (its run's time/<phase>_s, median over jobs), s", ""])
         seen = [name for name in PHASES if any(name in p for p in phases)]
         medians = {name: median([p.get(name, 0.0) for p in phases]) for name in seen}
         rows += [[f"  {name}", f"{seconds:.2f}"] for name, seconds in medians.items()]
-        rows.append(["  Hydra and the sweep's bookkeeping (the rest of the extra job), s",
-                     f"{per_job - sum(medians.values()):.2f}"])  # fmt: skip
+        rows.append(["  Hydra and the sweep's bookkeeping (the rest of a warm job), s",
+                     f"{steady - sum(medians.values()):.2f}"])  # fmt: skip
     rows += [
         ["import torch, s", f"{torch_s:.2f}"],
         ["import vaelab.stages.train, s", f"{train_s:.2f} ({train_s / torch_s:.1f}x import torch)"],
