@@ -105,6 +105,14 @@ def test_a_search_makes_one_nested_run_per_trial_and_a_rerun_with_more_trials_re
     result = search([*command, "search.n_trials=6"], CONF)
     assert result.counts["COMPLETE"] == 6 and result.parent_run_id is None and len(all_runs(project)) == 8
 
+    # A study is one experiment: more trials with other fixed settings would be ranked against these, so they are
+    # refused before anything trains, naming what differs.
+    longer = [o for o in command if not o.startswith("trainer.max_epochs=")] + ["trainer.max_epochs=2"]
+    done = run_entry("search.py", *longer, "search.n_trials=8", root=project, check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "trainer.max_epochs: 1 in the study, 2 here" in done.stderr and "search.study_name=<name>" in done.stderr
+    assert states(load_study(project)) == ["COMPLETE"] * 6 and len(all_runs(project)) == 8
+
 
 @pytest.mark.integration
 def test_a_trial_whose_loss_becomes_nan_fails_and_the_study_completes_the_others(project: Path, capsys):

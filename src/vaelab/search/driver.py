@@ -36,6 +36,7 @@ from vaelab.search.study import (
     check_storage_is_optunas,
     display_url,
     fail_stale_trials,
+    fixed_settings,
     open_study,
     study_lock,
 )
@@ -86,7 +87,7 @@ def search(argv: Sequence[str], config_dir: Path) -> SearchResult:
     tracking_uri = resolve_uri(base.tracking.uri) if base.get("logger") is not None else None
     check_storage_is_optunas(settings)  # before the lock file or the study is written beside or into it
     lock = study_lock(settings)
-    study = open_study(settings, max_epochs, lock, StaleTrials(settings, tracking_uri))
+    study = open_study(settings, max_epochs, lock, StaleTrials(settings, tracking_uri), fixed_settings(command.train))
     with lock:
         fail_stale_trials(study)
         tally = Tally.of(study)

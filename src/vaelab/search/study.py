@@ -8,13 +8,15 @@ from __future__ import annotations
 import re
 import sqlite3
 import warnings
+from collections.abc import Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vaelab import paths
-from vaelab.errors import ConfigError
+from vaelab.errors import ConfigError, VaelabError
+from vaelab.redaction import redact_override
 from vaelab.search.config import OverrideError, Settings
 
 if TYPE_CHECKING:
@@ -25,6 +27,9 @@ STORAGE_TIMEOUT_S = 60  # sqlite: how long a writer waits for another process's 
 WORKER_ATTR = "worker"  # trial user attribute: the host:pid running it
 RETRY_ATTR = "retry_of"  # trial user attribute of a retry: the trial whose dead worker it replaces
 OPENED_ATTR = "processes_opened"  # study user attribute: how many processes have opened it (for the sampler seed)
+FIXED_ATTR = "fixed_settings"  # study user attribute: the overrides every trial of it trained with, besides the space
+# Where a run is logged, shown or placed changes nothing it learns: a study's later workers may change these.
+NOT_SETTINGS = ("tracking.", "logger", "callbacks", "hydra.", "trainer.accelerator", "trainer.devices")
 
 
 # The storage
@@ -135,9 +140,27 @@ def study_lock(settings: Settings) -> FileLock:
     return FileLock(str(path))
 
 
-def open_study(settings: Settings, max_epochs: int | str, lock: FileLock, on_stale: StaleTrials) -> optuna.Study:
+def fixed_settings(overrides: Sequence[str]) -> dict[str, str]:
+    """The training overrides that make a study's experiment (`trainer.max_epochs=2`, `data=digits`), as
+    {key: value}, secrets as `***`: every override but those of NOT_SETTINGS."""
+    fixed = {}
+    for override in overrides:
+        key, _, value = redact_override(override).partition("=")
+        if not key.lstrip("+~").startswith(NOT_SETTINGS):
+            fixed[key] = value
+    return fixed
+
+
+def open_study(
+    settings: Settings,
+    max_epochs: int | str,
+    lock: FileLock,
+    on_stale: StaleTrials,
+    fixed: dict[str, str] | None = None,
+) -> optuna.Study:
     """Create the study on first use, then load it with this process's sampler and pruner, and with heartbeats:
-    `on_stale` is called for a trial whose worker died."""
+    `on_stale` is called for a trial whose worker died. `fixed`: the training overrides besides the space
+    (fixed_settings), recorded by the study's first process and refused by any later one that differs."""
     import optuna
 
     db = _sqlite_path(settings.storage)
@@ -159,10 +182,13 @@ def open_study(settings: Settings, max_epochs: int | str, lock: FileLock, on_sta
             study.set_user_attr("metric", settings.metric)
             study.set_user_attr("search", settings.name)
             study.set_user_attr("space", settings.space)
+        if FIXED_ATTR not in study.user_attrs:  # also a study from before studies kept them: from now on
+            study.set_user_attr(FIXED_ATTR, fixed or {})
         opened_before = study.user_attrs.get(OPENED_ATTR, 0)
         study.set_user_attr(OPENED_ATTR, opened_before + 1)
         seed_offset = len(study.trials) + opened_before
     check_study_matches(study, settings)
+    check_same_settings(study, settings, fixed or {})
     if study.user_attrs.get("space") != settings.space:
         print(f"search: note: study '{settings.study_name}' was started with another search space; trials differ")
     return optuna.load_study(
@@ -185,6 +211,25 @@ def check_study_matches(study: optuna.Study, settings: Settings) -> None:
     if metric != settings.metric:
         allowed = f"{metric}, the metric of the existing study '{settings.study_name}' (or a new search.study_name)"
         raise ConfigError([("search.metric", settings.metric, allowed)])
+
+
+def check_same_settings(study: optuna.Study, settings: Settings, fixed: dict[str, str]) -> None:
+    """A study is one experiment: trials trained with other fixed settings (other epochs, other data) would be ranked
+    against its own as if they were comparable. So a process with other settings than the study's first is refused,
+    naming each key that differs."""
+    recorded = study.user_attrs.get(FIXED_ATTR, {})
+    differing = sorted(key for key in recorded.keys() | fixed.keys() if recorded.get(key) != fixed.get(key))
+    if not differing:
+        return
+    absent = "(not set)"
+    changes = "; ".join(
+        f"{key}: {recorded.get(key, absent)} in the study, {fixed.get(key, absent)} here" for key in differing
+    )
+    raise VaelabError(
+        f"search.study_name={settings.study_name!r}: that study was run with other settings ({changes}). Trials of "
+        "different settings cannot be ranked together: repeat the study's settings to add trials to it, or name a "
+        "new study with search.study_name=<name>"
+    )
 
 
 # Its trials
