@@ -223,6 +223,7 @@ def test_a_bad_search_space_fails_before_anything_runs_naming_each_key(project: 
             "search.space.arch",
         ),
         (["+search.space.search.n_trials={type:int,low:1,high:2}"], "search.space.search.n_trials"),
+        (["trainer=ddp_cpu"], "trainer.strategy"),  # every rank would run the whole search again
     ],
 )
 def test_search_keys_are_checked(overrides: list[str], key: str):

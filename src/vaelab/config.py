@@ -111,6 +111,13 @@ def search_problems(cfg: DictConfig) -> list[Problem]:
     found = _problems(Search, values.get("search"), prefix="search")
     if values.get("resume") is not None:
         found.append(("resume", values["resume"], "null in a search (every trial is a new run)"))
+    strategy = (values.get("trainer") or {}).get("strategy")
+    if isinstance(strategy, str) and "ddp" in strategy:  # DDP starts the script again in every rank
+        allowed = (
+            "no DDP strategy in a search: each rank would run the whole search again. Train one trial per GPU "
+            "instead, as several search workers on one study (README, Search)"
+        )
+        found.append(("trainer.strategy", strategy, allowed))
     return found
 
 
