@@ -75,18 +75,22 @@ def packages_listed(importtime: str) -> set[str]:
     return {name.strip().split(".")[0] for name in lines}
 
 
-def imported_packages(script: str, *overrides: str, root: Path) -> set[str]:
-    """The top-level packages a real run of pipelines/<script> imports, as `python -X importtime` lists them."""
-    done = subprocess.run(
-        [sys.executable, "-X", "importtime", str(REPO / "pipelines" / script), *overrides],
+def python_in(root: Path, *arguments: str, check: bool = True) -> subprocess.CompletedProcess:
+    """A fresh Python process run with `arguments` in the project `root`, its output captured."""
+    return subprocess.run(
+        [sys.executable, *arguments],
         cwd=root,
         env=subprocess_env(VAELAB_ROOT=str(root)),
         capture_output=True,
         text=True,
         timeout=300,
-        check=True,
+        check=check,
     )
-    return packages_listed(done.stderr)
+
+
+def imported_packages(script: str, *overrides: str, root: Path) -> set[str]:
+    """The top-level packages a real run of pipelines/<script> imports, as `python -X importtime` lists them."""
+    return packages_listed(python_in(root, "-X", "importtime", str(REPO / "pipelines" / script), *overrides).stderr)
 
 
 HEAVY = ("lightning", "mlflow", "matplotlib", "torchvision", "optuna")  # seconds of imports each, Lightning most
@@ -95,15 +99,7 @@ HEAVY = ("lightning", "mlflow", "matplotlib", "torchvision", "optuna")  # second
 def heavy_imports(code: str, root: Path) -> set[str]:
     """Which of HEAVY a fresh Python process holds in sys.modules once it has run `code`."""
     probe = f"{code}\nimport sys\nprint(' '.join(name for name in {HEAVY!r} if name in sys.modules))"
-    done = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=root,
-        env=subprocess_env(VAELAB_ROOT=str(root)),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
+    done = python_in(root, "-c", probe)
     return set(done.stdout.splitlines()[-1].split()) if done.stdout.strip() else set()
 
 
@@ -120,14 +116,7 @@ def test_preparing_data_imports_neither_lightning_nor_mlflow(project: Path):
 )
 def test_a_bad_value_is_refused_before_torch_is_imported(project: Path, script: str, bad: str):
     # A typo on the command line is reported in about a second, not after the seconds the training stack takes.
-    done = subprocess.run(
-        [sys.executable, "-X", "importtime", str(REPO / "pipelines" / script), bad],
-        cwd=project,
-        env=subprocess_env(VAELAB_ROOT=str(project)),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = python_in(project, "-X", "importtime", str(REPO / "pipelines" / script), bad, check=False)
     assert done.returncode == 2 and f"{bad}: allowed" in done.stderr, done.stderr[-2000:]
     packages = packages_listed(done.stderr)
     assert "hydra" in packages  # the listing is real: the config was composed
