@@ -19,7 +19,7 @@ from omegaconf.errors import InterpolationResolutionError
 from pydantic import BaseModel, ValidationError
 
 from vaelab.errors import ConfigError
-from vaelab.schema import Config, Search
+from vaelab.schema import SWEEPER, Config, OptunaSweeper
 
 Problem = tuple[str, object, str]
 
@@ -105,10 +105,13 @@ def settle(cfg: DictConfig | dict) -> None:
         cfg.model.latent_dim = sum(layers)
 
 
-def search_problems(cfg: DictConfig) -> list[Problem]:
-    """Violations of the `search.*` keys (the search space's parameters are vaelab.search.space's to check)."""
+def search_problems(cfg: DictConfig, sweeper: DictConfig) -> list[Problem]:
+    """Violations of the `hydra.sweeper.*` keys of a search (the space's parameters are vaelab.search.space's to
+    check), and what a search cannot do with the training config `cfg` that every trial starts from."""
     values = as_dict(cfg)
-    found = _problems(Search, values.get("search"), prefix="search")
+    plain = OmegaConf.to_container(sweeper, resolve=True) if isinstance(sweeper, DictConfig) else dict(sweeper)
+    own = {key: value for key, value in plain.items() if key not in ("_target_", "_recursive_")}
+    found = _problems(OptunaSweeper, own, prefix=SWEEPER)
     if values.get("resume") is not None:
         found.append(("resume", values["resume"], "null in a search (every trial is a new run)"))
     strategy = (values.get("trainer") or {}).get("strategy")

@@ -397,7 +397,6 @@ class Config(Section):
     ckpt: Annotated[str | None, Field(description="null or a checkpoint path")] = None
     run_id: optional(text(RUN_ID_TEXT, lambda v: re.fullmatch(RUN_ID, v)), RUN_ID_TEXT) = None
     resume: Annotated[RESUME_RUN | Resume, Field(description=RESUME_FORMS)] = None
-    search: dict[str, Any] | None = None  # a search's own keys: checked as Search by the search
     sweep: dict[str, Any] | None = None
 
     @model_validator(mode="after")
@@ -427,36 +426,23 @@ class Config(Section):
         return self
 
 
-# search=<name> (conf/search/): checked on top of Config by pipelines/search.py. Its rules name keys under search.
+# hydra/sweeper=optuna (hparams_search=<name>): checked on top of Config by the search. Its rules name keys under
+# hydra.sweeper.
 
-
-class MedianPruner(Section):
-    n_startup_trials: integer(0)
-    n_warmup_steps: integer(0)
-    interval_steps: integer(1)
-
-
-class HyperbandPruner(Section):
-    min_resource: integer(1)
-    reduction_factor: integer(2)
-
-
-class PrunerOptions(Section):
-    median: MedianPruner | None = None
-    hyperband: HyperbandPruner | None = None
-
-
+SWEEPER = "hydra.sweeper"
 STORAGE_TEXT = "null (optuna.db at the project root) or an SQLAlchemy URL (sqlite:///..., postgresql+psycopg://...)"
 
 
 # A study's name reaches file names, comments in reproduce.sh and best_<study>.yaml, and log lines: one line.
 STUDY_NAME = text("a non-empty single line of printable characters", lambda v: v.strip() and v.isprintable())
+OPTUNA_PART = Annotated[dict[str, Any], Field(description="a config with the _target_ of an Optuna class")]
 
 
-class Search(Section):
+class OptunaSweeper(Section):
     study_name: STUDY_NAME
     storage: optional(text(STORAGE_TEXT, lambda v: re.match(r"[a-z][a-z0-9+]*://", v)), STORAGE_TEXT) = None
     n_trials: integer(1)
+    n_jobs: optional(integer(1)) = None
     # A running trial records a heartbeat; one silent for the grace period (its process died) is marked FAIL and
     # retried, so a crashed worker's trial neither blocks the study nor is waited for forever. Optuna takes whole
     # seconds.
@@ -465,21 +451,21 @@ class Search(Section):
     max_retry: integer(0)
     metric: one_of(*SEARCH_METRICS)
     direction: one_of("maximize", "minimize")
-    sampler: one_of("tpe", "random")
-    seed: optional(SEED) = None
-    pruner: one_of("median", "hyperband", "none")
-    pruner_options: PrunerOptions = PrunerOptions()
-    space: Annotated[dict[str, Any], Field(min_length=1, description="a non-empty mapping of parameters")]
+    sampler: OPTUNA_PART
+    pruner: OPTUNA_PART
+    params: dict[str, Any] | None = None  # vaelab.search.space checks each parameter
 
     @model_validator(mode="after")
-    def _across_keys(self) -> Search:
+    def _across_keys(self) -> OptunaSweeper:
         if self.direction != SEARCH_METRICS[self.metric]:
-            raise problem("direction", self.direction, f"{SEARCH_METRICS[self.metric]} for search.metric={self.metric}")
-        if self.metric in END_OF_TRAINING_METRICS and self.pruner != "none":
-            allowed = f"none for search.metric={self.metric} (it is estimated after training)"
-            raise problem("pruner", self.pruner, allowed)
+            allowed = f"{SEARCH_METRICS[self.metric]} for {SWEEPER}.metric={self.metric}"
+            raise problem("direction", self.direction, allowed)
+        pruner = str(self.pruner.get("_target_"))
+        if self.metric in END_OF_TRAINING_METRICS and not pruner.endswith(".NopPruner"):
+            allowed = f"none (hydra/sweeper/pruner=none) for {SWEEPER}.metric={self.metric}: it is estimated after training"
+            raise problem("pruner._target_", pruner, allowed)
         if self.grace_period <= self.heartbeat_interval:
             # a live worker would be taken for dead between two of its own heartbeats
-            allowed = f"an integer > search.heartbeat_interval ({self.heartbeat_interval})"
+            allowed = f"an integer > {SWEEPER}.heartbeat_interval ({self.heartbeat_interval})"
             raise problem("grace_period", self.grace_period, allowed)
         return self

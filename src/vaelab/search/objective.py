@@ -59,7 +59,8 @@ def trial_callbacks(trial: optuna.Trial, metric: str, tags: dict[str, str]) -> l
 class Objective:
     """Train one trial and return its validation metric (raising makes the trial FAIL, TrialPruned PRUNED)."""
 
-    config_dir: Path
+    config_dir: Path | None  # None inside a Hydra application, which composes with its own search path
+    config_name: str
     train_overrides: list[str]
     params: list[Param]
     settings: Settings
@@ -83,7 +84,7 @@ class Objective:
         if trial.user_attrs.get(RETRY_ATTR) is not None:
             tags["optuna.retry_of"] = str(trial.user_attrs[RETRY_ATTR])
         try:
-            cfg = compose_config(self.config_dir, overrides)
+            cfg = compose_config(self.config_dir, overrides, config_name=self.config_name)
             if cfg.tracking.run_name is None:  # a readable name in the MLflow UI; the config is otherwise train.py's
                 cfg.tracking.run_name = f"{self.settings.study_name}/trial-{trial.number}"
             summary = train(

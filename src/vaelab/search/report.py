@@ -121,14 +121,14 @@ class SearchResult:
     best_file: Path | None = None
     command: str | None = None
     metric: str = "val/elbo"
-    retries: int = 0  # of the trials counted, retries of trials whose worker died (not in search.n_trials)
+    retries: int = 0  # of the trials counted, retries of trials whose worker died (not in hydra.sweeper.n_trials)
 
     def describe(self) -> str:
         counts = ", ".join(f"{n} {state.lower()}" for state, n in self.counts.items())
         retries = f"; of them retries of trials whose worker died: {self.retries}" if self.retries else ""
         lines = [
             f"search: study '{self.study_name}' in {display_url(self.storage)}: "
-            f"{sum(self.counts.values())} finished trials of search.n_trials={self.n_trials} ({counts}{retries})"
+            f"{sum(self.counts.values())} finished trials of n_trials={self.n_trials} ({counts}{retries})"
         ]
         if self.best_number is not None:
             lines.append(

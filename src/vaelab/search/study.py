@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vaelab import paths
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.redaction import redact_override
-from vaelab.search.config import OverrideError, Settings
+from vaelab.search.config import Settings, key
 
 if TYPE_CHECKING:
     import optuna
@@ -29,7 +29,7 @@ RETRY_ATTR = "retry_of"  # trial user attribute of a retry: the trial whose dead
 OPENED_ATTR = "processes_opened"  # study user attribute: how many processes have opened it (for the sampler seed)
 FIXED_ATTR = "fixed_settings"  # study user attribute: the overrides every trial of it trained with, besides the space
 # Where a run is logged, shown or placed changes nothing it learns: a study's later workers may change these.
-NOT_SETTINGS = ("tracking.", "logger", "callbacks", "hydra.", "trainer.accelerator", "trainer.devices")
+NOT_SETTINGS = ("tracking.", "logger", "callbacks", "hydra.", "hydra/", "hparams_search", "trainer.accelerator", "trainer.devices")
 
 
 # The storage
@@ -50,7 +50,7 @@ def check_storage_is_optunas(settings: Settings) -> None:
         tables = _sqlite_tables(db) if db else _server_tables(settings.storage)
     except sqlite3.DatabaseError as error:
         allowed = f"an SQLite database of Optuna's own, or a new file ({db} is not a database: {error})"
-        raise ConfigError([("search.storage", display_url(settings.storage), allowed)]) from None
+        raise ConfigError([(key("storage"), display_url(settings.storage), allowed)]) from None
     optunas = set(BaseModel.metadata.tables) | {"alembic_version"}  # alembic_version: its schema's version
     foreign = sorted(name for name in tables if name not in optunas and not name.startswith("sqlite_"))
     if foreign:
@@ -60,7 +60,7 @@ def check_storage_is_optunas(settings: Settings) -> None:
             f"a database of Optuna's own, or a new one: {where} holds other tables ({shown}), another tool's data "
             "that the study must not write into"
         )
-        raise ConfigError([("search.storage", display_url(settings.storage), allowed)])
+        raise ConfigError([(key("storage"), display_url(settings.storage), allowed)])
 
 
 def _sqlite_tables(db: Path) -> list[str]:
@@ -100,30 +100,46 @@ def safe_file_name(name: str) -> str:
 
 
 def build_sampler(settings: Settings, offset: int) -> optuna.samplers.BaseSampler:
-    """TPE or random. A seeded sampler restarts its random stream in every process, so a resumed study would
-    repeat its first trials' parameters, and two workers started together would draw the same ones: the seed is
-    offset by the number of trials already in the study plus the number of processes that opened it before."""
+    """The configured sampler. A seeded sampler restarts its random stream in every process, so a resumed study
+    would repeat its first trials' parameters, and two workers started together would draw the same ones: the seed
+    is offset by the number of trials already in the study plus the number of processes that opened it before."""
     import optuna
 
-    seed = None if settings.seed is None else settings.seed + offset
-    if settings.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    spec = dict(settings.sampler)
+    if spec.get("seed") is not None:
+        spec["seed"] += offset
+    return build_optuna_part(spec, optuna.samplers.BaseSampler, "sampler")
 
 
 def build_pruner(settings: Settings, max_epochs: int | str) -> optuna.pruners.BasePruner:
-    """The configured pruner; its steps are epochs (0-based), hyperband's resource runs up to max_epochs."""
+    """The configured pruner; its steps are epochs (0-based), hyperband's resource runs up to max_epochs unless
+    its max_resource says otherwise."""
     import optuna
 
-    options = dict(settings.pruner_options.get(settings.pruner) or {})
+    spec = dict(settings.pruner)
+    if settings.pruner_name == "HyperbandPruner" and spec.get("max_resource") is None:
+        spec["max_resource"] = max_epochs
+    return build_optuna_part(spec, optuna.pruners.BasePruner, "pruner")
+
+
+def build_optuna_part(spec: dict[str, Any], kind: type, name: str) -> Any:
+    """`spec` ({_target_: class, arguments}) built, once its class is known to be a `kind`: a config names classes
+    to build, and only Optuna's samplers or pruners are built here. Anything wrong is a ConfigError naming
+    hydra.sweeper.<name>."""
+    from hydra.utils import get_class
+
+    target = spec.pop("_target_", None)
     try:
-        if settings.pruner == "median":
-            return optuna.pruners.MedianPruner(**options)
-        if settings.pruner == "hyperband":
-            return optuna.pruners.HyperbandPruner(**{"max_resource": max_epochs, **options})
-    except TypeError as error:
-        raise OverrideError(f"search.pruner_options.{settings.pruner}: {error}") from None
-    return optuna.pruners.NopPruner()
+        found = get_class(str(target))
+    except Exception:  # noqa: BLE001 - Hydra raises ImportError or ValueError, with a traceback-length text
+        found = None
+    if not (isinstance(found, type) and issubclass(found, kind)):
+        allowed = f"an Optuna {name} class, such as {kind.__module__.rsplit('.', 1)[0]}.<{kind.__name__[4:]}>"
+        raise ConfigError([(key(f"{name}._target_"), target, allowed)])
+    try:
+        return found(**spec)
+    except (TypeError, ValueError) as error:
+        raise ConfigError([(key(name), f"{target}({spec})", f"arguments {found.__name__} takes: {error}")]) from None
 
 
 def study_lock(settings: Settings) -> FileLock:
@@ -204,13 +220,13 @@ def check_study_matches(study: optuna.Study, settings: Settings) -> None:
     direction = study.direction.name.lower()
     if direction != settings.direction:
         allowed = (
-            f"{direction}, the direction of the existing study '{settings.study_name}' (or a new search.study_name)"
+            f"{direction}, the direction of the existing study '{settings.study_name}' (or a new {key('study_name')})"
         )
-        raise ConfigError([("search.direction", settings.direction, allowed)])
+        raise ConfigError([(key("direction"), settings.direction, allowed)])
     metric = study.user_attrs.get("metric", settings.metric)
     if metric != settings.metric:
-        allowed = f"{metric}, the metric of the existing study '{settings.study_name}' (or a new search.study_name)"
-        raise ConfigError([("search.metric", settings.metric, allowed)])
+        allowed = f"{metric}, the metric of the existing study '{settings.study_name}' (or a new {key('study_name')})"
+        raise ConfigError([(key("metric"), settings.metric, allowed)])
 
 
 def check_same_settings(study: optuna.Study, settings: Settings, fixed: dict[str, str]) -> None:
@@ -226,9 +242,9 @@ def check_same_settings(study: optuna.Study, settings: Settings, fixed: dict[str
         f"{key}: {recorded.get(key, absent)} in the study, {fixed.get(key, absent)} here" for key in differing
     )
     raise VaelabError(
-        f"search.study_name={settings.study_name!r}: that study was run with other settings ({changes}). Trials of "
+        f"{key('study_name')}={settings.study_name!r}: that study was run with other settings ({changes}). Trials of "
         "different settings cannot be ranked together: repeat the study's settings to add trials to it, or name a "
-        "new study with search.study_name=<name>"
+        f"new study with {key('study_name')}=<name>"
     )
 
 
@@ -242,7 +258,7 @@ def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def fail_stale_trials(study: optuna.Study) -> None:
-    """Mark FAIL the trials whose worker died (silent for search.grace_period), calling StaleTrials for each.
+    """Mark FAIL the trials whose worker died (silent for hydra.sweeper.grace_period), calling StaleTrials for each.
     Call it under the study lock: sqlite would let two workers both fail, and both retry, one trial."""
     import optuna
 
@@ -272,7 +288,7 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 class Tally:
     """Where a study stands: what a worker decides its next step by (under the study lock) and what it reports."""
 
-    trials: int  # the study's own trials in any state, retries not included: what search.n_trials counts
+    trials: int  # the study's own trials in any state, retries not included: what hydra.sweeper.n_trials counts
     done: int  # of those, the ones that have ended (COMPLETE, PRUNED or FAIL)
     finished: int  # all trials that have ended, retries included
     retries: int  # retries of trials whose worker died, in any state
@@ -312,7 +328,7 @@ class Tally:
             todo.append(f"{self.queued} queued (retries of trials whose worker died)")
         running = f" and {len(self.running)} running elsewhere" if self.running else ""
         todo_text = ", ".join(todo) or "nothing to run"
-        return f"{self.finished} finished trials{running}, search.n_trials={n_trials}: {todo_text}"
+        return f"{self.finished} finished trials{running}, n_trials={n_trials}: {todo_text}"
 
 
 # A trial whose worker died
@@ -342,7 +358,7 @@ class StaleTrials:
             + (
                 f"retried as trial {retry}"
                 if retry is not None
-                else f"search.max_retry={self.settings.max_retry} reached"
+                else f"max_retry={self.settings.max_retry} reached"
             )
         )
         run_id = trial.user_attrs.get("mlflow_run_id")

@@ -1,16 +1,16 @@
-"""Workers sharing one study: each claims trials until the study has exactly search.n_trials, a dead worker's trial
+"""Workers sharing one study: each claims trials until the study has exactly hydra.sweeper.n_trials, a dead worker's trial
 is retried, and all of them log under one MLflow parent run.
 
 Several workers (processes running the same command) can share one study:
 - Each claims its next trial under a file lock (beside a sqlite database), counting the trials every worker has
-  started, so together they start exactly search.n_trials. A lock file cannot reach workers on other machines:
+  started, so together they start exactly hydra.sweeper.n_trials. A lock file cannot reach workers on other machines:
   with a server database those may, starting a trial at the same instant, overshoot by one.
-- A running trial records a heartbeat in the storage (`search.heartbeat_interval`). Once it has been silent for
-  `search.grace_period` seconds its worker is taken for dead: the worker that notices marks the trial FAIL,
+- A running trial records a heartbeat in the storage (`hydra.sweeper.heartbeat_interval`). Once it has been silent for
+  `hydra.sweeper.grace_period` seconds its worker is taken for dead: the worker that notices marks the trial FAIL,
   closes its MLflow run FAILED with the reason in `vaelab.failure`, and Optuna's RetryHeartbeatStaleTrialCallback
-  queues a retry with the same parameters (up to `search.max_retry` times). A retry is an extra trial, with the
+  queues a retry with the same parameters (up to `hydra.sweeper.max_retry` times). A retry is an extra trial, with the
   system attribute `failed_trial` (`RetryHeartbeatStaleTrialCallback.retried_trial_number`), so it does not count
-  towards search.n_trials and retries are counted apart.
+  towards hydra.sweeper.n_trials and retries are counted apart.
 - A worker with nothing left to start stays until the trials other workers run have ended, so that it can retry
   one whose worker dies, and so that the study is complete when the last worker leaves.
 - The workers of one session share one MLflow parent run, named in the study's user attribute
@@ -30,10 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from vaelab.search.config import Settings
 from vaelab.search.objective import Objective
+from vaelab.search.space import Param
 from vaelab.search.report import Progress, SearchResult, write_report
 from vaelab.search.study import (
     RETRY_ATTR,
@@ -41,7 +42,10 @@ from vaelab.search.study import (
     Tally,
     close_dead_run,
     display_url,
+    StaleTrials,
     fail_stale_trials,
+    open_study,
+    study_lock,
     study_trial,
 )
 from vaelab.tracking.lifecycle import end_run
@@ -56,7 +60,7 @@ WAIT_POLL_S = 2.0  # how often a worker with nothing left to start looks at the 
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute: the MLflow parent run of the workers now running it
 
 
-# Claiming trials until the study has search.n_trials
+# Claiming trials until the study has hydra.sweeper.n_trials
 
 
 def worker_id() -> str:
@@ -91,7 +95,7 @@ class Claimed:
 def run_trials(
     study: optuna.Study, objective: Objective, settings: Settings, lock: FileLock, parent: SharedParent | None
 ) -> None:
-    """Run trials until the study has search.n_trials of its own, no queued retries, and no trial running in
+    """Run trials until the study has hydra.sweeper.n_trials of its own, no queued retries, and no trial running in
     another worker. Each step is decided, and its trial claimed, under the study lock, so two workers never both
     take the last trial or the same queued retry; the trial hands the lock back once it exists (`Claimed`)."""
     progress = Progress(settings)
@@ -126,6 +130,44 @@ def run_trials(
                     flush=True,
                 )
             time.sleep(min(WAIT_POLL_S, settings.heartbeat_interval))
+
+
+# A worker that a launcher starts
+
+
+@dataclass(frozen=True)
+class TrialWorker:
+    """The task an out-of-process launcher (joblib, slurm) runs in each of a search's workers, in place of the
+    application's: open the study, then run trials until it has n_trials, under the sweeper's parent run. Plain
+    data, so that the launcher can ship it to another process or machine."""
+
+    settings: Settings
+    config_name: str
+    train: list[str]
+    params: list[Param]
+    max_epochs: int | str
+    fixed: dict[str, str]
+    tracking_uri: str | None
+    parent_run_id: str | None
+    experiment: str | None
+
+    def __call__(self, cfg: DictConfig) -> None:
+        import optuna
+
+        from vaelab.logs import quiet_third_party
+        from vaelab.tracking.lifecycle import stop_on_signals
+
+        stop_on_signals()  # SIGTERM fails this worker's trial and ends its run KILLED, as Ctrl-C does
+        quiet_third_party()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        lock = study_lock(self.settings)
+        stale = StaleTrials(self.settings, self.tracking_uri)
+        study = open_study(self.settings, self.max_epochs, lock, stale, self.fixed)
+        parent = None
+        if self.parent_run_id and self.tracking_uri:
+            parent = SharedParent(Run(self.tracking_uri, self.parent_run_id, self.experiment or ""), lock)
+        objective = Objective(None, self.config_name, self.train, self.params, self.settings, self.parent_run_id)
+        run_trials(study, objective, self.settings, lock, parent)
 
 
 # The parent run the workers share
@@ -197,8 +239,9 @@ class SharedParent:
                     "optuna.storage": display_url(settings.storage),
                     "optuna.metric": settings.metric,
                     "optuna.direction": settings.direction,
-                    "optuna.pruner": settings.pruner,
-                    "vaelab.search_space": OmegaConf.to_yaml(OmegaConf.create(settings.space))[:5000],
+                    "optuna.sampler": settings.sampler_name,
+                    "optuna.pruner": settings.pruner_name,
+                    "vaelab.search_space": "\n".join(f"{k}: {v}" for k, v in settings.space.items())[:5000],
                     "vaelab.workers": "1",
                 }
             )
@@ -209,7 +252,7 @@ class SharedParent:
         return self.run.client.get_run(self.run.run_id).info.status
 
     def reopen_if_ended(self) -> None:
-        """Before a trial starts (under the lock): a worker with a smaller search.n_trials, or one that stopped on
+        """Before a trial starts (under the lock): a worker with a smaller hydra.sweeper.n_trials, or one that stopped on
         an error, may have ended the parent meanwhile. Its trials still belong under it."""
         if self.status() != "RUNNING":
             Run.reopen(self.run.uri, self.run.run_id)

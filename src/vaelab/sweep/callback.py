@@ -19,7 +19,7 @@ from omegaconf import DictConfig, open_dict, read_write
 
 from vaelab import paths
 from vaelab.files import write_text_atomic
-from vaelab.sweep.runs import PARENT_ENV, PARENT_FILE, short_error
+from vaelab.sweep.runs import OPTUNA_SWEEPER, PARENT_ENV, PARENT_FILE, short_error
 from vaelab.tracking.lifecycle import INTERRUPTED, end_run, stop_signal
 
 if TYPE_CHECKING:
@@ -41,6 +41,8 @@ class SweepCallback(Callback):
     # Hydra turns an exception in a callback into a warning and carries on, so these methods exit themselves.
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.sweeper.get("_target_") == OPTUNA_SWEEPER:
+            return  # a search: its sweeper owns the parent run, shared by every worker of the study
         if config.get("logger") is None:
             stop("a sweep tracks its jobs in MLflow: logger=none cannot be used with -m", status=2)
         try:

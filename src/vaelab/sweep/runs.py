@@ -127,6 +127,7 @@ def child_runs(uri: str, parent: str, deleted: bool = False) -> pd.DataFrame:
 
 
 CHECKED_SWEEPER = "hydra_plugins.vaelab_sweeper.checked_sweeper.CheckedSweeper"  # the default: conf/train.yaml
+OPTUNA_SWEEPER = "hydra_plugins.vaelab_sweeper.optuna_sweeper.OptunaSweeper"  # hydra/sweeper=optuna: a search
 
 
 def launched_jobs(sweeper: DictConfig, overrides: list[str]) -> list[list[str]] | None:
