@@ -6,6 +6,7 @@ python pipelines/train.py -m sweep=latent_beta_arch hydra/launcher=joblib hydra.
 """
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -50,6 +51,15 @@ def main(cfg: DictConfig) -> float:
     return summary["val/elbo"]
 
 
+def with_search_sweeper(argv: list[str]) -> list[str]:
+    """`hparams_search=<name>` asks for a search, which is vaelab's Optuna sweeper: its choice is added to the command
+    line, since Hydra lets conf/train.yaml's own sweeper choice win over one made in a group's file."""
+    searched = any(re.fullmatch(r"\+*hparams_search=(?!null$).+", arg) for arg in argv)
+    if searched and not any(arg.startswith("hydra/sweeper=") for arg in argv):
+        return ["hydra/sweeper=optuna", *argv]
+    return argv
+
+
 def warn_of_plain_secrets(raw: dict) -> None:
     """DVC keeps params.yaml in git and in every experiment, so a secret there should be an `${oc.env:VAR}`
     interpolation, which params.yaml keeps unresolved when `dvc exp run -S` is given it escaped."""
@@ -67,4 +77,5 @@ if __name__ == "__main__":
     stop_on_signals()  # SIGTERM, at any point, ends the runs this process owns as Ctrl-C does: KILLED, exit 130
     with exit_on_user_error(), hydra_errors():
         check_command_line(sys.argv[1:])
+        sys.argv[1:] = with_search_sweeper(sys.argv[1:])
         main()
