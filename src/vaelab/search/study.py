@@ -126,12 +126,13 @@ def build_optuna_part(spec: dict[str, Any], kind: type, name: str) -> Any:
     """`spec` ({_target_: class, arguments}) built, once its class is known to be a `kind`: a config names classes
     to build, and only Optuna's samplers or pruners are built here. Anything wrong is a ConfigError naming
     hydra.sweeper.<name>."""
-    from hydra.utils import get_class
+    from importlib import import_module
 
     target = spec.pop("_target_", None)
+    module, _, name = str(target).rpartition(".")
     try:
-        found = get_class(str(target))
-    except Exception:  # noqa: BLE001 - Hydra raises ImportError or ValueError, with a traceback-length text
+        found = getattr(import_module(module), name, None)
+    except (ImportError, ValueError):
         found = None
     if not (isinstance(found, type) and issubclass(found, kind)):
         allowed = f"an Optuna {name} class, such as {kind.__module__.rsplit('.', 1)[0]}.<{kind.__name__[4:]}>"
