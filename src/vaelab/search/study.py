@@ -129,9 +129,9 @@ def build_optuna_part(spec: dict[str, Any], kind: type, name: str) -> Any:
     from importlib import import_module
 
     target = spec.pop("_target_", None)
-    module, _, name = str(target).rpartition(".")
+    module, _, attribute = str(target).rpartition(".")
     try:
-        found = getattr(import_module(module), name, None)
+        found = getattr(import_module(module), attribute, None)
     except (ImportError, ValueError):
         found = None
     if not (isinstance(found, type) and issubclass(found, kind)):
