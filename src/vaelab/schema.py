@@ -462,7 +462,7 @@ class OptunaSweeper(Section):
             raise problem("direction", self.direction, allowed)
         pruner = str(self.pruner.get("_target_"))
         if self.metric in END_OF_TRAINING_METRICS and not pruner.endswith(".NopPruner"):
-            allowed = f"none (hydra/sweeper/pruner=none) for {SWEEPER}.metric={self.metric}: it is estimated after training"
+            allowed = f"none (hydra/sweeper/pruner=none) for {SWEEPER}.metric={self.metric}: estimated after training"
             raise problem("pruner._target_", pruner, allowed)
         if self.grace_period <= self.heartbeat_interval:
             # a live worker would be taken for dead between two of its own heartbeats

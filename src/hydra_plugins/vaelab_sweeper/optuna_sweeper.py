@@ -50,8 +50,18 @@ SAMPLERS = {
 }
 # Steps are epochs, from 0. Hyperband's max_resource null means trainer.max_epochs.
 PRUNERS = {
-    "median": {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 5, "n_warmup_steps": 1, "interval_steps": 1},
-    "hyperband": {"_target_": "optuna.pruners.HyperbandPruner", "min_resource": 1, "max_resource": None, "reduction_factor": 3},
+    "median": {
+        "_target_": "optuna.pruners.MedianPruner",
+        "n_startup_trials": 5,
+        "n_warmup_steps": 1,
+        "interval_steps": 1,
+    },
+    "hyperband": {
+        "_target_": "optuna.pruners.HyperbandPruner",
+        "min_resource": 1,
+        "max_resource": None,
+        "reduction_factor": 3,
+    },
     "none": {"_target_": "optuna.pruners.NopPruner"},
 }
 

@@ -93,7 +93,9 @@ class Plan:
 
     @property
     def max_epochs(self) -> int | str:
-        return "auto" if any(param.name == "trainer.max_epochs" for param in self.params) else self.base.trainer.max_epochs
+        return (
+            "auto" if any(param.name == "trainer.max_epochs" for param in self.params) else self.base.trainer.max_epochs
+        )
 
     @property
     def tracking_uri(self) -> str | None:
@@ -152,10 +154,14 @@ def read_plan(config: DictConfig, arguments: Sequence[str]) -> Plan:
         raise ConfigError(found)
     choice = config.hydra.runtime.choices.get(SPACE_GROUP)
     name = "command line" if choice in (None, "null") else str(choice)
-    settings = Settings.from_config(config.hydra.sweeper, name, {param.name: entries[param.name] for param in space.params})
+    settings = Settings.from_config(
+        config.hydra.sweeper, name, {param.name: entries[param.name] for param in space.params}
+    )
     workers = None if in_process else launcher_workers(config, settings)
     command = [o for o in config.hydra.overrides.hydra if o.lstrip("+~").startswith(SEARCH_HYDRA_OVERRIDES)]
-    return Plan(settings, [*train, *space.fixed], space.params, base, config_name, [*command, *arguments], in_process, workers)
+    return Plan(
+        settings, [*train, *space.fixed], space.params, base, config_name, [*command, *arguments], in_process, workers
+    )
 
 
 def launcher_workers(config: DictConfig, settings: Settings) -> int:

@@ -29,7 +29,16 @@ RETRY_ATTR = "retry_of"  # trial user attribute of a retry: the trial whose dead
 OPENED_ATTR = "processes_opened"  # study user attribute: how many processes have opened it (for the sampler seed)
 FIXED_ATTR = "fixed_settings"  # study user attribute: the overrides every trial of it trained with, besides the space
 # Where a run is logged, shown or placed changes nothing it learns: a study's later workers may change these.
-NOT_SETTINGS = ("tracking.", "logger", "callbacks", "hydra.", "hydra/", "hparams_search", "trainer.accelerator", "trainer.devices")
+NOT_SETTINGS = (
+    "tracking.",
+    "logger",
+    "callbacks",
+    "hydra.",
+    "hydra/",
+    "hparams_search",
+    "trainer.accelerator",
+    "trainer.devices",
+)
 
 
 # The storage
@@ -356,11 +365,7 @@ class StaleTrials:
         reason = (
             f"its worker ({trial.user_attrs.get(WORKER_ATTR, 'unknown')}) died: no heartbeat for "
             f"{self.settings.grace_period} s; "
-            + (
-                f"retried as trial {retry}"
-                if retry is not None
-                else f"max_retry={self.settings.max_retry} reached"
-            )
+            + (f"retried as trial {retry}" if retry is not None else f"max_retry={self.settings.max_retry} reached")
         )
         run_id = trial.user_attrs.get("mlflow_run_id")
         closed = ""

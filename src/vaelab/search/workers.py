@@ -1,4 +1,4 @@
-"""Workers sharing one study: each claims trials until the study has exactly hydra.sweeper.n_trials, a dead worker's trial
+"""Workers sharing one study: each claims trials until the study has exactly n_trials, a dead worker's trial
 is retried, and all of them log under one MLflow parent run.
 
 Several workers (processes running the same command) can share one study:
@@ -34,15 +34,15 @@ from omegaconf import DictConfig
 
 from vaelab.search.config import Settings
 from vaelab.search.objective import Objective
-from vaelab.search.space import Param
 from vaelab.search.report import Progress, SearchResult, write_report
+from vaelab.search.space import Param
 from vaelab.search.study import (
     RETRY_ATTR,
     WORKER_ATTR,
+    StaleTrials,
     Tally,
     close_dead_run,
     display_url,
-    StaleTrials,
     fail_stale_trials,
     open_study,
     study_lock,
@@ -252,7 +252,7 @@ class SharedParent:
         return self.run.client.get_run(self.run.run_id).info.status
 
     def reopen_if_ended(self) -> None:
-        """Before a trial starts (under the lock): a worker with a smaller hydra.sweeper.n_trials, or one that stopped on
+        """Before a trial starts (under the lock): a worker with a smaller n_trials, or one that stopped on
         an error, may have ended the parent meanwhile. Its trials still belong under it."""
         if self.status() != "RUNNING":
             Run.reopen(self.run.uri, self.run.run_id)
