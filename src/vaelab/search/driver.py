@@ -26,7 +26,6 @@ The pieces, each a module:
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -57,12 +56,12 @@ from vaelab.search.study import (
     check_storage_is_optunas,
     display_url,
     fail_stale_trials,
+    fail_trials_of_ended_workers,
     fixed_settings,
     open_study,
     study_lock,
 )
-from vaelab.search.workers import SharedParent, TrialWorker, run_trials, running_parent
-from vaelab.tracking.lifecycle import stop_signal
+from vaelab.search.workers import SharedParent, TrialWorker, quiet_optuna, run_trials, running_parent
 
 if TYPE_CHECKING:
     from hydra.types import HydraContext
@@ -70,12 +69,6 @@ if TYPE_CHECKING:
 IN_PROCESS_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 # The hydra overrides that say what the search was (kept on its parent run beside the task overrides).
 SEARCH_HYDRA_OVERRIDES = ("hydra/sweeper", "hydra.sweeper", "hydra/launcher", "hydra.launcher")
-
-
-def quiet_once_stopped(record: logging.LogRecord) -> bool:
-    """Optuna's warnings about a trial that Ctrl-C or SIGTERM stopped (a traceback of the interrupt) go unprinted:
-    the search says in one line that it was interrupted and how to resume."""
-    return stop_signal() is None
 
 
 @dataclass(frozen=True)
@@ -189,7 +182,6 @@ def sweep(config: DictConfig, arguments: Sequence[str], hydra_context: HydraCont
 
 
 def run(config: DictConfig, arguments: Sequence[str], hydra_context: HydraContext) -> SearchResult:
-    import optuna
 
     from vaelab.stages.preflight import check_buildable
     from vaelab.tracking.store import check_store
@@ -201,10 +193,7 @@ def run(config: DictConfig, arguments: Sequence[str], hydra_context: HydraContex
     if plan.tracking_uri is not None:
         check_store(plan.base.tracking.uri)
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # Progress prints one line per trial instead
-    optimize_log = logging.getLogger("optuna.study._optimize")
-    if quiet_once_stopped not in optimize_log.filters:
-        optimize_log.addFilter(quiet_once_stopped)
+    quiet_optuna()
     check_storage_is_optunas(settings)  # before the lock file or the study is written beside or into it
     lock = study_lock(settings)
     study = open_study(
@@ -226,10 +215,15 @@ def run(config: DictConfig, arguments: Sequence[str], hydra_context: HydraContex
             run_trials(study, plan.objective(parent.run.run_id if parent else None), settings, lock, parent)
         else:
             launch_workers(plan, tally, parent, config, hydra_context)
+            with lock:  # a worker killed outright (out of memory, say) left its trial RUNNING
+                fail_trials_of_ended_workers(study, plan.tracking_uri, None)
         if parent is None:
             return write_report(study, settings, None, parent=None)
         return parent.finish(study, settings, None)
     except BaseException as error:
+        if not plan.in_process:
+            with lock:
+                fail_trials_of_ended_workers(study, plan.tracking_uri, error)
         if parent:
             parent.abandon(study, error)
         raise

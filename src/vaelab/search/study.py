@@ -378,6 +378,52 @@ class StaleTrials:
         print(f"search: trial {trial.number} FAIL {reason}{closed}", flush=True)
 
 
+def fail_trials_of_ended_workers(
+    study: optuna.Study, tracking_uri: str | None, error: BaseException | None
+) -> list[int]:
+    """FAIL the RUNNING trials of this machine's workers whose processes have ended, and end their runs: a launcher
+    tears its workers down when the search is interrupted (joblib's, at Ctrl-C), sometimes before a worker could
+    record its trial. Done at once, rather than by another worker once the trial's heartbeat is stale. `error`: what
+    stopped the search (an interrupt ends the runs KILLED, anything else FAILED). Call it under the study lock."""
+    import socket
+
+    from optuna.trial import TrialState
+
+    from vaelab.tracking.lifecycle import INTERRUPTED, end_run
+    from vaelab.tracking.run import Run
+
+    interrupted = isinstance(error, KeyboardInterrupt)
+    reason = INTERRUPTED if interrupted else "its worker process ended without recording it"
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, _, pid = str(trial.user_attrs.get(WORKER_ATTR, "")).rpartition(":")
+        if host != socket.gethostname() or not pid.isdigit() or _is_alive(int(pid)):
+            continue
+        study._storage.set_trial_user_attr(trial._trial_id, "failure", reason)
+        study.tell(trial.number, state=TrialState.FAIL)
+        failed.append(trial.number)
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if tracking_uri and run_id:
+            run = Run(tracking_uri, run_id, experiment="")
+            if run.client.get_run(run_id).info.status == "RUNNING":
+                end_run(
+                    run, error if interrupted else RuntimeError(reason), reason=reason, tags={"optuna.state": "FAIL"}
+                )
+    return failed
+
+
+def _is_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def close_dead_run(tracking_uri: str, run_id: str, reason: str) -> bool:
     """End a run that a dead worker left RUNNING: FAILED, as its trial is, with `reason`. False if it had ended."""
     from mlflow.exceptions import MlflowException

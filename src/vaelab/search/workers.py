@@ -22,6 +22,7 @@ Several workers (processes running the same command) can share one study:
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -48,7 +49,7 @@ from vaelab.search.study import (
     study_lock,
     study_trial,
 )
-from vaelab.tracking.lifecycle import end_run
+from vaelab.tracking.lifecycle import end_run, stop_signal
 from vaelab.tracking.run import Run
 from vaelab.tracking.store import resolve_uri
 
@@ -58,6 +59,26 @@ if TYPE_CHECKING:
 
 WAIT_POLL_S = 2.0  # how often a worker with nothing left to start looks at the other workers' trials
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attribute: the MLflow parent run of the workers now running it
+
+
+# Optuna's logging
+
+
+def quiet_once_stopped(record: logging.LogRecord) -> bool:
+    """Optuna's warnings about a trial that Ctrl-C or SIGTERM stopped (a traceback of the interrupt) go unprinted:
+    the search says in one line that it was interrupted and how to resume."""
+    return stop_signal() is None
+
+
+def quiet_optuna() -> None:
+    """Optuna's INFO line per trial goes (Progress prints one of its own), and so do its warnings about a trial
+    that Ctrl-C or SIGTERM stopped."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optimize_log = logging.getLogger("optuna.study._optimize")
+    if quiet_once_stopped not in optimize_log.filters:
+        optimize_log.addFilter(quiet_once_stopped)
 
 
 # Claiming trials until the study has hydra.sweeper.n_trials
@@ -152,14 +173,13 @@ class TrialWorker:
     experiment: str | None
 
     def __call__(self, cfg: DictConfig) -> None:
-        import optuna
 
         from vaelab.logs import quiet_third_party
         from vaelab.tracking.lifecycle import stop_on_signals
 
         stop_on_signals()  # SIGTERM fails this worker's trial and ends its run KILLED, as Ctrl-C does
         quiet_third_party()
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        quiet_optuna()
         lock = study_lock(self.settings)
         stale = StaleTrials(self.settings, self.tracking_uri)
         study = open_study(self.settings, self.max_epochs, lock, stale, self.fixed)
