@@ -155,3 +155,23 @@ def test_a_search_that_cannot_run_as_asked_is_refused_before_anything_is_written
     assert done.returncode == 2, done.stderr[-2000:]
     assert key in done.stderr and "Traceback" not in done.stderr
     assert not (project / "optuna.db").exists() and not (project / "mlflow.db").exists()
+
+
+def test_a_trial_whose_launcher_worker_has_ended_is_failed_at_once_and_a_live_workers_is_not(tmp_path: Path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from vaelab.search.study import WORKER_ATTR, fail_trials_of_ended_workers
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", direction="maximize")
+    of_ended, of_live = study.ask(), study.ask()
+    of_ended.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{ended.stdout.strip()}")
+    of_live.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+
+    assert fail_trials_of_ended_workers(study, None, KeyboardInterrupt()) == [of_ended.number]
+    states = {t.number: (t.state.name, t.user_attrs.get("failure")) for t in study.trials}
+    assert states[of_ended.number] == ("FAIL", "interrupted (Ctrl-C or SIGTERM)")
+    assert states[of_live.number] == ("RUNNING", None)
