@@ -182,11 +182,11 @@ def sweep(config: DictConfig, arguments: Sequence[str], hydra_context: HydraCont
 
 
 def run(config: DictConfig, arguments: Sequence[str], hydra_context: HydraContext) -> SearchResult:
+    plan = read_plan(config, arguments)  # before Optuna or torch is imported: a typo fails in a second
 
     from vaelab.stages.preflight import check_buildable
     from vaelab.tracking.store import check_store
 
-    plan = read_plan(config, arguments)
     settings = plan.settings
     check_buildable(plan.base)  # what every trial builds, judged before the study or any run exists
     build_sampler(settings, 0), build_pruner(settings, plan.max_epochs)  # their arguments, judged by Optuna

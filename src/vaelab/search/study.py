@@ -116,7 +116,7 @@ def build_sampler(settings: Settings, offset: int) -> optuna.samplers.BaseSample
 
     spec = dict(settings.sampler)
     if spec.get("seed") is not None:
-        spec["seed"] += offset
+        spec["seed"] = (spec["seed"] + offset) % 2**32  # numpy's seeds are below 2**32
     return build_optuna_part(spec, optuna.samplers.BaseSampler, "sampler")
 
 
