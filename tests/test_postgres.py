@@ -1,5 +1,5 @@
 """The shared services of a cluster, for real: a PostgreSQL server holds the Optuna study and an MLflow tracking
-server's backend store; two search workers (pipelines/search.py processes) share both.
+server's backend store; two search commands (`pipelines/train.py -m hydra/sweeper=optuna` processes) share both.
 
 A PostgreSQL server is started in a temporary directory with `initdb` and `pg_ctl`, on 127.0.0.1 at a free port, as
 an unprivileged user (initdb refuses root: as root, it runs as `postgres` through `runuser`). Where PostgreSQL is
@@ -41,14 +41,15 @@ N_TRIALS = 4
 
 # Tiny trials (scikit-learn's digits, one epoch, a small MLP), one sampled value, no pruning.
 SEARCH = [
+    "-m",
+    "hydra/sweeper=optuna",
     *TINY_TRIAL,
-    "~search.space",
-    "+search.space={objective.beta:{type:float,low:0.5,high:2}}",
-    "search.sampler=random",
-    "search.pruner=none",
-    f"search.n_trials={N_TRIALS}",
-    "search.seed=0",
-    "search.study_name=on_postgres",
+    "objective.beta=interval(0.5,2)",
+    "hydra/sweeper/sampler=random",
+    "hydra/sweeper/pruner=none",
+    f"hydra.sweeper.n_trials={N_TRIALS}",
+    "hydra.sweeper.sampler.seed=0",
+    "hydra.sweeper.study_name=on_postgres",
 ]
 
 
@@ -147,7 +148,7 @@ def count_rows(url: str, query: str) -> int:
 def start_worker(project: Path, overrides: list[str], log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:
         return subprocess.Popen(
-            [sys.executable, str(REPO / "pipelines" / "search.py"), *overrides],
+            [sys.executable, str(REPO / "pipelines" / "train.py"), *overrides],
             cwd=project,
             env=subprocess_env(VAELAB_ROOT=str(project)),
             stdout=out,
@@ -172,7 +173,12 @@ def test_two_search_workers_share_a_postgres_study_and_an_mlflow_server_on_postg
         optuna_url, mlflow_url = f"{server}/optuna", f"{server}/mlflow"
         artifacts = tmp_path / "artifacts"
         with running_mlflow_server(mlflow_url, artifacts, tmp_path / "mlflow.log") as tracking_uri:
-            command = [*SEARCH, f"search.storage={optuna_url}", "logger=mlflow_server", f"tracking.uri={tracking_uri}"]
+            command = [
+                *SEARCH,
+                f"hydra.sweeper.storage={optuna_url}",
+                "logger=mlflow_server",
+                f"tracking.uri={tracking_uri}",
+            ]
             logs = [tmp_path / "worker-a.log", tmp_path / "worker-b.log"]
             codes = wait_all([start_worker(project, command, log) for log in logs])
             outputs = [log.read_text() for log in logs]

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from helpers.config import CONF, REPO, TINY, TINY_TRIAL, make_config
+from helpers.config import CONF, REPO, TINY, TINY_TRIAL, make_config, make_search_config
 from helpers.processes import free_port, subprocess_env
 from helpers.stores import all_runs, mlflow_client
 from vaelab.config import search_problems, validate
@@ -108,7 +108,7 @@ def test_a_key_naming_a_secret_is_secret_in_any_case_and_spelling(key: str):
     assert redact_text(f"failed: {key}=hunter2 seed=0") == f"failed: {key}=*** seed=0"
 
 
-@pytest.mark.parametrize("key", ["model.latent_dim", "tracking.uri", "data.root", "search.study_name", "seed"])
+@pytest.mark.parametrize("key", ["model.latent_dim", "tracking.uri", "data.root", "hydra.sweeper.study_name", "seed"])
 def test_other_keys_are_not_secret(key: str):
     assert not is_secret_key(key)
     assert redact_override(f"{key}=4") == f"{key}=4"
@@ -200,14 +200,14 @@ def test_an_unset_environment_variable_is_a_config_error_naming_the_key(monkeypa
         ("+my_secret_key=k3y-s3cr3t", "my_secret_key", "k3y-s3cr3t"),
         ("+db={password:12345678}", "db", "12345678"),
         ("tracking.uri=mongodb://u:pw-in-uri@host/db", "tracking.uri", "pw-in-uri"),
-        ("search.storage=Postgres://u:pw-in-storage@h/db", "search.storage", "pw-in-storage"),
+        ("hydra.sweeper.storage=Postgres://u:pw-in-storage@h/db", "hydra.sweeper.storage", "pw-in-storage"),
     ],
 )
 def test_a_config_error_names_the_key_but_never_quotes_a_secret(override: str, key: str, secret: str, capsys):
-    cfg = make_config(*TINY, "search=default", override)
+    cfg = make_search_config(*TINY, "hparams_search=default", override)
     with pytest.raises(ConfigError) as raised:
         validate(cfg)
-        raise ConfigError(search_problems(cfg))
+        raise ConfigError(search_problems(cfg, cfg.hydra.sweeper))
     assert f"{key}=" in str(raised.value)
     assert secret not in str(raised.value) and secret not in repr(raised.value.problems)
     with pytest.raises(SystemExit), exit_on_user_error():
@@ -240,13 +240,15 @@ def test_tags_and_failure_reasons_lose_their_secrets_on_the_way_to_mlflow(projec
 
 @pytest.mark.parametrize("name", ["a\nb", "a\rb", "tab\there", "x\x1b[2J"])
 def test_a_study_name_is_a_single_printable_line(name: str):
-    found = search_problems(make_config("search=default", f"search.study_name='{name}'"))
-    assert found == [("search.study_name", name, "a non-empty single line of printable characters")]
+    cfg = make_search_config("hparams_search=default", f"hydra.sweeper.study_name='{name}'")
+    found = search_problems(cfg, cfg.hydra.sweeper)
+    assert found == [("hydra.sweeper.study_name", name, "a non-empty single line of printable characters")]
 
 
 @pytest.mark.parametrize("name", ["x; rm -rf ~", "$(touch pwned)", "it's `here`", 'say "hi" && touch pwned'])
 def test_a_study_name_with_shell_characters_is_a_name(name: str):
-    assert search_problems(make_config("search=default", f"search.study_name={json.dumps(name)}")) == []
+    cfg = make_search_config("hparams_search=default", f"hydra.sweeper.study_name={json.dumps(name)}")
+    assert search_problems(cfg, cfg.hydra.sweeper) == []
 
 
 def completed_study(overrides: list[str]) -> optuna.Study:
@@ -271,8 +273,10 @@ def test_reproduce_sh_and_the_best_yaml_hold_names_and_values_as_data(project: P
         "tracking.experiment='x\ny: injected\n#'",
         "objective.beta=1.5",
     ]
-    cfg = make_config(*TINY_TRIAL, "search=default", f"search.study_name={json.dumps(study_name)}")
-    settings = Settings.from_config(cfg.search, name="default")
+    cfg = make_search_config(
+        *TINY_TRIAL, "hparams_search=default", f"hydra.sweeper.study_name={json.dumps(study_name)}"
+    )
+    settings = Settings.from_config(cfg.hydra.sweeper, "default", {"objective.beta": "tag(log, interval(0.25, 4.0))"})
     parent = Run.create(make_config(*TINY_TRIAL), "search", [], tags={}, log_params=False)
     write_report(completed_study(overrides), settings, CONF, parent)
 
@@ -418,20 +422,21 @@ def test_a_sweep_writes_its_secrets_nowhere(project: Path):
 
 
 SEARCH = [
+    "-m",
+    "hydra/sweeper=optuna",
     *TINY_TRIAL,
-    "~search.space",
-    "+search.space={objective.beta:{type:float,low:0.5,high:2}}",
-    "search.sampler=random",
-    "search.seed=0",
-    "search.pruner=none",
-    "search.n_trials=2",
+    "objective.beta=interval(0.5,2)",
+    "hydra/sweeper/sampler=random",
+    "hydra.sweeper.sampler.seed=0",
+    "hydra/sweeper/pruner=none",
+    "hydra.sweeper.n_trials=2",
 ]
 
 
 @pytest.mark.subprocess
 @pytest.mark.slow
 def test_a_search_writes_its_secrets_nowhere(project: Path):
-    console = succeeded(run_script("search.py", *SEARCH, NOTIFIER, root=project))
+    console = succeeded(run_script("train.py", *SEARCH, NOTIFIER, root=project))
 
     assert leaks([project], PLANTED, console) == {}
     study = optuna.load_study(study_name="default", storage=f"sqlite:///{project / 'optuna.db'}")
@@ -448,7 +453,7 @@ def test_a_search_on_postgresql_names_its_storage_without_the_password(project: 
     with running_postgres(tmp_path / "postgres.log") as server:
         create_databases(server, "optuna")
         storage = server.replace("@", f":{password}@") + "/optuna"
-        console = succeeded(run_script("search.py", *SEARCH, f"search.storage={storage}", root=project))
+        console = succeeded(run_script("train.py", *SEARCH, f"hydra.sweeper.storage={storage}", root=project))
         import psycopg
 
         with psycopg.connect(server.replace("postgresql+psycopg", "postgresql") + "/optuna") as db:

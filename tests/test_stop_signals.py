@@ -153,14 +153,15 @@ def test_sigterm_in_a_sweep_ends_the_parent_killed_with_what_finished_and_lists_
 @pytest.mark.subprocess
 def test_sigterm_in_a_search_trial_after_its_fit_fails_the_trial_and_ends_its_runs_killed(project: Path):
     search = [
+        "-m",
+        "hydra/sweeper=optuna",
         *TINY_TRIAL,
-        "~search.space",
-        "+search.space={objective.beta:{type:float,low:0.5,high:2}}",
-        "search.n_trials=2",
-        "search.sampler=random",
-        "search.pruner=none",
+        "objective.beta=interval(0.5,2)",
+        "hydra.sweeper.n_trials=2",
+        "hydra/sweeper/sampler=random",
+        "hydra/sweeper/pruner=none",
     ]
-    done = run_entry("search.py", *search, root=project, check=False,
+    done = run_entry("train.py", *search, root=project, check=False,
                      env=signalled((AFTER_FIT["the figures"], "SIGTERM")))  # fmt: skip
 
     assert_stopped_cleanly(done, "rerun the same command to resume the study")

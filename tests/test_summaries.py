@@ -22,7 +22,7 @@ from vaelab.search.driver import search
 
 TESTS = Path(__file__).resolve().parent
 # A tiny search: one sampled value, tiny trials.
-SEARCH = [*TINY_TRIAL, "~search.space", "+search.space={objective.beta:{type:float,low:0.5,high:2}}"]
+SEARCH = [*TINY_TRIAL, "objective.beta=interval(0.5,2)"]
 
 
 # -- Sweeps ------------------------------------------------------------------------------------------------------
@@ -156,14 +156,17 @@ def tables(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("foreign", [mlflow_store, one_unrelated_table, not_a_database], ids=lambda f: f.__name__)
-def test_a_search_refuses_a_storage_that_is_another_tools_database_before_writing_into_it(project: Path, foreign):
+def test_a_search_refuses_a_storage_that_is_another_tools_database_before_writing_into_it(
+    project: Path, foreign, capsys
+):
     path = project / f"{foreign.__name__}.db"
     foreign(path)
     before = path.read_bytes()
-    with pytest.raises(ConfigError) as refusal:
-        search([*SEARCH, f"search.storage=sqlite:///{path}"], CONF)
-    message = str(refusal.value)
-    assert "search.storage=" in message and str(path) in message
+    with pytest.raises(SystemExit) as refusal:
+        search([*SEARCH, f"hydra.sweeper.storage=sqlite:///{path}"], CONF)
+    assert refusal.value.code == 2
+    message = capsys.readouterr().err
+    assert "hydra.sweeper.storage=" in message and str(path) in message
     assert path.read_bytes() == before
     assert sorted(p.name for p in project.iterdir()) == [path.name]  # not even a lock file beside it
 
@@ -174,7 +177,19 @@ def test_an_empty_file_or_optunas_own_database_is_a_fine_storage(tmp_path: Path)
 
     def settings(path: Path) -> Settings:
         return Settings(
-            "default", "s", f"sqlite:///{path}", 1, "val/elbo", "maximize", "tpe", None, "none", {}, {}, 1, 2, 0
+            name="command line",
+            study_name="s",
+            storage=f"sqlite:///{path}",
+            n_trials=1,
+            n_jobs=None,
+            metric="val/elbo",
+            direction="maximize",
+            sampler={"_target_": "optuna.samplers.TPESampler"},
+            pruner={"_target_": "optuna.pruners.NopPruner"},
+            space={},
+            heartbeat_interval=1,
+            grace_period=2,
+            max_retry=0,
         )
 
     empty = tmp_path / "empty.db"
@@ -192,11 +207,11 @@ def test_an_empty_file_or_optunas_own_database_is_a_fine_storage(tmp_path: Path)
 
 @pytest.mark.subprocess
 @pytest.mark.slow
-def test_pipelines_search_refuses_mlflows_database_in_one_message(project: Path):
+def test_a_search_from_the_command_line_refuses_mlflows_database_in_one_message(project: Path):
     mlflow_store(project / "mlflow.db")
     before = tables(project / "mlflow.db")
-    done = run_entry("search.py", *SEARCH, f"search.storage=sqlite:///{project / 'mlflow.db'}", root=project,
-                     check=False)  # fmt: skip
+    storage = f"hydra.sweeper.storage=sqlite:///{project / 'mlflow.db'}"
+    done = run_entry("train.py", "-m", "hydra/sweeper=optuna", *SEARCH, storage, root=project, check=False)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert "search.storage=" in done.stderr and "holds other tables" in done.stderr
+    assert "hydra.sweeper.storage=" in done.stderr and "holds other tables" in done.stderr
     assert tables(project / "mlflow.db") == before and "studies" not in before

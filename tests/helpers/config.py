@@ -48,3 +48,10 @@ def make_config(*overrides: str):
     """Compose conf/train.yaml the way the entry points do."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
+
+
+def make_search_config(*overrides: str):
+    """Compose conf/train.yaml as a search (`hydra/sweeper=optuna`) with `overrides`, keeping the hydra node: a
+    search's settings are in `cfg.hydra.sweeper`, as vaelab.config.search_problems reads them."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=["hydra/sweeper=optuna", *overrides], return_hydra_config=True)
