@@ -187,10 +187,6 @@ def sampler_seeded(seed: int):
     return build_sampler(Settings.from_config(cfg.hydra.sweeper, "command line", {}), 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="build_optuna_part names the class, not its key: 'hydra.sweeper.TPESampler=...' for hydra.sweeper.sampler",
-)
 def test_a_search_seed_has_the_same_bound_and_is_refused_by_its_key():
     assert sampler_seeded(4294967295) is not None
     with pytest.raises(ConfigError) as refused:

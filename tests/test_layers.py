@@ -119,17 +119,7 @@ SEARCH = ["-m", "hydra/sweeper=optuna", "objective.beta=interval(0.5,2)"]
     [
         ("train.py", [], "trainer.max_epochs=-1"),
         ("evaluate.py", [], "eval.iw_k=-1"),
-        pytest.param(
-            "train.py",
-            SEARCH,
-            "hydra.sweeper.n_trials=-1",
-            id="search",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="vaelab.search.driver.run imports optuna and vaelab.stages.preflight (torch) before "
-                "read_plan checks the command line",
-            ),
-        ),
+        pytest.param("train.py", SEARCH, "hydra.sweeper.n_trials=-1", id="search"),
     ],
 )
 def test_a_bad_value_is_refused_before_torch_is_imported(project: Path, script: str, arguments: list[str], bad: str):

@@ -115,8 +115,9 @@ def build_sampler(settings: Settings, offset: int) -> optuna.samplers.BaseSample
     import optuna
 
     spec = dict(settings.sampler)
-    if spec.get("seed") is not None:
-        spec["seed"] = (spec["seed"] + offset) % 2**32  # numpy's seeds are below 2**32
+    seed = spec.get("seed")
+    if isinstance(seed, int) and 0 <= seed < 2**32:  # a seed out of range is left for Optuna to refuse
+        spec["seed"] = (seed + offset) % 2**32  # numpy's seeds are below 2**32
     return build_optuna_part(spec, optuna.samplers.BaseSampler, "sampler")
 
 
