@@ -56,7 +56,7 @@ def with_search_sweeper(argv: list[str]) -> list[str]:
     line, since Hydra lets conf/train.yaml's own sweeper choice win over one made in a group's file."""
     searched = any(re.fullmatch(r"\+*hparams_search=(?!null$).+", arg) for arg in argv)
     if searched and not any(arg.startswith("hydra/sweeper=") for arg in argv):
-        return ["hydra/sweeper=optuna", *argv]
+        return [*argv, "hydra/sweeper=optuna"]
     return argv
 
 

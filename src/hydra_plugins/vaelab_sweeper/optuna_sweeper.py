@@ -15,7 +15,7 @@ The sampler and the pruner are `_target_` configs of Optuna's classes, chosen as
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.plugins.sweeper import Sweeper
@@ -41,7 +41,8 @@ class OptunaSweeperConf:
     max_retry: Any = 2  # retries of a dead worker's trial (a new trial, same parameters, not in n_trials)
     sampler: Any = None  # from hydra/sweeper/sampler
     pruner: Any = None  # from hydra/sweeper/pruner
-    params: Optional[dict] = None  # noqa: UP045 - the search space: {config key: interval(...) | choice(...) | ...}
+    # the search space: {config key: interval(...) | choice(...) | ...}; a mapping, so that keys can be added to it
+    params: dict = field(default_factory=dict)
 
 
 SAMPLERS = {

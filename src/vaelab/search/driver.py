@@ -123,9 +123,12 @@ def read_plan(config: DictConfig, arguments: Sequence[str]) -> Plan:
             print(f"search: {name} is fixed at {override.value()} by the command line, not searched", flush=True)
             del entries[name]
         train.append(text)
-    space = sweeper_space(entries)
+    try:
+        space = sweeper_space(entries)
+    except ConfigError:  # reported below, beside what else is wrong
+        space = None
     config_name = str(config.hydra.job.config_name or "train")
-    base = compose_config(None, [*train, *space.fixed], config_name=config_name)
+    base = compose_config(None, [*train, *(space.fixed if space else [])], config_name=config_name)
     found = problems(base) + search_problems(base, config.hydra.sweeper)
     found += sweeper_space_problems(base, entries, config_groups())
     if not entries:
@@ -143,7 +146,7 @@ def read_plan(config: DictConfig, arguments: Sequence[str]) -> Plan:
             "need an out-of-process launcher (hydra/launcher=joblib, or slurm)"
         )
         found.append((key("n_jobs"), n_jobs, allowed))
-    if found:
+    if found or space is None:
         raise ConfigError(found)
     choice = config.hydra.runtime.choices.get(SPACE_GROUP)
     name = "command line" if choice in (None, "null") else str(choice)
