@@ -234,14 +234,14 @@ def test_an_aggressive_pruner_prunes_a_clearly_worse_trial(project: Path):
     assert run.data.tags["optuna.trial_number"] == "1"
 
 
-ONE_PASS = (
+SYNTAX_HIDES_KEYS = (
     "read_plan raises sweeper_space's syntax problems before sweeper_space_problems runs, so a bad range hides an "
     "unknown key: only the first three lines are printed"
 )
 
 
 @pytest.mark.subprocess
-@pytest.mark.xfail(strict=True, reason=ONE_PASS)
+@pytest.mark.xfail(strict=True, reason=SYNTAX_HIDES_KEYS)
 def test_a_bad_search_space_fails_before_anything_runs_naming_each_key(project: Path):
     done = run_entry(
         "train.py",
@@ -282,7 +282,10 @@ def test_the_search_alias_refuses_an_old_search_space_pointing_to_the_sweeper_sy
     assert list(project.iterdir()) == []
 
 
-POINTLESS_PRUNER = "the message names hydra.sweeper.system._target_ and 'an Optuna system class', not the pruner"
+CLASS_NAME_AS_KEY = (
+    "build_optuna_part shadows `name` with the class's own: the line names hydra.sweeper.system._target_ and says "
+    "'an Optuna system class'"
+)
 
 
 @pytest.mark.integration  # each case composes a multirun in process (about a second), and trains nothing
@@ -293,7 +296,7 @@ POINTLESS_PRUNER = "the message names hydra.sweeper.system._target_ and 'an Optu
         pytest.param(
             ["hydra.sweeper.pruner._target_=os.system"],  # a config names classes to build: only Optuna's pruners
             "hydra.sweeper.pruner._target_",
-            marks=pytest.mark.xfail(strict=True, reason=POINTLESS_PRUNER),
+            marks=pytest.mark.xfail(strict=True, reason=CLASS_NAME_AS_KEY),
         ),
         (["hydra.sweeper.direction=minimize"], "hydra.sweeper.direction"),  # val/elbo is higher-is-better
         (["hydra.sweeper.metric=test/elbo"], "hydra.sweeper.metric"),  # test numbers never choose a model
