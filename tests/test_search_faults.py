@@ -1,7 +1,8 @@
-"""Search workers under faults: real worker processes (pipelines/search.py) sharing one sqlite Optuna study and one
-sqlite MLflow store, with real faults injected through a Lightning callback (tests/faults_callbacks.py).
+"""Search workers under faults: real worker processes (`pipelines/train.py -m hydra/sweeper=optuna`, one command
+each) sharing one sqlite Optuna study and one sqlite MLflow store, with real faults injected through a Lightning
+callback (tests/helpers/faults_callbacks.py).
 
-Whatever happens to the workers, the study ends with exactly search.n_trials trials of its own, each COMPLETE,
+Whatever happens to the workers, the study ends with exactly hydra.sweeper.n_trials trials of its own, each COMPLETE,
 PRUNED or FAIL, plus one retry per trial whose worker died; MLflow holds one child run per trial, in the matching
 state, under one parent run; and nothing is left RUNNING in either store."""
 
@@ -22,7 +23,6 @@ from optuna.trial import TrialState
 from helpers.config import CONF, REPO, TINY_TRIAL
 from helpers.processes import subprocess_env
 from helpers.stores import all_runs
-from vaelab.errors import ConfigError
 from vaelab.search.driver import search
 from vaelab.search.study import WORKER_ATTR, retry_of
 from vaelab.search.workers import PARENT_ATTR
@@ -34,12 +34,11 @@ TESTS = Path(__file__).resolve().parent
 # dies is noticed after 4 s instead of 3 minutes.
 WORKER = [
     *TINY_TRIAL,
-    "~search.space",
-    "+search.space={objective.beta:{type:float,low:0.5,high:2}}",
-    "search.sampler=random",
-    "search.pruner=none",
-    "search.heartbeat_interval=1",
-    "search.grace_period=4",
+    "objective.beta=interval(0.5,2)",
+    "hydra/sweeper/sampler=random",
+    "hydra/sweeper/pruner=none",
+    "hydra.sweeper.heartbeat_interval=1",
+    "hydra.sweeper.grace_period=4",
 ]
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}  # MLflow has no PRUNED
 
@@ -52,12 +51,12 @@ def faults(**options: object) -> str:
 
 
 def start_worker(project: Path, overrides: list[str], log: Path) -> subprocess.Popen:
-    """`python pipelines/search.py <overrides>` against `project`, its output in `log`; tests/ on PYTHONPATH for
-    the callback."""
+    """`python pipelines/train.py -m hydra/sweeper=optuna <overrides>` against `project`, its output in `log`; tests/
+    on PYTHONPATH for the callback."""
     path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, str(REPO / "pipelines" / "search.py"), *overrides],
+            [sys.executable, str(REPO / "pipelines" / "train.py"), "-m", "hydra/sweeper=optuna", *overrides],
             cwd=project,
             env=subprocess_env(VAELAB_ROOT=str(project), PYTHONPATH=path),
             stdout=out,
@@ -105,7 +104,7 @@ def check_stores(project: Path, study: optuna.Study):
 def test_two_workers_started_together_on_a_new_study_share_it_and_stop_at_exactly_n_trials(
     project: Path, tmp_path: Path
 ):
-    command = [*WORKER, "search.n_trials=3", "search.seed=0"]
+    command = [*WORKER, "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.seed=0"]
     logs = [tmp_path / "worker-a.log", tmp_path / "worker-b.log"]
     workers = [start_worker(project, command, log) for log in logs]  # no optuna.db, no mlflow.db yet
     codes = [wait(worker) for worker in workers]
@@ -128,7 +127,7 @@ def test_two_workers_started_together_on_a_new_study_share_it_and_stop_at_exactl
 def test_a_killed_workers_trial_fails_is_retried_and_its_run_is_closed_by_the_next_worker(
     project: Path, tmp_path: Path
 ):
-    command = [*WORKER, "search.n_trials=1", faults(kill="[0]")]
+    command = [*WORKER, "hydra.sweeper.n_trials=1", faults(kill="[0]")]
     log = tmp_path / "workers.log"
     assert wait(start_worker(project, command, log)) == -signal.SIGKILL
 
@@ -157,7 +156,7 @@ def test_a_killed_workers_trial_fails_is_retried_and_its_run_is_closed_by_the_ne
     assert parent.data.metrics["search/retries"] == 1 and parent.data.metrics["search/fail"] == 1
     output = log.read_text()
     assert "search: trial 0 FAIL its worker" in output
-    summary = "2 finished trials of search.n_trials=1 (1 complete, 0 pruned, 1 fail; of them retries of trials whose"
+    summary = "2 finished trials of n_trials=1 (1 complete, 0 pruned, 1 fail; of them retries of trials whose"
     assert f"{summary} worker died: 1)" in output
 
 
@@ -168,7 +167,7 @@ def test_a_run_that_a_dead_worker_never_linked_to_its_trial_is_closed_when_the_s
 ):
     """Killed between creating its MLflow run and linking it to the trial, a worker leaves a RUNNING run that no
     trial names: the last worker out closes it."""
-    command = [*WORKER, "search.n_trials=1", faults(kill="[0]", at="fit_start")]
+    command = [*WORKER, "hydra.sweeper.n_trials=1", faults(kill="[0]", at="fit_start")]
     log = tmp_path / "workers.log"
     assert wait(start_worker(project, command, log)) == -signal.SIGKILL
     [orphan] = [run for run in all_runs(project) if run.info.run_name == "default/trial-0"]
@@ -185,11 +184,19 @@ def test_a_run_that_a_dead_worker_never_linked_to_its_trial_is_closed_when_the_s
     assert f"closed 1 MLflow run(s) left RUNNING by dead workers: ['{orphan.info.run_id}']" in log.read_text()
 
 
-def test_heartbeat_settings_are_checked_before_anything_runs(project: Path):
-    with pytest.raises(ConfigError, match="search.grace_period=2: allowed an integer > search.heartbeat_interval"):
-        search([*WORKER, "search.heartbeat_interval=2", "search.grace_period=2"], CONF)
-    with pytest.raises(ConfigError, match="search.max_retry=-1"):
-        search([*WORKER, "search.max_retry=-1"], CONF)
+@pytest.mark.integration  # composes a multirun in process twice, and trains nothing
+def test_heartbeat_settings_are_checked_before_anything_runs(project: Path, capsys: pytest.CaptureFixture):
+    for overrides, message in (
+        (
+            ["hydra.sweeper.heartbeat_interval=2", "hydra.sweeper.grace_period=2"],
+            "  hydra.sweeper.grace_period=2: allowed an integer > hydra.sweeper.heartbeat_interval (2)\n",
+        ),
+        (["hydra.sweeper.max_retry=-1"], "  hydra.sweeper.max_retry=-1: allowed an integer >= 0\n"),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            search([*WORKER, *overrides], CONF)
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and message in err and "Traceback" not in err, err
     assert not (project / "optuna.db").exists() and not (project / "mlflow.db").exists()
 
 
@@ -200,14 +207,15 @@ def test_soak_two_workers_with_random_faults_leave_both_stores_complete_and_cons
     inside training, a NaN loss, or a SIGKILL of the worker, which a supervisor then restarts. The median pruner
     prunes too."""
     n_trials, rate, seed = 30, 0.2, 46  # seed 46 draws 6 faults among trials 0-29: 2 kills, 2 exceptions, 2 NaN
+    replaced = ("hydra/sweeper/pruner=", "hydra.sweeper.grace_period=")  # a config group is chosen once a command
     command = [
-        *WORKER,
-        f"search.n_trials={n_trials}",
-        "search.seed=0",
-        "search.pruner=median",
-        "search.pruner_options.median.n_startup_trials=3",
-        "search.pruner_options.median.n_warmup_steps=0",
-        "search.grace_period=10",  # two workers on two busy cores: a live worker's heartbeat must never look stale
+        *(override for override in WORKER if not override.startswith(replaced)),
+        f"hydra.sweeper.n_trials={n_trials}",
+        "hydra.sweeper.sampler.seed=0",
+        "hydra/sweeper/pruner=median",
+        "hydra.sweeper.pruner.n_startup_trials=3",
+        "hydra.sweeper.pruner.n_warmup_steps=0",
+        "hydra.sweeper.grace_period=10",  # two workers on two busy cores: a live heartbeat must never look stale
         faults(rate=rate, seed=seed),
     ]
     logs = [tmp_path / "worker-a.log", tmp_path / "worker-b.log"]
@@ -235,7 +243,7 @@ def test_soak_two_workers_with_random_faults_leave_both_stores_complete_and_cons
     parent, runs = check_stores(project, study)
     retries = [trial for trial in trials if retry_of(trial) is not None]
     own = [trial for trial in trials if retry_of(trial) is None]
-    assert len(own) == n_trials  # retries aside, the study ran exactly search.n_trials
+    assert len(own) == n_trials  # retries aside, the study ran exactly hydra.sweeper.n_trials
     # Each SIGKILLed worker left one trial, which some worker failed and retried with the same parameters.
     died = [trial for trial in trials if "died: no heartbeat" in runs[trial.number].data.tags.get("vaelab.failure", "")]
     assert len(died) == len(retries) == kills >= 1
