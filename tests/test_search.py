@@ -142,18 +142,12 @@ def test_a_search_makes_one_nested_run_per_trial_and_a_rerun_with_more_trials_re
     assert states(load_study(project)) == ["COMPLETE"] * 6 and len(all_runs(project)) == 8
 
 
-MULTIRUN_FLAG = (
-    "pipelines/train.py puts hydra/sweeper=optuna before the command line, so `-m` follows an override and Hydra's "
-    "argparse stops with 'unrecognized arguments' (exit 2, before the sweeper)"
-)
-
-
 @pytest.mark.subprocess
 @pytest.mark.parametrize(
     "flag",
     [
         pytest.param([], id="without -m"),
-        pytest.param(["-m"], id="-m", marks=pytest.mark.xfail(strict=True, reason=MULTIRUN_FLAG)),
+        pytest.param(["-m"], id="-m"),
     ],
 )
 def test_hparams_search_alone_asks_train_py_for_a_search(project: Path, flag: list[str]):
@@ -234,14 +228,7 @@ def test_an_aggressive_pruner_prunes_a_clearly_worse_trial(project: Path):
     assert run.data.tags["optuna.trial_number"] == "1"
 
 
-SYNTAX_HIDES_KEYS = (
-    "read_plan raises sweeper_space's syntax problems before sweeper_space_problems runs, so a bad range hides an "
-    "unknown key: only the first three lines are printed"
-)
-
-
 @pytest.mark.subprocess
-@pytest.mark.xfail(strict=True, reason=SYNTAX_HIDES_KEYS)
 def test_a_bad_search_space_fails_before_anything_runs_naming_each_key(project: Path):
     done = run_entry(
         "train.py",
@@ -282,22 +269,13 @@ def test_the_search_alias_refuses_an_old_search_space_pointing_to_the_sweeper_sy
     assert list(project.iterdir()) == []
 
 
-CLASS_NAME_AS_KEY = (
-    "build_optuna_part shadows `name` with the class's own: the line names hydra.sweeper.system._target_ and says "
-    "'an Optuna system class'"
-)
-
-
 @pytest.mark.integration  # each case composes a multirun in process (about a second), and trains nothing
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
         (["hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials"),
-        pytest.param(
-            ["hydra.sweeper.pruner._target_=os.system"],  # a config names classes to build: only Optuna's pruners
-            "hydra.sweeper.pruner._target_",
-            marks=pytest.mark.xfail(strict=True, reason=CLASS_NAME_AS_KEY),
-        ),
+        # a config names classes to build: only Optuna's pruners
+        (["hydra.sweeper.pruner._target_=os.system"], "hydra.sweeper.pruner._target_"),
         (["hydra.sweeper.direction=minimize"], "hydra.sweeper.direction"),  # val/elbo is higher-is-better
         (["hydra.sweeper.metric=test/elbo"], "hydra.sweeper.metric"),  # test numbers never choose a model
         (["hydra.sweeper.storage=optuna.db"], "hydra.sweeper.storage"),  # not an SQLAlchemy URL
@@ -356,14 +334,7 @@ def test_a_plain_override_of_a_searched_key_fixes_it(project: Path, capsys: pyte
     assert parent.data.tags["vaelab.search_space"] == "objective.beta: tag(log, interval(0.25, 4.0))"
 
 
-SPACE_ON_THE_COMMAND_LINE = (
-    "hydra.sweeper.params defaults to null in the sweeper's config, and OmegaConf cannot add a key to a null node: "
-    "Hydra fails composing with AssertionError 'Unexpected type: None'"
-)
-
-
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, reason=SPACE_ON_THE_COMMAND_LINE)
 def test_a_space_given_as_hydra_sweeper_params_on_the_command_line_is_searched(project: Path):
     """What the message for a search without a space suggests: `hydra.sweeper.params.<key>`."""
     search([*BASE, "+hydra.sweeper.params.objective.beta='interval(0.5,2)'", "hydra.sweeper.n_trials=1"], CONF)
