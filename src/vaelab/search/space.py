@@ -138,7 +138,8 @@ def sweeper_space_problems(
     cfg: DictConfig, entries: Mapping[str, object], groups: dict[str, list[str]]
 ) -> list[Problem]:
     """What is wrong with the entries, given the composed training config `cfg` (`groups`: config group -> its
-    options): their syntax, as sweeper_space reads it, and whether each key exists and its bounds are values the key allows."""
+    options): their syntax, as sweeper_space reads it, whether each key exists, and whether its bounds are values
+    the key allows."""
     found: list[Problem] = []
     for name, expression in entries.items():
         entry = _SweeperEntry.read(name, expression)
