@@ -49,6 +49,16 @@ def test_dvc_repro_runs_the_three_stages_then_only_rechecks_the_raw_data(repo_co
     assert run.info.run_id == (root / "models" / "latest" / "run_id").read_text().strip()
     assert not list(root.glob("outputs/20*")), "Hydra must not create timestamp folders"
 
+    # `dvc plots show` draws each plot once, with its template: the per-dimension KL as bars.
+    printed = sh("dvc", "plots", "show", "--json", cwd=root, env=env)
+    shown = json.JSONDecoder().raw_decode(printed[printed.index("{") :])[0]["data"]
+    figures = ("reconstructions", "samples", "traversals", "interpolations", "latent_scatter")
+    assert sorted(shown) == sorted(
+        ["elbo_per_epoch", "plots/eval/kl_per_dim.csv", *(f"plots/eval/{f}.png" for f in figures)]
+    )
+    assert all(len(drawn) == 1 for drawn in shown.values())
+    assert shown["plots/eval/kl_per_dim.csv"][0]["content"]["mark"]["type"] == "bar"
+
     again = sh("dvc", "repro", cwd=root, env=env)
     assert "Running stage 'train'" not in again and "Running stage 'evaluate'" not in again
     assert "Stage 'train' didn't change, skipping" in again  # prepare rewrote the very same bytes
