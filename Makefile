@@ -6,7 +6,7 @@ SYSTEM_PYTHON ?= python3
 # DVC stages run `python`: it must be the venv's, so the venv comes first on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test test-quick test-slow ui bench params lock lint clean
+.PHONY: setup repro test test-quick test-slow ui dashboard bench params lock lint clean
 
 setup: $(VENV)/.installed
 	@if [ -z "$$VAELAB_FASHION_MNIST" ] && [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] \
@@ -54,6 +54,16 @@ ui: setup
 	  echo "vaelab: warning: the MLflow UI has no authentication; anyone who reaches $(UI_HOST):$(UI_PORT) can read and change runs"; fi
 	@echo "MLflow UI: open http://$(UI_HOST):$(UI_PORT), pick the experiment, tick the runs, then Compare (Ctrl-C stops it)"
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host $(UI_HOST) --port $(UI_PORT)
+
+# optuna-dashboard on the searches' study storage (hydra.sweeper.storage), with the plots each search's report
+# uploads as study artifacts. Like the MLflow UI it has no login, so it listens on this machine only.
+OPTUNA_STORAGE = sqlite:///$(CURDIR)/optuna.db
+OPTUNA_ARTIFACTS = $(CURDIR)/optuna_artifacts
+DASHBOARD_PORT = 8080
+dashboard: setup
+	@mkdir -p $(OPTUNA_ARTIFACTS)
+	@echo "Optuna dashboard: open http://127.0.0.1:$(DASHBOARD_PORT) (Ctrl-C stops it)"
+	optuna-dashboard $(OPTUNA_STORAGE) --host 127.0.0.1 --port $(DASHBOARD_PORT) --artifact-dir $(OPTUNA_ARTIFACTS)
 
 # Training throughput against a bare PyTorch loop and pythae, plus IW-NLL evaluation speed (benchmarks/README.md).
 bench: setup

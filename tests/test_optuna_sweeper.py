@@ -3,6 +3,7 @@ search space in Hydra's sweeper syntax; trials asynchronous (in this process wit
 each claiming trials with joblib) and exactly n_trials in all; any Optuna pruner; one parent run, the sweeper's."""
 
 import runpy
+import warnings
 from pathlib import Path
 
 import optuna
@@ -112,6 +113,13 @@ def test_two_joblib_workers_share_the_study_and_stop_at_exactly_n_trials_under_o
     assert len(children) == 3 and parent.info.status == "FINISHED"
     assert parent.data.tags["vaelab.workers"] == "1"  # one command; its launcher's workers log under its parent
     assert "n_trials=3" in done.stdout and "best trial" in done.stdout
+
+    # The report's plots are the study's artifacts too, where `make dashboard` shows them.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        uploaded = {meta.filename for meta in optuna.artifacts.get_all_artifact_meta(study)}
+    assert {"optimization_history.png", "parallel_coordinate.png"} <= uploaded
+    assert len(list((project / "optuna_artifacts").iterdir())) == len(uploaded)
 
 
 @pytest.mark.subprocess

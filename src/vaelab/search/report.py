@@ -32,6 +32,9 @@ SECRETS_NOTE = "Secrets are not stored: give each *** again, or pass it as ${oc.
 # Progress
 
 
+OPTUNA_ARTIFACTS = "optuna_artifacts"  # the study artifacts' folder in the store root (make dashboard)
+
+
 def _format(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -187,6 +190,20 @@ def save_study_plots(study: optuna.Study, folder: Path) -> list[Path]:
     return saved
 
 
+def upload_to_study(study: optuna.Study, files: list[Path]) -> None:
+    """`files` as artifacts of the study, in optuna_artifacts/ beside the store, where `make dashboard` shows them."""
+    import optuna
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+    folder = paths.store_root() / OPTUNA_ARTIFACTS
+    folder.mkdir(parents=True, exist_ok=True)
+    store = FileSystemArtifactStore(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for file in files:
+            upload_artifact(artifact_store=store, file_path=str(file), study_or_trial=study, mimetype="image/png")
+
+
 def write_report(study: optuna.Study, settings: Settings, config_dir: Path, parent: Run | None) -> SearchResult:
     """The study's trials table, plots and best config, in outputs/<parent_run_id>/ and logged to the parent."""
     result = SearchResult(
@@ -215,6 +232,7 @@ def write_report(study: optuna.Study, settings: Settings, config_dir: Path, pare
     plots = save_study_plots(study, out_dir / "plots")
     if plots:
         parent.log_artifact(out_dir / "plots", "plots")
+        upload_to_study(study, plots)
 
     metrics = {f"search/{state.lower()}": float(n) for state, n in result.counts.items()}
     metrics["search/retries"] = float(result.retries)
