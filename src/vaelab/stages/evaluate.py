@@ -24,6 +24,7 @@ from vaelab.errors import CheckpointError, DataError, EvaluationInterrupted
 from vaelab.files import replacing_dir, write_json_atomic
 from vaelab.model.estimators import Evaluation, evaluate_images
 from vaelab.stages.budget import check_estimate
+from vaelab.stages.phases import Phases
 from vaelab.stages.progress import progress_bar
 
 
@@ -231,17 +232,19 @@ def evaluate_checkpoint(cfg: DictConfig, publish: bool = True) -> dict[str, floa
     images = fixed_observations(test, "test", type(trained.vae.likelihood), manifest, cfg.eval.limit)
 
     check_estimate(trained.vae, images, cfg.eval.iw_k, "eval.iw_k", cfg.eval.max_minutes, "test NLL")
-    with progress_bar(f"test NLL (k={cfg.eval.iw_k})", total=len(images) * cfg.eval.iw_k) as advance:
-        result = evaluate_images(trained.vae, images, k=cfg.eval.iw_k, on_samples=advance)
-    metrics = result.metrics("test")
-    if cfg.eval.gaps:
-        metrics.update(split_the_gap(trained.vae, images[: cfg.eval.gaps_limit], cfg.eval))
+    phases = Phases()  # announced where stdout is not a terminal; not logged (a run's time/ metrics are its training's)
+    with phases("test_estimates"):
+        with progress_bar(f"test NLL (k={cfg.eval.iw_k})", total=len(images) * cfg.eval.iw_k) as advance:
+            result = evaluate_images(trained.vae, images, k=cfg.eval.iw_k, on_samples=advance)
+        metrics = result.metrics("test")
+        if cfg.eval.gaps:
+            metrics.update(split_the_gap(trained.vae, images[: cfg.eval.gaps_limit], cfg.eval))
 
     # `publish`: the project's DVC outputs (plots/eval/, metrics/eval.json) are the evaluate stage's. A sweep's job
     # evaluated after training keeps its figures in its own run folder and writes no shared file.
     own_folder = not publish and lineage.get("run_id")
     plots = paths.run_dir(lineage["run_id"]) / "evaluation" if own_folder else paths.plots_dir() / "eval"
-    with replacing_dir(plots) as fresh:  # no figure of an earlier evaluation survives
+    with phases("test_figures"), replacing_dir(plots) as fresh:  # no figure of an earlier evaluation survives
         save_figures(trained.vae, images, test["labels"][: len(images)], result.kl_per_dim, fresh, seed=cfg.seed)
         write_kl_per_dim(result.kl_per_dim, fresh / "kl_per_dim.csv")
         if "test/approximation_gap" in metrics:
@@ -256,17 +259,18 @@ def evaluate_checkpoint(cfg: DictConfig, publish: bool = True) -> dict[str, floa
 
     run_id, run = lineage.get("run_id"), None
     if cfg.get("logger") is not None and run_id:
-        try:
-            run = Run.attach(cfg.tracking.uri, run_id)
-        except Exception as error:  # noqa: BLE001 - a missing run must not lose the evaluation
-            print(f"vaelab: results not logged to MLflow (run {run_id}: {error})")
-        else:
-            run.log_metrics(summary, step=0)
-            run.log_artifact(plots, "evaluation")
-            tags = {"vaelab.eval.checkpoint": str(path), "vaelab.eval.iw_k": str(cfg.eval.iw_k)}
-            if trained.vae.posterior.mutual_info_from:
-                tags["vaelab.mutual_info_from"] = trained.vae.posterior.mutual_info_from
-            run.set_tags(tags)
+        with phases("test_logging"):
+            try:
+                run = Run.attach(cfg.tracking.uri, run_id)
+            except Exception as error:  # noqa: BLE001 - a missing run must not lose the evaluation
+                print(f"vaelab: results not logged to MLflow (run {run_id}: {error})")
+            else:
+                run.log_metrics(summary, step=0)
+                run.log_artifact(plots, "evaluation")
+                tags = {"vaelab.eval.checkpoint": str(path), "vaelab.eval.iw_k": str(cfg.eval.iw_k)}
+                if trained.vae.posterior.mutual_info_from:
+                    tags["vaelab.mutual_info_from"] = trained.vae.posterior.mutual_info_from
+                run.set_tags(tags)
     warn_if_collapsed(result, run)
     warn_if_saturated(result, run)
     return {**summary, "run_id": run_id}

@@ -39,7 +39,7 @@ from vaelab.stages.export import register, save_pyfunc
 from vaelab.stages.logger import lightning_logger
 from vaelab.stages.phases import Phases
 from vaelab.stages.preflight import check_buildable
-from vaelab.stages.progress import progress_bar
+from vaelab.stages.progress import epoch_progress, progress_bar
 from vaelab.stages.publish import publish as publish_outputs
 from vaelab.stages.resume import Resumption, resumption
 from vaelab.sweep.runs import EVAL_FAILURE_TAG
@@ -304,6 +304,7 @@ def fit_and_publish(
             RngState(),
             *chosen,
             *callbacks,
+            *epoch_progress([*chosen, *callbacks], history),
         ],
         enable_progress_bar=any(isinstance(c, ProgressBar) for c in [*chosen, *callbacks]),
         default_root_dir=str(out_dir),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from datetime import timedelta
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -74,6 +75,74 @@ class EpochHistory(EpochCallback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = list(state_dict["rows"])
+
+
+def epoch_line(
+    epoch: int,
+    max_epochs: int | None,
+    images_per_sec: float | None,
+    train_loss: float | None,
+    val_elbo: float | None,
+    elapsed: float,
+    left: float | None,
+) -> str:
+    """One epoch as one line of plain text, e.g.
+    `epoch 3/10 | 5123 images/s | train loss 27.41 | val/elbo -26.93 | 0:00:12 elapsed, ~0:00:28 left`.
+
+    `epoch` counts from 1; `train_loss` is the epoch's mean, `val_elbo` its validation's (nats); `elapsed` and `left`
+    are seconds. A number that is None (no validation, no end in epochs) is left out with its label."""
+
+    def clock(seconds: float) -> str:
+        return str(timedelta(seconds=round(seconds)))
+
+    parts = [f"epoch {epoch}/{max_epochs}" if max_epochs else f"epoch {epoch}"]
+    if images_per_sec is not None:
+        parts.append(f"{images_per_sec:.0f} images/s")
+    if train_loss is not None:
+        parts.append(f"train loss {train_loss:.2f}")
+    if val_elbo is not None:
+        parts.append(f"val/elbo {val_elbo:.2f}")
+    parts.append(f"{clock(elapsed)} elapsed" + (f", ~{clock(left)} left" if left is not None else ""))
+    return " | ".join(parts)
+
+
+class EpochLines(EpochCallback):
+    """A run's progress as one printed line per epoch (`epoch_line`), flushed: the progress bar of a log file.
+
+    Prints the row `history` has just recorded (so it comes after `history` among the Trainer's callbacks), on rank
+    zero only. The time left is the mean epoch since fit began times the epochs still to go."""
+
+    def __init__(self, history: EpochHistory) -> None:
+        self.history = history
+        self._fit_began = 0.0
+        self._first_epoch: int | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_began, self._first_epoch = perf_counter(), None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._first_epoch is None:  # a resumed run starts past epoch 0: only the epochs of this fit are timed
+            self._first_epoch = trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.history.rows:
+            return
+        row = self.history.rows[-1]
+        epoch = trainer.current_epoch + 1
+        max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        elapsed = perf_counter() - self._fit_began
+        first = self._first_epoch if self._first_epoch is not None else trainer.current_epoch
+        left = elapsed / (epoch - first) * (max_epochs - epoch) if max_epochs else None
+        line = epoch_line(
+            epoch,
+            max_epochs,
+            row.get("train/images_per_sec"),
+            row.get("train/loss"),
+            row.get("val/elbo"),
+            elapsed,
+            left,
+        )
+        print(line, flush=True)
 
 
 class RngState(EpochCallback):
