@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from vaelab import paths
 from vaelab.files import write_text_atomic
-from vaelab.redaction import redact_config
+from vaelab.redaction import redact_config, redact_override
 from vaelab.sweep.runs import METRICS, child_metric, find_child, job_tags, parent_run_id, short_error
 from vaelab.tracking.lifecycle import stop_on_signals
 from vaelab.tracking.run import TAG_PREFIX, overrides_tag
@@ -39,6 +39,7 @@ def run_job(cfg: DictConfig) -> float:
     parent = parent_run_id(hydra.sweep.dir)
     label = f"job {num} [{overrides_tag(overrides)}]"
     started_ms = int(time.time() * 1000)
+    name_after_overrides(cfg, num, overrides)
     try:
         validate(cfg)
         from vaelab.stages.train import train
@@ -61,6 +62,14 @@ def run_job(cfg: DictConfig) -> float:
         flush=True,
     )
     return float(summary["val/elbo"])
+
+
+def name_after_overrides(cfg: DictConfig, num: int, overrides: list[str]) -> None:
+    """The job's run is named by what the job sets, Hydra's way (`objective.beta=4,model.latent_dim=8`), so the
+    MLflow UI tells a sweep's children apart; `tracking.run_name`, when set, names them all instead."""
+    if cfg.tracking.get("run_name") is None:
+        with read_write(cfg), open_dict(cfg):
+            cfg.tracking.run_name = ",".join(map(redact_override, overrides)) or f"job {num}"
 
 
 def point_to(run_id: str | None, job_dir: str) -> None:

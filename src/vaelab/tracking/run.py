@@ -10,6 +10,7 @@ Every param and tag a run gets passes vaelab.redaction's rule on the way: no sec
 from __future__ import annotations
 
 import os
+import random
 import shlex
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from vaelab.tracking.store import STORE_LOCK_TIMEOUT_S, StoreClient, ensure_expe
 PARAM_BATCH = 100  # MLflow's limit on params per log_batch call
 TAG_PREFIX = "vaelab."
 PARENT_TAG = "mlflow.parentRunId"  # what makes the MLflow UI nest a run under another
+MAX_RUN_NAME = 250  # characters: the width of MLflow's run name column in a database store
 SUPPRESS_URL = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
@@ -91,6 +93,26 @@ def redacted(tags: dict[str, str]) -> dict[str, str]:
     return {key: redact_text(value) for key, value in tags.items()}
 
 
+def readable_name() -> str:
+    """A name like `overjoyed-slug-911`, from MLflow's words, drawn afresh for each run.
+
+    MLflow draws the name it gives an unnamed run from Python's global `random`, which vaelab seeds before the run
+    exists: every run of one seed got the same name. This draw uses its own generator, seeded by the operating
+    system, and leaves the global one (and so the training's random stream) untouched."""
+    from mlflow.utils import name_utils
+
+    draw = random.Random()
+    adjective, noun = draw.choice(name_utils._GENERATOR_PREDICATES), draw.choice(name_utils._GENERATOR_NOUNS)
+    return f"{adjective.lower()}-{noun.lower()}-{draw.randint(0, 999)}"
+
+
+def run_name(cfg: DictConfig) -> str:
+    """The run's name in the MLflow UI: `tracking.run_name` when set (a sweep's job and a search's trial set one
+    from what they vary), else a readable one that tells the run from the others; its secrets as `***`."""
+    given = cfg.tracking.get("run_name")
+    return redact_text(str(given))[:MAX_RUN_NAME] if given else readable_name()
+
+
 class Run:
     """An MLflow run that vaelab created and will end. `log_*` methods are thin, explicit client calls."""
 
@@ -124,7 +146,7 @@ class Run:
         all_tags = lineage_tags(cfg, stage, overrides, tags)
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
-        info = run.client.create_run(experiment_id, run_name=cfg.tracking.run_name, tags=redacted(all_tags)).info
+        info = run.client.create_run(experiment_id, run_name=run_name(cfg), tags=redacted(all_tags)).info
         run.run_id = info.run_id
         if not log_params:
             return run

@@ -1,0 +1,61 @@
+"""What the MLflow UI shows of vaelab's runs: names that tell runs apart."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from helpers.config import TINY, make_config
+from helpers.stores import mlflow_client
+from vaelab.sweep.jobs import name_after_overrides
+from vaelab.tracking.run import Run
+
+READABLE_NAME = re.compile(r"[a-z]+-[a-z]+-\d{1,3}")
+
+
+def run_name(project: Path, run: Run) -> str:
+    return mlflow_client(project).get_run(run.run_id).info.run_name
+
+
+@pytest.mark.integration
+def test_runs_of_one_seed_get_different_readable_names(project: Path):
+    names = []
+    for _ in range(3):
+        random.seed(0)  # as training seeds Python's random before its run exists
+        names.append(run_name(project, Run.create(make_config(*TINY), "train", overrides=[], tags={})))
+    assert len(set(names)) == 3, names
+    assert all(READABLE_NAME.fullmatch(name) for name in names), names
+
+
+@pytest.mark.integration
+def test_naming_a_run_leaves_the_seeded_random_stream_as_it_was(project: Path):
+    random.seed(0)
+    Run.create(make_config(*TINY), "train", overrides=[], tags={})
+    assert random.random() == random.Random(0).random()
+
+
+@pytest.mark.integration
+def test_tracking_run_name_names_the_run(project: Path):
+    run = Run.create(make_config(*TINY, "tracking.run_name=baseline"), "train", overrides=[], tags={})
+    assert run_name(project, run) == "baseline"
+
+
+def test_a_sweep_job_is_named_by_its_overrides_without_their_secrets():
+    cfg = make_config(*TINY)
+    name_after_overrides(cfg, 3, ["objective.beta=4", "model.latent_dim=8", "+db.password=hunter2"])
+    assert cfg.tracking.run_name == "objective.beta=4,model.latent_dim=8,+db.password=***"
+
+
+def test_a_sweep_job_without_overrides_is_named_by_its_number():
+    cfg = make_config(*TINY)
+    name_after_overrides(cfg, 3, [])
+    assert cfg.tracking.run_name == "job 3"
+
+
+def test_tracking_run_name_names_a_sweep_job_too():
+    cfg = make_config(*TINY, "tracking.run_name=mine")
+    name_after_overrides(cfg, 3, ["objective.beta=4"])
+    assert cfg.tracking.run_name == "mine"
