@@ -1,14 +1,15 @@
-"""What the MLflow UI shows of vaelab's runs: names that tell runs apart."""
+"""What the MLflow UI shows of vaelab's runs: names that tell runs apart, and MLflow's standard source tags."""
 
 from __future__ import annotations
 
 import random
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
-from helpers.config import TINY, make_config
+from helpers.config import REPO, TINY, make_config
 from helpers.stores import mlflow_client
 from vaelab.sweep.jobs import name_after_overrides
 from vaelab.tracking.run import Run
@@ -59,3 +60,14 @@ def test_tracking_run_name_names_a_sweep_job_too():
     cfg = make_config(*TINY, "tracking.run_name=mine")
     name_after_overrides(cfg, 3, ["objective.beta=4"])
     assert cfg.tracking.run_name == "mine"
+
+
+@pytest.mark.integration
+def test_a_run_records_its_entry_point_and_commit_in_mlflows_source_tags(project: Path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [str(REPO / "pipelines" / "train.py"), "data=digits"])
+    run = Run.create(make_config(*TINY), "train", overrides=["data=digits"], tags={})
+    tags = mlflow_client(project).get_run(run.run_id).data.tags
+    assert tags["mlflow.source.name"] == "pipelines/train.py"
+    assert tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.git.commit"] == tags["vaelab.git_commit"]
+    assert re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"])

@@ -70,9 +70,24 @@ def _git(*args: str) -> str | None:
         return None
 
 
+def entry_point(checkout: str | None) -> str:
+    """The script that started the process (`pipelines/train.py`), relative to the code's checkout when it lies
+    inside it, as MLflow's own runs record it; `<console>` for an interactive session."""
+    script = sys.argv[0] if sys.argv and sys.argv[0] not in ("", "-c") else None
+    if script is None:
+        return "<console>"
+    if checkout:
+        try:
+            return Path(script).resolve().relative_to(Path(checkout).resolve()).as_posix()
+        except ValueError:
+            pass
+    return script
+
+
 def lineage_tags(cfg: DictConfig, stage: str, overrides: list[str], extra: dict[str, str]) -> dict[str, str]:
-    """Tags that let a person get from the run back to code, data and the command that made it."""
-    commit = _git("rev-parse", "HEAD")
+    """Tags that let a person get from the run back to code, data and the command that made it: vaelab's own, and
+    MLflow's standard `mlflow.source.*` ones, which fill the UI's Source column."""
+    commit, _, checkout = (_git("rev-parse", "HEAD", "--show-toplevel") or "").partition("\n")
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     tags = {
         f"{TAG_PREFIX}stage": stage,
@@ -81,6 +96,8 @@ def lineage_tags(cfg: DictConfig, stage: str, overrides: list[str], extra: dict[
         f"{TAG_PREFIX}overrides": overrides_tag(overrides),
         f"{TAG_PREFIX}command": shlex.join([Path(sys.executable).name, *map(redact_override, sys.argv)]),
         **{f"{TAG_PREFIX}{k}": v for k, v in extra.items()},
+        "mlflow.source.name": entry_point(checkout),
+        "mlflow.source.type": "LOCAL",
     }
     if commit:
         tags["mlflow.source.git.commit"] = commit
