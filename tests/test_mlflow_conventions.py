@@ -1,20 +1,37 @@
-"""What the MLflow UI shows of vaelab's runs: names that tell runs apart, and MLflow's standard source tags."""
+"""What the MLflow UI shows of vaelab's runs: names that tell runs apart, MLflow's standard source tags, and the
+prepared dataset as the run's input."""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from helpers.config import REPO, TINY, make_config
 from helpers.stores import mlflow_client
+from vaelab.stages.train import train
 from vaelab.sweep.jobs import name_after_overrides
 from vaelab.tracking.run import Run
 
 READABLE_NAME = re.compile(r"[a-z]+-[a-z]+-\d{1,3}")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """One tiny training in a project of its own, shared by the tests that read what it left: (project, run id)."""
+    root = tmp_path_factory.mktemp("trained") / "project"
+    root.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VAELAB_ROOT", str(root))
+        patch.delenv("DVC_ROOT", raising=False)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        summary = train(make_config(*TINY))
+        yield root, str(summary["run_id"])
 
 
 def run_name(project: Path, run: Run) -> str:
@@ -71,3 +88,19 @@ def test_a_run_records_its_entry_point_and_commit_in_mlflows_source_tags(project
     assert tags["mlflow.source.type"] == "LOCAL"
     assert tags["mlflow.source.git.commit"] == tags["vaelab.git_commit"]
     assert re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"])
+
+
+@pytest.mark.integration
+def test_a_training_run_takes_the_prepared_dataset_as_its_input(trained: tuple[Path, str]):
+    project, run_id = trained
+    run = mlflow_client(project).get_run(run_id)
+    [used] = run.inputs.dataset_inputs
+    data_hash = run.data.tags["vaelab.data_hash"]
+    assert used.dataset.name == "digits"
+    assert used.dataset.digest == data_hash[:32]
+    assert json.loads(used.dataset.source)["uri"] == (project / "data" / "processed" / "digits").as_uri()
+    assert json.loads(used.dataset.profile)["images"] == {"train": 1297, "val": 200, "test": 300}
+    tags = {tag.key: tag.value for tag in used.tags}
+    assert tags["mlflow.data.context"] == "training"
+    assert tags["vaelab.data_hash"] == data_hash
+    assert tags["vaelab.data_source"]

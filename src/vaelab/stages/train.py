@@ -156,6 +156,7 @@ def train(
             },
             parent_run_id=parent_run_id,
         )
+        run.log_dataset(data.settings.name, data.folder, data.manifest, context="training")
     run_id = run.run_id if run else resume.run_id if resume else None
     phases.add("setup", perf_counter() - began)
     saved = paths.interrupted_checkpoint(run_id) if run_id else None

@@ -9,6 +9,7 @@ Every param and tag a run gets passes vaelab.redaction's rule on the way: no sec
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shlex
@@ -30,6 +31,8 @@ TAG_PREFIX = "vaelab."
 PARENT_TAG = "mlflow.parentRunId"  # what makes the MLflow UI nest a run under another
 MAX_RUN_NAME = 250  # characters: the width of MLflow's run name column in a database store
 SUPPRESS_URL = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+DATASET_CONTEXT_TAG = "mlflow.data.context"  # `training`, `evaluation`: what the run used the dataset for
+DIGEST_LENGTH = 32  # hex digits of the data hash that name a dataset's version: MLflow's digest holds at most 36
 
 
 def public_config(cfg: DictConfig) -> dict[str, Any]:
@@ -204,6 +207,34 @@ class Run:
         monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5, resume_logging=resume, tracking_uri=self.uri)
         monitor.start()
         return monitor
+
+    def log_dataset(self, name: str, folder: Path, manifest: dict[str, Any], context: str) -> None:
+        """The prepared dataset as the run's input: the MLflow UI's Dataset column, and a link between the runs that
+        used the same data. Its digest is the start of the data hash; the input's tags hold the whole hash and
+        where the raw data came from, and `context` says what the run used it for (`training`)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        profile = {
+            "image_shape": manifest["image_shape"],
+            "grey_levels": manifest["grey_levels"],
+            "images": {split: entry["count"] for split, entry in manifest["splits"].items()},
+        }
+        dataset = Dataset(
+            name=name,
+            digest=manifest["data_hash"][:DIGEST_LENGTH],
+            source_type="local",
+            source=json.dumps({"uri": Path(folder).resolve().as_uri()}),
+            profile=json.dumps(profile),
+        )
+        tags = redacted(
+            {
+                DATASET_CONTEXT_TAG: context,
+                f"{TAG_PREFIX}data_hash": manifest["data_hash"],
+                f"{TAG_PREFIX}data_source": str(manifest.get("source", "unknown")),
+            }
+        )
+        inputs = [DatasetInput(dataset, [InputTag(key, value) for key, value in tags.items()])]
+        self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
