@@ -1,8 +1,10 @@
 """What the MLflow UI shows of vaelab's runs: names that tell runs apart, MLflow's standard source tags, and the
-prepared dataset as the run's input."""
+prepared dataset as the run's input, and a registry alias on the model a run registers."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import random
 import re
@@ -10,28 +12,34 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers.config import REPO, TINY, make_config
 from helpers.stores import mlflow_client
+from vaelab.config import problems
 from vaelab.stages.train import train
 from vaelab.sweep.jobs import name_after_overrides
 from vaelab.tracking.run import Run
 
 READABLE_NAME = re.compile(r"[a-z]+-[a-z]+-\d{1,3}")
+MODEL = "conventions-vae"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
-    """One tiny training in a project of its own, shared by the tests that read what it left: (project, run id)."""
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str, str]]:
+    """One tiny training that registers its model under an alias, in a project of its own, shared by the tests
+    that read what it left: (project, run id, what it printed)."""
     root = tmp_path_factory.mktemp("trained") / "project"
     root.mkdir()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VAELAB_ROOT", str(root))
         patch.delenv("DVC_ROOT", raising=False)
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        summary = train(make_config(*TINY))
-        yield root, str(summary["run_id"])
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            summary = train(make_config(*TINY, f"tracking.register_as={MODEL}", "tracking.alias=champion"))
+        yield root, str(summary["run_id"]), printed.getvalue()
 
 
 def run_name(project: Path, run: Run) -> str:
@@ -91,8 +99,8 @@ def test_a_run_records_its_entry_point_and_commit_in_mlflows_source_tags(project
 
 
 @pytest.mark.integration
-def test_a_training_run_takes_the_prepared_dataset_as_its_input(trained: tuple[Path, str]):
-    project, run_id = trained
+def test_a_training_run_takes_the_prepared_dataset_as_its_input(trained: tuple[Path, str, str]):
+    project, run_id, _ = trained
     run = mlflow_client(project).get_run(run_id)
     [used] = run.inputs.dataset_inputs
     data_hash = run.data.tags["vaelab.data_hash"]
@@ -104,3 +112,27 @@ def test_a_training_run_takes_the_prepared_dataset_as_its_input(trained: tuple[P
     assert tags["mlflow.data.context"] == "training"
     assert tags["vaelab.data_hash"] == data_hash
     assert tags["vaelab.data_source"]
+
+
+@pytest.mark.integration
+def test_the_registered_model_loads_by_its_alias(trained: tuple[Path, str, str], monkeypatch):
+    import mlflow
+
+    project, run_id, printed = trained
+    version = mlflow_client(project).get_model_version_by_alias(MODEL, "champion")
+    assert version.run_id == run_id
+    assert f"registered model {MODEL} version {version.version} as @champion" in printed
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    assert model.predict(np.full((2, 1, 8, 8), 0.5, dtype=np.float32)).shape == (2, 4)
+
+
+def test_an_alias_without_a_model_to_register_is_refused_in_one_line():
+    [(key, value, allowed)] = problems(make_config("tracking.alias=champion"))
+    assert (key, value) == ("tracking.alias", "champion") and "tracking.register_as" in allowed
+
+
+@pytest.mark.parametrize("alias", ["latest", "v3", "two words", ""])
+def test_an_alias_the_registry_refuses_is_refused_before_training(alias: str):
+    [(key, _, _)] = problems(make_config(f"tracking.register_as={MODEL}", f"tracking.alias='{alias}'"))
+    assert key == "tracking.alias"

@@ -395,7 +395,7 @@ def log_model(cfg: DictConfig, run: Run, checkpoint: Path, folder: Path, data: I
         save_pyfunc(checkpoint, fresh, data.image_shape, module.vae.code_dim)
     run.log_artifact(folder, paths.PYFUNC_MODEL)
     if cfg.tracking.get("register_as"):
-        version = register(run.client, run.run_id, cfg.tracking.register_as, data.data_hash)
+        version = register(run.client, run.run_id, cfg.tracking.register_as, data.data_hash, cfg.tracking.get("alias"))
         run.set_tags({"vaelab.registered_model": f"{cfg.tracking.register_as}/{version}"})
 
 
