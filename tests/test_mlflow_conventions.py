@@ -1,5 +1,5 @@
 """What the MLflow UI shows of vaelab's runs: names that tell runs apart, MLflow's standard source tags, and the
-prepared dataset as the run's input, and a registry alias on the model a run registers."""
+prepared dataset as the run's input, a registry alias on the model a run registers, and the experiment's kind."""
 
 from __future__ import annotations
 
@@ -136,3 +136,10 @@ def test_an_alias_without_a_model_to_register_is_refused_in_one_line():
 def test_an_alias_the_registry_refuses_is_refused_before_training(alias: str):
     [(key, _, _)] = problems(make_config(f"tracking.register_as={MODEL}", f"tracking.alias='{alias}'"))
     assert key == "tracking.alias"
+
+
+@pytest.mark.integration
+def test_the_experiment_vaelab_creates_is_a_model_training_one(project: Path):
+    Run.create(make_config(*TINY, "tracking.experiment=kinds"), "train", overrides=[], tags={})
+    experiment = mlflow_client(project).get_experiment_by_name("kinds")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
