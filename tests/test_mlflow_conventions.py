@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from helpers.config import REPO, TINY, make_config
 from helpers.stores import mlflow_client
 from vaelab.config import problems
 from vaelab.stages.train import train
-from vaelab.sweep.jobs import name_after_overrides
+from vaelab.sweep.jobs import name_after_overrides, swept_keys
 from vaelab.tracking.run import Run
 
 READABLE_NAME = re.compile(r"[a-z]+-[a-z]+-\d{1,3}")
@@ -73,6 +74,23 @@ def test_a_sweep_job_is_named_by_its_overrides_without_their_secrets():
     cfg = make_config(*TINY)
     name_after_overrides(cfg, 3, ["objective.beta=4", "model.latent_dim=8", "+db.password=hunter2"])
     assert cfg.tracking.run_name == "objective.beta=4,model.latent_dim=8,+db.password=***"
+
+
+def test_a_sweep_job_is_named_by_the_values_its_sweep_varies(tmp_path: Path):
+    (tmp_path / "multirun.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "hydra": {
+                    "overrides": {"task": ["data=digits", "objective.beta=1,4", "seed=range(2)"]},
+                    "sweeper": {"params": {"model.latent_dim": "2,8"}},
+                }
+            }
+        )
+    )
+    cfg = make_config(*TINY)
+    job = ["data=digits", "objective.beta=4", "seed=1", "model.latent_dim=8"]
+    name_after_overrides(cfg, 3, job, swept_keys(tmp_path))
+    assert cfg.tracking.run_name == "objective.beta=4,seed=1,model.latent_dim=8"
 
 
 def test_a_sweep_job_without_overrides_is_named_by_its_number():

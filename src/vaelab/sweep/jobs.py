@@ -39,7 +39,7 @@ def run_job(cfg: DictConfig) -> float:
     parent = parent_run_id(hydra.sweep.dir)
     label = f"job {num} [{overrides_tag(overrides)}]"
     started_ms = int(time.time() * 1000)
-    name_after_overrides(cfg, num, overrides)
+    name_after_overrides(cfg, num, overrides, swept_keys(Path(hydra.sweep.dir)))
     try:
         validate(cfg)
         from vaelab.stages.train import train
@@ -64,12 +64,39 @@ def run_job(cfg: DictConfig) -> float:
     return float(summary["val/elbo"])
 
 
-def name_after_overrides(cfg: DictConfig, num: int, overrides: list[str]) -> None:
+def name_after_overrides(cfg: DictConfig, num: int, overrides: list[str], swept: set[str] | None = None) -> None:
     """The job's run is named by what the job sets, Hydra's way (`objective.beta=4,model.latent_dim=8`), so the
-    MLflow UI tells a sweep's children apart; `tracking.run_name`, when set, names them all instead."""
-    if cfg.tracking.get("run_name") is None:
-        with read_write(cfg), open_dict(cfg):
-            cfg.tracking.run_name = ",".join(map(redact_override, overrides)) or f"job {num}"
+    MLflow UI tells a sweep's children apart: the overrides of the `swept` keys when known (those set alike for
+    every job would fill the column first), else all of them. `tracking.run_name`, when set, names them all."""
+    if cfg.tracking.get("run_name") is not None:
+        return
+    named = [o for o in overrides if swept and override_key(o) in swept] or overrides
+    with read_write(cfg), open_dict(cfg):
+        cfg.tracking.run_name = ",".join(map(redact_override, named)) or f"job {num}"
+
+
+def override_key(override: str) -> str | None:
+    """`+objective.beta=4` -> `objective.beta`; None for what Hydra cannot parse."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(override).key_or_group
+    except Exception:
+        return None
+
+
+def swept_keys(sweep_dir: Path) -> set[str] | None:
+    """The keys the sweep varies: its sweep overrides (`objective.beta=1,4`, as Hydra saved the command line in
+    multirun.yaml) and its `hydra.sweeper.params`; None when multirun.yaml cannot be read."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        saved = OmegaConf.load(sweep_dir / MULTIRUN_CONFIG)
+        launched = OverridesParser.create().parse_overrides(list(saved.hydra.overrides.task))
+        params = saved.hydra.sweeper.get("params") or {}
+    except Exception:  # noqa: BLE001 - a name is no reason to fail a job: it falls back to every override
+        return None
+    return {o.key_or_group for o in launched if o.is_sweep_override()} | {override_key(f"{k}=0") for k in params}
 
 
 def point_to(run_id: str | None, job_dir: str) -> None:
