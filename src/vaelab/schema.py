@@ -332,6 +332,21 @@ URI_TEXT = (
     "http(s)://<host>[:port], file:<folder>, a database URL (postgresql://..., mysql://...) or databricks"
 )
 MODEL_NAME_TEXT = "a model registry name: non-empty, without '/' or ':', not starting with '..'"
+ALIAS_TEXT = "a model registry alias: letters, digits, '_' and '-', not 'latest' nor a version such as 'v3'"
+
+
+def _is_model_alias(value: str) -> bool:
+    """What MLflow's model registry accepts as an alias (by MLflow's own rules: its characters, and no name it
+    keeps for itself)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+
+    try:
+        _validate_model_alias_name(value)
+        _validate_model_alias_name_reserved(value)
+    except MlflowException:
+        return False
+    return True
 
 
 class Tracking(Section):
@@ -341,7 +356,15 @@ class Tracking(Section):
     run_name: Annotated[str | None, Field(description="null or a string")] = None
     system_metrics: FLAG
     register_as: optional(text(MODEL_NAME_TEXT, _is_model_name)) = None
+    alias: optional(text(ALIAS_TEXT, _is_model_alias)) = None
     lock_timeout_s: number(0)
+
+    @model_validator(mode="after")
+    def _alias_of_a_registered_model(self) -> Tracking:
+        # An alias names a version of the model that register_as registers: without one it would name nothing.
+        if self.alias is not None and self.register_as is None:
+            raise problem("tracking.alias", self.alias, "null unless tracking.register_as names the model to register")
+        return self
 
 
 class Logger(Section):

@@ -132,8 +132,9 @@ def save_pyfunc(checkpoint: Path, folder: Path, image_shape: tuple[int, ...], la
     return folder
 
 
-def register(client, run_id: str, name: str, data_hash: str) -> str:
-    """Register runs:/<run_id>/model as a new version of `name`, tagged with the data hash; its version."""
+def register(client, run_id: str, name: str, data_hash: str, alias: str | None = None) -> str:
+    """Register runs:/<run_id>/model as a new version of `name`, tagged with the data hash, and point `alias` (if
+    any) at it, away from whichever version it named before; its version. Says so on stdout."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -143,4 +144,8 @@ def register(client, run_id: str, name: str, data_hash: str) -> str:
             raise
     source = f"{client.get_run(run_id).info.artifact_uri}/model"
     version = client.create_model_version(name, source=source, run_id=run_id, tags={"vaelab.data_hash": data_hash})
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version.version}"
+    print(f"vaelab: registered model {name} version {version.version}{f' as @{alias}' if alias else ''} ({uri})")
     return version.version

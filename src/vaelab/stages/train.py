@@ -156,6 +156,7 @@ def train(
             },
             parent_run_id=parent_run_id,
         )
+        run.log_dataset(data.settings.name, data.folder, data.manifest, context="training")
     run_id = run.run_id if run else resume.run_id if resume else None
     phases.add("setup", perf_counter() - began)
     saved = paths.interrupted_checkpoint(run_id) if run_id else None
@@ -395,7 +396,7 @@ def log_model(cfg: DictConfig, run: Run, checkpoint: Path, folder: Path, data: I
         save_pyfunc(checkpoint, fresh, data.image_shape, module.vae.code_dim)
     run.log_artifact(folder, paths.PYFUNC_MODEL)
     if cfg.tracking.get("register_as"):
-        version = register(run.client, run.run_id, cfg.tracking.register_as, data.data_hash)
+        version = register(run.client, run.run_id, cfg.tracking.register_as, data.data_hash, cfg.tracking.get("alias"))
         run.set_tags({"vaelab.registered_model": f"{cfg.tracking.register_as}/{version}"})
 
 

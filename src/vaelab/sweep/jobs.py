@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from vaelab import paths
 from vaelab.files import write_text_atomic
-from vaelab.redaction import redact_config
+from vaelab.redaction import redact_config, redact_override
 from vaelab.sweep.runs import METRICS, child_metric, find_child, job_tags, parent_run_id, short_error
 from vaelab.tracking.lifecycle import stop_on_signals
 from vaelab.tracking.run import TAG_PREFIX, overrides_tag
@@ -39,6 +39,7 @@ def run_job(cfg: DictConfig) -> float:
     parent = parent_run_id(hydra.sweep.dir)
     label = f"job {num} [{overrides_tag(overrides)}]"
     started_ms = int(time.time() * 1000)
+    name_after_overrides(cfg, num, overrides, swept_keys(Path(hydra.sweep.dir)))
     try:
         validate(cfg)
         from vaelab.stages.train import train
@@ -61,6 +62,41 @@ def run_job(cfg: DictConfig) -> float:
         flush=True,
     )
     return float(summary["val/elbo"])
+
+
+def name_after_overrides(cfg: DictConfig, num: int, overrides: list[str], swept: set[str] | None = None) -> None:
+    """The job's run is named by what the job sets, Hydra's way (`objective.beta=4,model.latent_dim=8`), so the
+    MLflow UI tells a sweep's children apart: the overrides of the `swept` keys when known (those set alike for
+    every job would fill the column first), else all of them. `tracking.run_name`, when set, names them all."""
+    if cfg.tracking.get("run_name") is not None:
+        return
+    named = [o for o in overrides if swept and override_key(o) in swept] or overrides
+    with read_write(cfg), open_dict(cfg):
+        cfg.tracking.run_name = ",".join(map(redact_override, named)) or f"job {num}"
+
+
+def override_key(override: str) -> str | None:
+    """`+objective.beta=4` -> `objective.beta`; None for what Hydra cannot parse."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(override).key_or_group
+    except Exception:
+        return None
+
+
+def swept_keys(sweep_dir: Path) -> set[str] | None:
+    """The keys the sweep varies: its sweep overrides (`objective.beta=1,4`, as Hydra saved the command line in
+    multirun.yaml) and its `hydra.sweeper.params`; None when multirun.yaml cannot be read."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        saved = OmegaConf.load(sweep_dir / MULTIRUN_CONFIG)
+        launched = OverridesParser.create().parse_overrides(list(saved.hydra.overrides.task))
+        params = saved.hydra.sweeper.get("params") or {}
+    except Exception:  # noqa: BLE001 - a name is no reason to fail a job: it falls back to every override
+        return None
+    return {o.key_or_group for o in launched if o.is_sweep_override()} | {override_key(f"{k}=0") for k in params}
 
 
 def point_to(run_id: str | None, job_dir: str) -> None:

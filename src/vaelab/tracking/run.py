@@ -9,7 +9,9 @@ Every param and tag a run gets passes vaelab.redaction's rule on the way: no sec
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import shlex
 import subprocess
 import sys
@@ -27,7 +29,10 @@ from vaelab.tracking.store import STORE_LOCK_TIMEOUT_S, StoreClient, ensure_expe
 PARAM_BATCH = 100  # MLflow's limit on params per log_batch call
 TAG_PREFIX = "vaelab."
 PARENT_TAG = "mlflow.parentRunId"  # what makes the MLflow UI nest a run under another
+MAX_RUN_NAME = 250  # characters: the width of MLflow's run name column in a database store
 SUPPRESS_URL = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+DATASET_CONTEXT_TAG = "mlflow.data.context"  # `training`, `evaluation`: what the run used the dataset for
+DIGEST_LENGTH = 32  # hex digits of the data hash that name a dataset's version: MLflow's digest holds at most 36
 
 
 def public_config(cfg: DictConfig) -> dict[str, Any]:
@@ -68,9 +73,24 @@ def _git(*args: str) -> str | None:
         return None
 
 
+def entry_point(checkout: str | None) -> str:
+    """The script that started the process (`pipelines/train.py`), relative to the code's checkout when it lies
+    inside it, as MLflow's own runs record it; `<console>` for an interactive session."""
+    script = sys.argv[0] if sys.argv and sys.argv[0] not in ("", "-c") else None
+    if script is None:
+        return "<console>"
+    if checkout:
+        try:
+            return Path(script).resolve().relative_to(Path(checkout).resolve()).as_posix()
+        except ValueError:
+            pass
+    return script
+
+
 def lineage_tags(cfg: DictConfig, stage: str, overrides: list[str], extra: dict[str, str]) -> dict[str, str]:
-    """Tags that let a person get from the run back to code, data and the command that made it."""
-    commit = _git("rev-parse", "HEAD")
+    """Tags that let a person get from the run back to code, data and the command that made it: vaelab's own, and
+    MLflow's standard `mlflow.source.*` ones, which fill the UI's Source column."""
+    commit, _, checkout = (_git("rev-parse", "HEAD", "--show-toplevel") or "").partition("\n")
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     tags = {
         f"{TAG_PREFIX}stage": stage,
@@ -79,6 +99,8 @@ def lineage_tags(cfg: DictConfig, stage: str, overrides: list[str], extra: dict[
         f"{TAG_PREFIX}overrides": overrides_tag(overrides),
         f"{TAG_PREFIX}command": shlex.join([Path(sys.executable).name, *map(redact_override, sys.argv)]),
         **{f"{TAG_PREFIX}{k}": v for k, v in extra.items()},
+        "mlflow.source.name": entry_point(checkout),
+        "mlflow.source.type": "LOCAL",
     }
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -89,6 +111,26 @@ def redacted(tags: dict[str, str]) -> dict[str, str]:
     """Tags as MLflow may store them: whatever text a tag holds (overrides, a command, an error), its secrets as
     `***` (vaelab.redaction)."""
     return {key: redact_text(value) for key, value in tags.items()}
+
+
+def readable_name() -> str:
+    """A name like `overjoyed-slug-911`, from MLflow's words, drawn afresh for each run.
+
+    MLflow draws the name it gives an unnamed run from Python's global `random`, which vaelab seeds before the run
+    exists: every run of one seed got the same name. This draw uses its own generator, seeded by the operating
+    system, and leaves the global one (and so the training's random stream) untouched."""
+    from mlflow.utils import name_utils
+
+    draw = random.Random()
+    adjective, noun = draw.choice(name_utils._GENERATOR_PREDICATES), draw.choice(name_utils._GENERATOR_NOUNS)
+    return f"{adjective.lower()}-{noun.lower()}-{draw.randint(0, 999)}"
+
+
+def run_name(cfg: DictConfig) -> str:
+    """The run's name in the MLflow UI: `tracking.run_name` when set (a sweep's job and a search's trial set one
+    from what they vary), else a readable one that tells the run from the others; its secrets as `***`."""
+    given = cfg.tracking.get("run_name")
+    return redact_text(str(given))[:MAX_RUN_NAME] if given else readable_name()
 
 
 class Run:
@@ -124,7 +166,7 @@ class Run:
         all_tags = lineage_tags(cfg, stage, overrides, tags)
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
-        info = run.client.create_run(experiment_id, run_name=cfg.tracking.run_name, tags=redacted(all_tags)).info
+        info = run.client.create_run(experiment_id, run_name=run_name(cfg), tags=redacted(all_tags)).info
         run.run_id = info.run_id
         if not log_params:
             return run
@@ -165,6 +207,34 @@ class Run:
         monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5, resume_logging=resume, tracking_uri=self.uri)
         monitor.start()
         return monitor
+
+    def log_dataset(self, name: str, folder: Path, manifest: dict[str, Any], context: str) -> None:
+        """The prepared dataset as the run's input: the MLflow UI's Dataset column, and a link between the runs that
+        used the same data. Its digest is the start of the data hash; the input's tags hold the whole hash and
+        where the raw data came from, and `context` says what the run used it for (`training`)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        profile = {
+            "image_shape": manifest["image_shape"],
+            "grey_levels": manifest["grey_levels"],
+            "images": {split: entry["count"] for split, entry in manifest["splits"].items()},
+        }
+        dataset = Dataset(
+            name=name,
+            digest=manifest["data_hash"][:DIGEST_LENGTH],
+            source_type="local",
+            source=json.dumps({"uri": Path(folder).resolve().as_uri()}),
+            profile=json.dumps(profile),
+        )
+        tags = redacted(
+            {
+                DATASET_CONTEXT_TAG: context,
+                f"{TAG_PREFIX}data_hash": manifest["data_hash"],
+                f"{TAG_PREFIX}data_source": str(manifest.get("source", "unknown")),
+            }
+        )
+        inputs = [DatasetInput(dataset, [InputTag(key, value) for key, value in tags.items()])]
+        self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric

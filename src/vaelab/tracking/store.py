@@ -25,6 +25,9 @@ from vaelab.tracking.deferral import deferring_interrupts
 STORE_LOCK_TIMEOUT_S = 30.0  # default of tracking.lock_timeout_s
 SQLITE = "sqlite:///"
 MAX_FOLDER_NAME = 200  # bytes: below the 255 most filesystems allow, with room for a hash
+# The MLflow UI shows an experiment of this kind as model training (runs, metrics, models), not as a GenAI app's
+# traces, and does not ask which kind it is.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def default_uri() -> str:
@@ -156,7 +159,7 @@ class StoreClient:
 
 
 def ensure_experiment(uri: str, experiment: str, lock_timeout_s: float = STORE_LOCK_TIMEOUT_S) -> str:
-    """The experiment's id, creating the store and the experiment on first use.
+    """The experiment's id, creating the store and the experiment (a model-training one) on first use.
 
     A fresh sqlite store races when several processes create its schema at once, so first use is
     serialized with a file lock beside the database. An experiment of that name in MLflow's trash cannot take
@@ -175,7 +178,9 @@ def ensure_experiment(uri: str, experiment: str, lock_timeout_s: float = STORE_L
             raise VaelabError(in_trash(uri, experiment, found.experiment_id))
         if found is not None:
             return found.experiment_id
-        return client.create_experiment(experiment, artifact_location=artifact_location(uri, experiment))
+        return client.create_experiment(
+            experiment, artifact_location=artifact_location(uri, experiment), tags=EXPERIMENT_KIND
+        )
 
 
 def copy_new_store(db: Path) -> None:
