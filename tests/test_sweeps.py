@@ -246,3 +246,16 @@ def test_seeds_aggregate_to_mean_and_std_per_configuration_and_failures_are_coun
     assert summary.best["job"] == 0 and [r["job"] for r in summary.failed] == [3]
     assert summary.best_config["config"] == {"beta": "1"}
     assert aggregate(rows, ["beta"]) == []  # no seed axis: nothing to aggregate
+
+
+def test_the_first_job_of_a_sweep_that_fails_before_its_run_exists_finds_no_child_run(tmp_path: Path):
+    # A config error stops a job before train() creates its run; with no child under the parent yet, the job is
+    # recorded as a FAILED child of its own rather than lost (vaelab.sweep.jobs.record_failure).
+    import mlflow
+
+    from vaelab.sweep.runs import find_child
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    parent = client.create_run(client.create_experiment("sweep")).info.run_id
+    assert find_child(uri, parent, "objective.beta=4", since_ms=0) is None

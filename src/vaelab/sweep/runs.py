@@ -105,6 +105,8 @@ def find_child(uri: str, parent: str, overrides: str, since_ms: int) -> str | No
     import pandas as pd
 
     runs = child_runs(uri, parent).reindex(columns=["run_id", "start_time", f"tags.{TAG_PREFIX}overrides"])
+    if runs.empty:  # no child yet: its start_time column is not one of times
+        return None
     started = runs["start_time"] >= pd.to_datetime(since_ms, unit="ms", utc=True)
     found = runs.loc[started & (runs[f"tags.{TAG_PREFIX}overrides"] == overrides), "run_id"]
     return None if found.empty else str(found.iloc[0])
