@@ -252,6 +252,18 @@ def test_a_relative_sqlite_uri_is_a_file_under_the_store_root(project: Path, mon
     assert resolve_uri("sqlite:///relative.db") == f"sqlite:///{project.parent / 'relative.db'}"
 
 
+def test_a_queued_dvc_experiment_logs_to_its_repositorys_stores_not_its_temporary_copy(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from vaelab import paths
+
+    copy = project / ".dvc" / "tmp" / "exps" / "tmpabc123"  # where `dvc exp run --queue` runs a stage; deleted after
+    copy.mkdir(parents=True)
+    monkeypatch.setenv("DVC_ROOT", str(copy))
+    assert paths.store_root() == project.resolve()
+    assert resolve_uri("sqlite:///relative.db") == f"sqlite:///{project.resolve() / 'relative.db'}"
+
+
 @pytest.mark.parametrize(
     ("make", "named"),
     [

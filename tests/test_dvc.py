@@ -3,6 +3,8 @@ a changed parameter reruns only what depends on it; changed raw data reruns all 
 `dvc exp run -S` really reaches the training code."""
 
 import json
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +88,33 @@ def test_dvc_exp_run_set_param_reaches_the_training_code(repo_copy):
     [run] = all_runs(root)
     assert run.data.params["model.latent_dim"] == "8"
     assert "8" in sh("dvc", "exp", "show", "--csv", cwd=root, env=env)
+    # The run leads back to its `dvc exp show` row: the experiment's name and the commit it is based on.
+    assert run.data.tags["vaelab.dvc_baseline_rev"] == sh("git", "rev-parse", "HEAD", cwd=root).strip()
+    assert run.data.tags["vaelab.dvc_experiment"] in sh("dvc", "exp", "list", "--name-only", cwd=root, env=env)
+
+
+@pytest.mark.subprocess
+def test_queued_dvc_experiments_run_two_at_a_time_each_with_its_values_into_the_repositorys_store(repo_copy):
+    root, env = repo_copy
+    fixed = [arg for o in TINY_EVAL if not o.startswith("model.latent_dim") for arg in ("-S", o)]
+    for latent_dim in (3, 5):
+        sh("dvc", "exp", "run", "--queue", *fixed, "-S", f"model.latent_dim={latent_dim}", cwd=root, env=env)
+    sh("dvc", "queue", "start", "-j", "2", cwd=root, env=env)
+    try:
+        deadline = time.monotonic() + 900
+        while re.search(r"\b(Queued|Running)\b", status := sh("dvc", "queue", "status", cwd=root, env=env)):
+            assert time.monotonic() < deadline, status
+            time.sleep(5)
+    finally:
+        sh("dvc", "queue", "stop", cwd=root, env=env)
+    assert status.count("Success") == 2, status
+
+    # Each ran in a temporary copy that DVC has deleted since; their runs are in the repository's own store.
+    runs = all_runs(root)
+    assert sorted(run.data.params["model.latent_dim"] for run in runs) == ["3", "5"]
+    assert all(run.info.status == "FINISHED" and "test/nll_iw" in run.data.metrics for run in runs)
+    names = sh("dvc", "exp", "list", "--name-only", cwd=root, env=env).split()
+    assert sorted(run.data.tags["vaelab.dvc_experiment"] for run in runs) == sorted(names)
 
 
 def test_the_committed_params_yaml_is_conf_composed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

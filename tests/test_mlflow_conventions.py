@@ -161,3 +161,40 @@ def test_the_experiment_vaelab_creates_is_a_model_training_one(project: Path):
     Run.create(make_config(*TINY, "tracking.experiment=kinds"), "train", overrides=[], tags={})
     experiment = mlflow_client(project).get_experiment_by_name("kinds")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_checkout_is_dirty_for_its_code_not_for_what_dvc_writes_or_removes(tmp_path: Path):
+    import subprocess
+
+    from vaelab.tracking.run import code_changes
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True)
+
+    for name in ("src/code.py", "metrics/train.json", "plots/train/curve.csv", "dvc.lock", "params.yaml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "clean")
+    assert code_changes(tmp_path) == ""
+
+    (tmp_path / "metrics" / "train.json").unlink()  # DVC removes a stage's outputs before it runs
+    (tmp_path / "plots" / "train" / "curve.csv").unlink()
+    (tmp_path / "dvc.lock").write_text("y\n")  # ... and rewrites its lock, and `-S` the params
+    (tmp_path / "params.yaml").write_text("y\n")
+    assert code_changes(tmp_path) == ""
+
+    (tmp_path / "src" / "code.py").write_text("changed\n")
+    assert "src/code.py" in code_changes(tmp_path)
+
+
+def test_a_run_that_a_dvc_experiment_started_names_the_experiment_and_its_baseline(monkeypatch: pytest.MonkeyPatch):
+    from vaelab.tracking.run import dvc_experiment_tags
+
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
+    assert dvc_experiment_tags() == {}
+    monkeypatch.setenv("DVC_EXP_NAME", "later-yews")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0123abc")
+    assert dvc_experiment_tags() == {"vaelab.dvc_experiment": "later-yews", "vaelab.dvc_baseline_rev": "0123abc"}

@@ -18,8 +18,17 @@ def project_root() -> Path:
 
 
 def store_root() -> Path:
-    """Where mlflow.db, mlartifacts/ and optuna.db live: $DVC_ROOT when DVC runs us, else the project."""
-    return Path(os.environ["DVC_ROOT"]).resolve() if os.environ.get("DVC_ROOT") else project_root()
+    """Where mlflow.db, mlartifacts/ and optuna.db live: $DVC_ROOT when DVC runs us, else the project. A queued
+    DVC experiment (`dvc exp run --queue`, `--temp`) runs in a temporary copy, <repo>/.dvc/tmp/exps/<tmp>/, which
+    DVC deletes afterwards: its runs go to the repository's own store."""
+    if not os.environ.get("DVC_ROOT"):
+        return project_root()
+    root = Path(os.environ["DVC_ROOT"]).resolve()
+    parts = root.parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
 
 
 def processed_dir(dataset: str) -> Path:

@@ -62,12 +62,14 @@ def flatten(node: Any, prefix: str = "") -> dict[str, str]:
     return {prefix[:-1]: str(node)}
 
 
-def _git(*args: str) -> str | None:
+# What DVC writes, or removes before a stage runs, in a checkout: changes there say nothing about the code.
+DVC_OWNED = ("metrics", "plots", "models", "data", "dvc.lock", "params.yaml")
+
+
+def _git(*args: str, cwd: Path = Path(__file__).parent) -> str | None:
     """Ask git about the checkout the running vaelab code comes from (the code is what needs a commit)."""
     try:
-        done = subprocess.run(
-            ["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10, check=True
-        )
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
         return done.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -87,11 +89,26 @@ def entry_point(checkout: str | None) -> str:
     return script
 
 
+def code_changes(cwd: Path = Path(__file__).parent) -> str | None:
+    """git's list of the checkout's uncommitted changes to tracked files, besides DVC's outputs and its lock and
+    params files (DVC removes a stage's outputs before running it, and `-S` rewrites params.yaml, whose values the
+    run records as its params): empty for a clean checkout, None outside one."""
+    excluded = [f":(top,exclude){path}" for path in DVC_OWNED]
+    return _git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", *excluded, cwd=cwd)
+
+
+def dvc_experiment_tags() -> dict[str, str]:
+    """The DVC experiment that runs this stage (`dvc exp run`), so that a run in MLflow leads back to its
+    `dvc exp show` row: its name and the commit it is based on."""
+    names = {"DVC_EXP_NAME": "dvc_experiment", "DVC_EXP_BASELINE_REV": "dvc_baseline_rev"}
+    return {f"{TAG_PREFIX}{tag}": os.environ[var] for var, tag in names.items() if os.environ.get(var)}
+
+
 def lineage_tags(cfg: DictConfig, stage: str, overrides: list[str], extra: dict[str, str]) -> dict[str, str]:
     """Tags that let a person get from the run back to code, data and the command that made it: vaelab's own, and
     MLflow's standard `mlflow.source.*` ones, which fill the UI's Source column."""
     commit, _, checkout = (_git("rev-parse", "HEAD", "--show-toplevel") or "").partition("\n")
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    dirty = code_changes()
     tags = {
         f"{TAG_PREFIX}stage": stage,
         f"{TAG_PREFIX}git_commit": commit or "unknown",
@@ -99,6 +116,7 @@ def lineage_tags(cfg: DictConfig, stage: str, overrides: list[str], extra: dict[
         f"{TAG_PREFIX}overrides": overrides_tag(overrides),
         f"{TAG_PREFIX}command": shlex.join([Path(sys.executable).name, *map(redact_override, sys.argv)]),
         **{f"{TAG_PREFIX}{k}": v for k, v in extra.items()},
+        **dvc_experiment_tags(),
         "mlflow.source.name": entry_point(checkout),
         "mlflow.source.type": "LOCAL",
     }
