@@ -145,6 +145,22 @@ def test_the_registered_model_loads_by_its_alias(trained: tuple[Path, str, str],
     assert model.predict(np.full((2, 1, 8, 8), 0.5, dtype=np.float32)).shape == (2, 4)
 
 
+def test_the_trained_model_is_the_runs_logged_model_and_loads_by_its_id(trained: tuple[Path, str, str], monkeypatch):
+    import mlflow
+
+    project, run_id, _ = trained
+    client = mlflow_client(project)
+    run = client.get_run(run_id)
+    [output] = run.outputs.model_outputs  # what the runs table's Models column lists
+    [model] = client.search_logged_models([run.info.experiment_id])
+    assert model.model_id == output.model_id == run.data.tags["vaelab.model_id"]
+    assert model.source_run_id == run_id and model.status.to_int() == model.status.READY.to_int()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    loaded = mlflow.pyfunc.load_model(f"models:/{model.model_id}")
+    assert loaded.predict(np.full((2, 1, 8, 8), 0.5, dtype=np.float32)).shape == (2, 4)
+    assert mlflow.pyfunc.load_model(f"runs:/{run_id}/model") is not None  # the run's own copy, as before
+
+
 def test_an_alias_without_a_model_to_register_is_refused_in_one_line():
     [(key, value, allowed)] = problems(make_config("tracking.alias=champion"))
     assert (key, value) == ("tracking.alias", "champion") and "tracking.register_as" in allowed

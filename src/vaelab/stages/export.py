@@ -132,6 +132,23 @@ def save_pyfunc(checkpoint: Path, folder: Path, image_shape: tuple[int, ...], la
     return folder
 
 
+def log_logged_model(client, run_id: str, folder: Path, name: str = "model") -> str:
+    """The model folder as an MLflow 3 LoggedModel of the run: listed as the run's model (the runs table's Models
+    column) and loadable as models:/<model_id>, beside runs:/<run_id>/model. Its id."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    model = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, model_type="pyfunc")
+    try:
+        client.log_model_artifacts(model.model_id, str(folder))
+    except BaseException:
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    client.log_outputs(run_id, [LoggedModelOutput(model_id=model.model_id, step=0)])
+    return model.model_id
+
+
 def register(client, run_id: str, name: str, data_hash: str, alias: str | None = None) -> str:
     """Register runs:/<run_id>/model as a new version of `name`, tagged with the data hash, and point `alias` (if
     any) at it, away from whichever version it named before; its version. Says so on stdout."""

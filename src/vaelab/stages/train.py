@@ -35,7 +35,7 @@ from vaelab.model.estimators import evaluate_images
 from vaelab.redaction import redact_text
 from vaelab.stages.budget import check_estimate, warn_if_slow_step
 from vaelab.stages.evaluate import warn_if_collapsed
-from vaelab.stages.export import register, save_pyfunc
+from vaelab.stages.export import log_logged_model, register, save_pyfunc
 from vaelab.stages.logger import lightning_logger
 from vaelab.stages.phases import Phases
 from vaelab.stages.preflight import check_buildable
@@ -391,10 +391,13 @@ def best_estimates(cfg: DictConfig, module: VAEModule, data: ImageData, checkpoi
 
 
 def log_model(cfg: DictConfig, run: Run, checkpoint: Path, folder: Path, data: ImageData, module: VAEModule) -> None:
-    """The best weights as an MLflow pyfunc (runs:/<run_id>/model), registered when `tracking.register_as` names it."""
+    """The best weights as an MLflow pyfunc (runs:/<run_id>/model, and the run's LoggedModel, models:/<model_id>),
+    registered when `tracking.register_as` names it."""
     with replacing_dir(folder) as fresh:  # MLflow refuses to save over an earlier model (e.g. before a resume)
         save_pyfunc(checkpoint, fresh, data.image_shape, module.vae.code_dim)
     run.log_artifact(folder, paths.PYFUNC_MODEL)
+    model_id = log_logged_model(run.client, run.run_id, folder)
+    run.set_tags({"vaelab.model_id": model_id})
     if cfg.tracking.get("register_as"):
         version = register(run.client, run.run_id, cfg.tracking.register_as, data.data_hash, cfg.tracking.get("alias"))
         run.set_tags({"vaelab.registered_model": f"{cfg.tracking.register_as}/{version}"})
