@@ -53,7 +53,11 @@ def test_choosing_an_hparams_search_on_the_command_line_chooses_the_optuna_sweep
         "with_search_sweeper"
     ]
     assert with_search_sweeper(["hparams_search=default", "data=digits"])[-1] == "hydra/sweeper=optuna"
-    assert with_search_sweeper(["-m", "hparams_search=default"]) == ["-m", "hparams_search=default", "hydra/sweeper=optuna"]
+    assert with_search_sweeper(["-m", "hparams_search=default"]) == [
+        "-m",
+        "hparams_search=default",
+        "hydra/sweeper=optuna",
+    ]
     assert with_search_sweeper(["data=digits"]) == ["data=digits"]
     assert with_search_sweeper(["hparams_search=null"]) == ["hparams_search=null"]
     chosen = ["hydra/sweeper=optuna", "hparams_search=default"]
