@@ -13,8 +13,9 @@ import torch
 from helpers.config import TINY, make_config
 from helpers.processes import run_entry
 from vaelab.data.datamodule import TensorBatches
+from vaelab.stages.epoch_progress import epoch_progress
 from vaelab.stages.phases import Phases
-from vaelab.stages.progress import epoch_progress, is_terminal
+from vaelab.stages.progress import is_terminal
 from vaelab.stages.train import build_module
 from vaelab.training.callbacks import EpochHistory, EpochLines, ThrottledRichProgressBar, epoch_line
 

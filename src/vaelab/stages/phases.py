@@ -8,6 +8,7 @@ a log says what the run is doing (in a terminal the bars do).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from time import perf_counter
@@ -57,7 +58,10 @@ class Phases:
 
 
 def is_rank_zero() -> bool:
-    """Rank zero of a distributed run, or the only process (Lightning's reading of RANK, LOCAL_RANK, SLURM_PROCID)."""
-    from lightning.pytorch.utilities import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0
+    """Rank zero of a distributed run, or the only process: read as Lightning reads it (the first of RANK,
+    LOCAL_RANK, SLURM_PROCID and JSM_NAMESPACE_RANK that is set), without importing Lightning, which the evaluate
+    stage does not."""
+    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(name) is not None:
+            return int(os.environ[name]) == 0
+    return True

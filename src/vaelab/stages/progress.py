@@ -3,23 +3,17 @@
 In a terminal, Rich bars redraw in place: Lightning's over the epochs, and a transient one for work outside its loop
 (the importance-sampled estimates). Anywhere else (a DVC stage, CI, a redirected or nohup'd run) a Rich bar prints
 nothing until it ends, so a run says what it is doing in plain lines instead: one per epoch
-(vaelab.training.callbacks.EpochLines) and one as each phase starts and ends (vaelab.stages.phases).
+(vaelab.stages.epoch_progress) and one as each phase starts and ends (vaelab.stages.phases).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import Progress
-
-if TYPE_CHECKING:
-    from lightning.pytorch.callbacks import Callback
-
-    from vaelab.training.callbacks import EpochHistory
 
 
 def is_terminal() -> bool:
@@ -41,22 +35,3 @@ def progress_bar(description: str, total: int) -> Iterator[Callable[[int], None]
     with Progress(transient=True) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n: progress.advance(task, n)
-
-
-def epoch_progress(callbacks: Sequence[Callback], history: EpochHistory) -> list[Callback]:
-    """The callbacks to add to a run's for its progress over the epochs, given the run's own (the configured bar
-    among them) and its `history`.
-
-    In a terminal, none: the configured bar draws. Elsewhere, a line per epoch, and the Rich bars among `callbacks`
-    are switched off (they would print only their last frame, when training ends). A run configured with no bar
-    (`~callbacks.progress`) shows no progress either way."""
-    from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
-
-    from vaelab.training.callbacks import EpochLines
-
-    if is_terminal() or not any(isinstance(callback, ProgressBar) for callback in callbacks):
-        return []
-    for callback in callbacks:
-        if isinstance(callback, RichProgressBar):
-            callback.disable()
-    return [EpochLines(history)]

@@ -34,12 +34,13 @@ from vaelab.files import check_writable, replacing_dir, write_text_atomic
 from vaelab.model.estimators import evaluate_images
 from vaelab.redaction import redact_text
 from vaelab.stages.budget import check_estimate, warn_if_slow_step
+from vaelab.stages.epoch_progress import epoch_progress
 from vaelab.stages.evaluate import warn_if_collapsed
 from vaelab.stages.export import log_logged_model, register, save_pyfunc
 from vaelab.stages.logger import lightning_logger
 from vaelab.stages.phases import Phases
 from vaelab.stages.preflight import check_buildable
-from vaelab.stages.progress import epoch_progress, progress_bar
+from vaelab.stages.progress import progress_bar
 from vaelab.stages.publish import publish as publish_outputs
 from vaelab.stages.resume import Resumption, resumption
 from vaelab.sweep.runs import EVAL_FAILURE_TAG
