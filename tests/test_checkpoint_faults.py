@@ -1,4 +1,5 @@
-"""The fault matrix (README), the checkpoint rows: evaluate refuses a checkpoint that is not the model asked for, or not
+"""The fault matrix (docs/faults.md):
+the checkpoint rows: evaluate refuses a checkpoint that is not the model asked for, or not
 a checkpoint at all, with a plain message naming the file; it never runs code from one; nothing is written or logged.
 
 Every evaluation here is refused, so they share one tiny trained model (mlp [64], latent_dim 4, 1x8x8 digits).

@@ -1,4 +1,5 @@
-"""The fault matrix (README), the rows about a single training run: each fault ends with a clear message, the right
+"""The fault matrix (docs/faults.md):
+the rows about a single training run: each fault ends with a clear message, the right
 MLflow state and nothing lost. (Config, data, search, checkpoint and DVC rows live beside the code they test.)"""
 
 import re

@@ -118,7 +118,7 @@ def search_problems(cfg: DictConfig, sweeper: DictConfig) -> list[Problem]:
     if isinstance(strategy, str) and "ddp" in strategy:  # DDP starts the script again in every rank
         allowed = (
             "no DDP strategy in a search: each rank would run the whole search again. Train one trial per GPU "
-            "instead, as several search workers on one study (README, Search)"
+            "instead, as several search workers on one study (docs/search.md)"
         )
         found.append(("trainer.strategy", strategy, allowed))
     return found
