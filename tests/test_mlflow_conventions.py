@@ -155,6 +155,8 @@ def test_the_trained_model_is_the_runs_logged_model_and_loads_by_its_id(trained:
     [model] = client.search_logged_models([run.info.experiment_id])
     assert model.model_id == output.model_id == run.data.tags["vaelab.model_id"]
     assert model.source_run_id == run_id and model.status.to_int() == model.status.READY.to_int()
+    # The run's own copy is still read as the run's files, from the run's store (not through the logged model).
+    assert "model/MLmodel" in {f.path for f in client.list_artifacts(run_id, "model")}
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
     loaded = mlflow.pyfunc.load_model(f"models:/{model.model_id}")
     assert loaded.predict(np.full((2, 1, 8, 8), 0.5, dtype=np.float32)).shape == (2, 4)

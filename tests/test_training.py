@@ -133,6 +133,8 @@ def test_train_then_evaluate_on_fashion_mnist_log_into_one_run(project: Path, fa
     assert "nll_iw" in done.stdout
 
     [run] = all_runs(project)
+    latest = project / "models" / "latest" / "model.ckpt"
+    assert f"vaelab: evaluating run {run.info.run_id}: {latest} (the default, models/latest/)" in done.stdout
     metrics = run.data.metrics
     assert run.info.status == "FINISHED"
     assert metrics["test/nll_iw"] <= -metrics["test/elbo"]  # the IW bound is the tighter one

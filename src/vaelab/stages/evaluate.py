@@ -110,8 +110,9 @@ CHECKPOINT_IN_FOLDER = (paths.PUBLISHED_MODEL, f"{paths.CHECKPOINTS}/{paths.BEST
 MODEL_KEYS = ("arch", "likelihood", "posterior", "prior", "model", "data")
 
 
-def resolve_checkpoint(cfg: DictConfig) -> Path:
-    """`ckpt=<file or folder>`, else the best checkpoint of `run_id=<id>`, else models/latest/model.ckpt."""
+def resolve_checkpoint(cfg: DictConfig) -> tuple[Path, str]:
+    """`ckpt=<file or folder>`, else the best checkpoint of `run_id=<id>`, else models/latest/model.ckpt; and how it
+    was asked for."""
     if cfg.get("ckpt"):
         path, asked = Path(cfg.ckpt), f"ckpt={cfg.ckpt}"
         if path.is_dir():
@@ -125,7 +126,7 @@ def resolve_checkpoint(cfg: DictConfig) -> Path:
         path, asked = paths.published_model(), "the default, models/latest/"
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} ({asked}; train a model first, or pass ckpt=<path>)")
-    return path
+    return path, asked
 
 
 def asked_keys(cfg: DictConfig) -> list[str]:
@@ -211,11 +212,13 @@ def evaluate_checkpoint(cfg: DictConfig, publish: bool = True) -> dict[str, floa
     validate(cfg)
     if cfg.get("logger") is not None:
         check_store(cfg.tracking.uri)  # before the work whose results it would receive
-    path = resolve_checkpoint(cfg)
+    path, asked = resolve_checkpoint(cfg)
     torch.manual_seed(cfg.seed)  # the importance samples too: the same checkpoint gives the same numbers
     device = "cuda" if torch.cuda.is_available() else "cpu"
     trained = load_trained(path, map_location=device)
     lineage = trained.lineage
+    if publish:  # the evaluate stage (after training, the run says it is evaluating itself)
+        print(f"vaelab: evaluating run {lineage.get('run_id') or '(unknown)'}: {path} ({asked})", flush=True)
     prepared = read_prepared(check_checkpoint_fits(path, trained, cfg, asked_keys(cfg)), splits=("test",))
     folder, manifest = prepared.folder, prepared.manifest
     if list(manifest["image_shape"]) != list(trained.hparams["image_shape"]):

@@ -132,7 +132,12 @@ def save_pyfunc(checkpoint: Path, folder: Path, image_shape: tuple[int, ...], la
     return folder
 
 
-def log_logged_model(client, run_id: str, folder: Path, name: str = "model") -> str:
+# Not "model": MLflow 3 resolves runs:/<run_id>/<name> through a logged model of that name, looked up in the
+# default tracking store rather than the run's, which breaks runs:/<run_id>/model for a project's own store.
+LOGGED_MODEL_NAME = "vae"
+
+
+def log_logged_model(client, run_id: str, folder: Path, name: str = LOGGED_MODEL_NAME) -> str:
     """The model folder as an MLflow 3 LoggedModel of the run: listed as the run's model (the runs table's Models
     column) and loadable as models:/<model_id>, beside runs:/<run_id>/model. Its id."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
