@@ -19,6 +19,11 @@ from vaelab.tracking.run import PARENT_TAG
 ONE_PARAMETER = ["hydra/sweeper=optuna", "objective.beta=interval(0.5,2)", "hydra/sweeper/sampler=random"]
 
 
+def tiny_search(project: Path, *overrides: str, check: bool = True):
+    """`train.py -m` with the optuna sweeper, a one-parameter space and tiny trials, as a user runs it."""
+    return run_entry("train.py", "-m", *ONE_PARAMETER, *TINY_TRIAL, *overrides, root=project, check=check)
+
+
 def load_study(project: Path, name: str = "default") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{project / 'optuna.db'}")
 
@@ -92,16 +97,12 @@ def test_search_py_is_an_alias_of_the_hydra_form(old: list[str], new: list[str])
 
 @pytest.mark.subprocess
 def test_two_joblib_workers_share_the_study_and_stop_at_exactly_n_trials_under_one_parent(project: Path):
-    done = run_entry(
-        "train.py",
-        "-m",
-        *ONE_PARAMETER,
-        *TINY_TRIAL,
+    done = tiny_search(
+        project,
         "hydra/sweeper/pruner=none",
         "hydra.sweeper.n_trials=3",
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
-        root=project,
     )
     assert "search: 2 worker(s) on hydra/launcher=joblib" in done.stdout
     study = load_study(project)
@@ -129,17 +130,13 @@ def test_two_joblib_workers_share_the_study_and_stop_at_exactly_n_trials_under_o
 @pytest.mark.subprocess
 def test_any_optuna_pruner_can_be_configured_and_its_pruned_trials_are_tagged_so(project: Path):
     # ThresholdPruner(lower=0) prunes at the first epoch every trial whose val/elbo (a negative number) is below 0.
-    done = run_entry(
-        "train.py",
-        "-m",
-        *ONE_PARAMETER,
-        *TINY_TRIAL,
+    done = tiny_search(
+        project,
         "trainer.max_epochs=2",
         "hydra/sweeper/pruner=none",
         "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
         "+hydra.sweeper.pruner.lower=0",
         "hydra.sweeper.n_trials=2",
-        root=project,
     )
     assert [t.state.name for t in load_study(project).trials] == ["PRUNED", "PRUNED"]
     assert done.stdout.count("PRUNED at epoch 0") == 2
@@ -164,7 +161,7 @@ def test_any_optuna_pruner_can_be_configured_and_its_pruned_trials_are_tagged_so
 def test_a_search_that_cannot_run_as_asked_is_refused_before_anything_is_written(
     project: Path, overrides: list[str], key: str
 ):
-    done = run_entry("train.py", "-m", *ONE_PARAMETER, *TINY_TRIAL, *overrides, root=project, check=False)
+    done = tiny_search(project, *overrides, check=False)
     assert done.returncode == 2, done.stderr[-2000:]
     assert key in done.stderr and "Traceback" not in done.stderr
     assert not (project / "optuna.db").exists() and not (project / "mlflow.db").exists()

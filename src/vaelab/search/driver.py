@@ -192,7 +192,8 @@ def run(config: DictConfig, arguments: Sequence[str], hydra_context: HydraContex
 
     settings = plan.settings
     check_buildable(plan.base)  # what every trial builds, judged before the study or any run exists
-    build_sampler(settings, 0), build_pruner(settings, plan.max_epochs)  # their arguments, judged by Optuna
+    build_sampler(settings, 0)  # their arguments, judged by Optuna
+    build_pruner(settings, plan.max_epochs)
     if plan.tracking_uri is not None:
         check_store(plan.base.tracking.uri)
 

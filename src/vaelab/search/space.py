@@ -87,7 +87,7 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-# The same space in Hydra's sweeper syntax, as the Optuna sweeper plugin reads it from hydra.sweeper.params:
+# A search space in Hydra's sweeper syntax, as the Optuna sweeper plugin reads it from hydra.sweeper.params:
 #   model.latent_dim: int(tag(log, interval(2, 64)))    objective.beta: tag(log, interval(0.25, 4.0))
 #   arch: choice(mlp, conv, resnet)                     trainer.max_epochs: range(1, 10, 3)
 

@@ -58,9 +58,9 @@ class Phases:
 
 
 def is_rank_zero() -> bool:
-    """Rank zero of a distributed run, or the only process: read as Lightning reads it (the first of RANK,
-    LOCAL_RANK, SLURM_PROCID and JSM_NAMESPACE_RANK that is set), without importing Lightning, which the evaluate
-    stage does not."""
+    """Is this process rank zero, or the only one? Known before the Trainer starts: read as Lightning reads it from
+    the environment its launcher, torchrun or SLURM sets (the first of RANK, LOCAL_RANK, SLURM_PROCID and
+    JSM_NAMESPACE_RANK), without importing Lightning, which the evaluate stage does not."""
     for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
         if os.environ.get(name) is not None:
             return int(os.environ[name]) == 0

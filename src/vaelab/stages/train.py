@@ -38,7 +38,7 @@ from vaelab.stages.epoch_progress import epoch_progress
 from vaelab.stages.evaluate import warn_if_collapsed
 from vaelab.stages.export import log_logged_model, register, save_pyfunc
 from vaelab.stages.logger import lightning_logger
-from vaelab.stages.phases import Phases
+from vaelab.stages.phases import Phases, is_rank_zero
 from vaelab.stages.preflight import check_buildable
 from vaelab.stages.progress import progress_bar
 from vaelab.stages.publish import publish as publish_outputs
@@ -225,14 +225,6 @@ def interrupt_message(run_id: str | None, saved: Path | None, fitted: bool = Fal
         f"training interrupted; {state}. "
         f"`python pipelines/train.py resume={run_id}` continues it from the end of its last complete epoch"
     )
-
-
-def is_rank_zero() -> bool:
-    """Is this process rank zero, or the only one? Known before the Trainer starts: Lightning reads the rank
-    from the environment its launcher, torchrun or SLURM sets (RANK, LOCAL_RANK, SLURM_PROCID)."""
-    from lightning.pytorch.utilities import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def skip_gpu_probe_without_gpu() -> None:

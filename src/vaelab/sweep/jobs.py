@@ -14,7 +14,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from vaelab import paths
 from vaelab.files import write_text_atomic
 from vaelab.redaction import redact_config, redact_override
-from vaelab.sweep.runs import METRICS, child_metric, find_child, job_tags, parent_run_id, short_error
+from vaelab.sweep.runs import (
+    METRICS,
+    child_metric,
+    find_child,
+    job_tags,
+    parent_run_id,
+    short_error,
+    split_override,
+)
 from vaelab.tracking.lifecycle import stop_on_signals
 from vaelab.tracking.run import TAG_PREFIX, overrides_tag
 
@@ -70,19 +78,9 @@ def name_after_overrides(cfg: DictConfig, num: int, overrides: list[str], swept:
     every job would fill the column first), else all of them. `tracking.run_name`, when set, names them all."""
     if cfg.tracking.get("run_name") is not None:
         return
-    named = [o for o in overrides if swept and override_key(o) in swept] or overrides
+    named = [o for o in overrides if swept and split_override(o)[0] in swept] or overrides
     with read_write(cfg), open_dict(cfg):
         cfg.tracking.run_name = ",".join(map(redact_override, named)) or f"job {num}"
-
-
-def override_key(override: str) -> str | None:
-    """`+objective.beta=4` -> `objective.beta`; None for what Hydra cannot parse."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        return OverridesParser.create().parse_override(override).key_or_group
-    except Exception:
-        return None
 
 
 def swept_keys(sweep_dir: Path) -> set[str] | None:
@@ -96,7 +94,7 @@ def swept_keys(sweep_dir: Path) -> set[str] | None:
         params = saved.hydra.sweeper.get("params") or {}
     except Exception:  # noqa: BLE001 - a name is no reason to fail a job: it falls back to every override
         return None
-    return {o.key_or_group for o in launched if o.is_sweep_override()} | {override_key(f"{k}=0") for k in params}
+    return {o.key_or_group for o in launched if o.is_sweep_override()} | {str(key).lstrip("+~") for key in params}
 
 
 def point_to(run_id: str | None, job_dir: str) -> None:

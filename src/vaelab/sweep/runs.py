@@ -95,6 +95,12 @@ def parent_run_id(sweep_dir: str) -> str:
     return found
 
 
+def split_override(override: str) -> tuple[str, str]:
+    """`+objective.beta=4` -> ("objective.beta", "4")."""
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
 def job_tags(num: int, overrides: list[str]) -> dict[str, str]:
     return {JOB_TAG: str(num), JOB_OVERRIDES_TAG: json.dumps([redact_override(o) for o in overrides])}
 

@@ -24,6 +24,7 @@ from vaelab.sweep.runs import (
     THROUGHPUT,
     child_metric,
     child_runs,
+    split_override,
 )
 from vaelab.sweep.tables import is_number, markdown_table, mean_std, text_table, with_standard_errors, write_csv
 from vaelab.tracking.lifecycle import INTERRUPTED, end_run
@@ -236,11 +237,6 @@ def first_line(text: str) -> str:
 def untested(reason: Any) -> str:
     """A finished job's failure cell: why its evaluation after training failed, if it did."""
     return f"evaluation on test failed: {first_line(reason)}" if isinstance(reason, str) and reason else ""
-
-
-def split_override(override: str) -> tuple[str, str]:
-    key, _, value = override.partition("=")
-    return key.lstrip("+~"), value
 
 
 def job_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
