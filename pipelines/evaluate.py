@@ -1,6 +1,6 @@
 """Evaluate stage: test ELBO, importance-weighted NLL, bits/dim, active units and figures for a checkpoint.
 
-python pipelines/evaluate.py                     # models/latest/
+python pipelines/evaluate.py                     # models/latest/, else the newest finished training run
 python pipelines/evaluate.py ckpt=path/to.ckpt   # or a folder (outputs/<run_id>/), or run_id=<mlflow run id>
 
 The checkpoint brings its own architecture and data settings. Keys given on the command line (model.latent_dim=8,

@@ -18,7 +18,8 @@ from hydra.utils import instantiate
 from helpers.config import REPO, TINY, make_config
 from helpers.mnist import mnist_files, write_mnist
 from helpers.processes import run_entry
-from helpers.stores import all_runs
+from helpers.stores import all_runs, mlflow_client
+from vaelab import paths
 from vaelab.checkpoints import load_trained
 from vaelab.errors import CheckpointError, ConfigError
 from vaelab.params import compose_params
@@ -31,7 +32,7 @@ TRAINED_WITH = ["arch build_mlp(hidden=[64], activation=silu)", "latent_dim 4", 
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project root holding one trained digits model: outputs/<run_id>/, models/latest/ and its MLflow run."""
     root = tmp_path_factory.mktemp("trained")
-    run_entry("train.py", *TINY, "trainer.max_epochs=1", "eval.val_limit=50", root=root)
+    run_entry("train.py", *TINY, "trainer.max_epochs=1", "eval.val_limit=50", "publish=true", root=root)
     return root
 
 
@@ -45,6 +46,7 @@ def refused(root: Path, *args: str) -> str:
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "size mismatch" not in done.stderr, done.stderr[-3000:]
     assert not (root / "metrics" / "eval.json").exists() and not (root / "plots" / "eval").exists()
+    assert not list((root / "outputs").glob("*/eval.json")) and not list((root / "outputs").glob("*/evaluation"))
     [run] = all_runs(root)
     assert not any(name.startswith("test/") for name in run.data.metrics)
     return done.stderr
@@ -160,12 +162,51 @@ def test_a_checkpoint_of_another_model_or_without_lineage_is_named_as_such(
         evaluate(make_config(*TINY, f"ckpt={folder}"))
 
 
+def test_with_nothing_published_evaluate_takes_the_newest_finished_training_run_with_a_checkpoint_here(
+    project: Path,
+):
+    """What a direct `train.py` then `evaluate.py` expects; the published model, when there is one, still comes
+    first (it is what DVC's evaluate stage evaluates)."""
+    from vaelab.stages.evaluate import newest_finished_run
+    from vaelab.tracking.store import ensure_experiment, resolve_uri
+
+    uri = resolve_uri(None)
+    client = mlflow_client(project)
+    experiment_id = ensure_experiment(uri, "vaelab")
+
+    def train_run(status: str, with_checkpoint: bool = True, stage: str = "train") -> str:
+        run_id = client.create_run(experiment_id, tags={"vaelab.stage": stage}).info.run_id
+        client.set_terminated(run_id, status)
+        if with_checkpoint:
+            best = paths.best_checkpoint(run_id)
+            best.parent.mkdir(parents=True)
+            best.write_bytes(b"")
+        return run_id
+
+    finished = train_run("FINISHED")
+    train_run("FINISHED", with_checkpoint=False)  # trained elsewhere: its checkpoint is not here
+    train_run("FAILED")
+    train_run("KILLED")
+    train_run("FINISHED", stage="sweep")  # a sweep's parent trains nothing
+    assert newest_finished_run(make_config()) == finished
+    path, asked = resolve_checkpoint(make_config())
+    assert path == paths.best_checkpoint(finished)
+    assert asked == "the newest finished training run: models/latest/ holds no published model"
+
+    paths.published_model().parent.mkdir(parents=True)
+    paths.published_model().write_bytes(b"")
+    assert resolve_checkpoint(make_config()) == (paths.published_model(), "the default, models/latest/")
+
+
 def test_each_way_of_naming_a_checkpoint_says_which_one_is_missing(project: Path):
     unknown = "0123456789abcdef0123456789abcdef"
     with pytest.raises(CheckpointError, match=rf"checkpoint not found: .*{unknown}.*best.ckpt \(run_id={unknown}"):
         resolve_checkpoint(make_config(f"run_id={unknown}"))
-    with pytest.raises(CheckpointError, match=r"checkpoint not found: .*models/latest/model.ckpt \(the default"):
+    nothing = r"models/latest/ holds no published model .*, and experiment 'vaelab' has no finished training run"
+    with pytest.raises(CheckpointError, match=nothing):
         resolve_checkpoint(make_config())
+    with pytest.raises(CheckpointError, match=r"and logger=none keeps no runs to choose from; pass run_id=<id>"):
+        resolve_checkpoint(make_config("logger=none"))
     with pytest.raises(ConfigError, match=r"run_id='\.\./\.\./elsewhere': allowed null, or an MLflow run id"):
         evaluate(make_config("run_id=../../elsewhere"))
     with pytest.raises(ValueError, match="not a run id"):  # even unchecked, a name never leads out of outputs/

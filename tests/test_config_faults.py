@@ -409,10 +409,10 @@ def test_one_latent_or_a_handful_of_validation_images_still_trains_and_draws_eve
 @pytest.mark.parametrize("limit", [1, 2])
 def test_evaluating_a_handful_of_test_images_draws_every_figure(project: Path, limit: int):
 
-    train(make_config(*TINY, "trainer.max_epochs=1", "model.latent_dim=1"))
+    run_id = train(make_config(*TINY, "trainer.max_epochs=1", "model.latent_dim=1"))["run_id"]
     summary = evaluate(make_config(*TINY, "model.latent_dim=1", f"eval.limit={limit}"))
     assert summary["eval/n_images"] == limit
-    assert len(list((project / "plots" / "eval").glob("*.png"))) == 6
+    assert len(list((project / "outputs" / run_id / "evaluation").glob("*.png"))) == 6
 
 
 # Each entry point family: exit 2, one line, no run

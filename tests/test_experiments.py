@@ -82,5 +82,5 @@ def test_an_experiment_trains_a_few_steps_on_cpu(name, project: Path, tmp_path: 
             continue  # a key of another objective
         assert params[key] == str(OmegaConf.select(cfg, key)), key  # the experiment's settings reached the run
     assert summary["val/elbo"] < 0 and summary["val/nll_iw"] > 0
-    train_json = json.loads((project / "metrics" / "train.json").read_text())
+    train_json = json.loads((project / "outputs" / run.info.run_id / "train.json").read_text())
     assert train_json["run_id"] == run.info.run_id

@@ -66,7 +66,7 @@ def test_a_read_only_output_folder_fails_before_the_run_naming_the_folder(projec
 @pytest.mark.subprocess
 def test_a_file_in_the_way_of_an_output_folder_is_named(project: Path):
     (project / "metrics").write_text("not a folder")
-    done = run_entry("train.py", *TINY, root=project, check=False)
+    done = run_entry("train.py", *TINY, "publish=true", root=project, check=False)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert f"cannot write {project / 'metrics'}" in done.stderr
     assert not (project / "mlflow.db").exists() or all_runs(project) == []

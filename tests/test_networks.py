@@ -191,5 +191,6 @@ def test_every_arch_trains_end_to_end_on_digits_and_reloads(project: Path, arch,
 
     assert math.isfinite(summary["val/elbo"]) and summary["val/elbo"] < 0
     assert math.isfinite(summary["val/nll_iw"])  # the decoder took [k, B, D] latents
-    module = load_trained(project / "models" / "latest" / "model.ckpt")  # rebuilt from hparams, weights_only=True
+    best = project / "outputs" / summary["run_id"] / "checkpoints" / "best.ckpt"
+    module = load_trained(best)  # rebuilt from hparams, weights_only=True
     assert module.hparams.arch["_target_"] == f"vaelab.model.networks.build_{arch}"

@@ -125,7 +125,8 @@ def test_a_fit_prints_one_line_per_epoch_as_it_ends(tmp_path: Path, capsys: pyte
 
 @pytest.mark.subprocess
 def test_a_run_whose_output_is_not_a_terminal_logs_a_line_per_epoch_and_per_phase(project: Path):
-    done = run_entry("train.py", *TINY, "trainer.max_epochs=3", "eval.after_train=true", root=project)
+    asked = ("trainer.max_epochs=3", "eval.after_train=true", "publish=true")  # every phase there is
+    done = run_entry("train.py", *TINY, *asked, root=project)
     out = done.stdout.splitlines()
 
     epochs = [line for line in out if line.startswith("epoch ")]

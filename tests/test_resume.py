@@ -17,7 +17,9 @@ from vaelab.stages.train import train
 
 @pytest.mark.subprocess
 def test_a_sigkilled_run_resumes_in_the_same_mlflow_run(project: Path):
-    checkpoint = signal_after_first_checkpoint(start_training(project, *SIGNALLABLE), project, signal.SIGKILL)
+    checkpoint = signal_after_first_checkpoint(
+        start_training(project, *SIGNALLABLE, "publish=true"), project, signal.SIGKILL
+    )
     killed_at = torch.load(checkpoint, weights_only=True)["epoch"]
     assert killed_at < SIGNAL_EPOCHS - 1, "the kill came too late to test anything"
     [run] = all_runs(project)
@@ -56,7 +58,7 @@ def test_resume_refuses_other_overrides_and_unknown_runs(project: Path):
 @pytest.mark.integration
 def test_resume_continues_a_finished_run_with_its_own_config_and_evaluate_finds_it_by_run_id(project: Path):
     """Resuming uses the run's stored config, not the defaults the resume command composes."""
-    first = train(make_config(*TINY, "model.latent_dim=3"))
+    first = train(make_config(*TINY, "model.latent_dim=3", "publish=true"))
     again = train(make_config(f"resume={first['run_id']}"))
     assert again["run_id"] == first["run_id"]
     assert again["epochs"] == first["epochs"]  # max_epochs was reached already: nothing more to train

@@ -187,8 +187,11 @@ def test_only_literal_secrets_are_plain():
 def test_an_unset_environment_variable_is_a_config_error_naming_the_key(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("VAELAB_TEST_UNSET", raising=False)
     cfg = make_config(*TINY, "+callbacks.notify={_target_:a.B,api_token:'${oc.env:VAELAB_TEST_UNSET}'}")
-    with pytest.raises(ConfigError, match="callbacks.notify.api_token='\\$\\{oc.env:VAELAB_TEST_UNSET\\}': allowed an "
-                       "interpolation that resolves .*Environment variable 'VAELAB_TEST_UNSET' not found"):
+    with pytest.raises(
+        ConfigError,
+        match="callbacks.notify.api_token='\\$\\{oc.env:VAELAB_TEST_UNSET\\}': allowed an "
+        "interpolation that resolves .*Environment variable 'VAELAB_TEST_UNSET' not found",
+    ):
         validate(cfg)
 
 
@@ -388,7 +391,9 @@ def test_a_run_writes_its_secrets_nowhere(project: Path, mlflow_server):
     uri, store = mlflow_server
     password = "mlf-5a7c3e9d21"  # the tracking server's, in tracking.uri (the server asks for none: it is ignored)
     tracking = uri.replace("http://", f"http://alice:{password}@")
-    done = run_script("train.py", *TINY, NOTIFIER, "logger=mlflow_server", f"tracking.uri={tracking}", root=project)
+    done = run_script(
+        "train.py", *TINY, NOTIFIER, "logger=mlflow_server", f"tracking.uri={tracking}", "publish=true", root=project
+    )
     console = succeeded(done)
 
     assert leaks([project, store], (*PLANTED, password), console) == {}

@@ -88,11 +88,11 @@ def test_sigterm_after_training_ends_the_run_killed_and_exits_130_with_the_resum
 @pytest.mark.slow
 def test_a_run_stopped_while_finishing_is_finished_by_resume_without_training_again(project: Path):
     at_figures = signalled((AFTER_FIT["the figures"], "SIGINT"))
-    stopped = run_entry("train.py", *TINY, root=project, check=False, env=at_figures)
+    stopped = run_entry("train.py", *TINY, "publish=true", root=project, check=False, env=at_figures)
     assert stopped.returncode == INTERRUPTED_EXIT, stopped.stderr[-3000:]
     [run] = all_runs(project)
 
-    run_entry("train.py", f"resume={run.info.run_id}", root=project)
+    run_entry("train.py", f"resume={run.info.run_id}", root=project)  # publishes, as the run was asked to
 
     [resumed] = all_runs(project)
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
@@ -110,8 +110,9 @@ def test_sigterm_during_evaluation_leaves_the_trained_run_finished_and_writes_no
     assert_stopped_cleanly(done, "pipelines/evaluate.py")
     [run] = all_runs(project)
     assert run.info.status == "FINISHED"
-    assert not (project / "metrics" / "eval.json").exists()
-    assert not list((project / "plots").glob(".*"))  # no half-made figure folder left behind
+    run_folder = project / "outputs" / run.info.run_id
+    assert not (run_folder / "eval.json").exists() and not (run_folder / "evaluation").exists()
+    assert not list(run_folder.glob(".*"))  # no half-made figure folder left behind
     assert_store_intact(project)
 
 
@@ -277,7 +278,7 @@ def test_an_evaluation_timed_past_eval_max_minutes_is_refused_naming_eval_iw_k(p
     assert re.search(r"eval\.iw_k=\d+: allowed a k whose test NLL fits eval\.max_minutes=", done.stderr), done.stderr
     assert "k <= " in done.stderr
     assert time.monotonic() - started < 120
-    assert not (project / "metrics" / "eval.json").exists()
+    assert not list((project / "outputs").glob("*/eval.json"))
 
 
 @pytest.mark.subprocess

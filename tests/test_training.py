@@ -1,6 +1,7 @@
 """Training end to end on small real data: an MLflow run with metrics, lineage and artifacts; NaN handling."""
 
 import copy
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +24,7 @@ from vaelab.training.module import SELECTION_METRIC, NonFiniteLossError
 
 @pytest.mark.integration
 def test_one_short_training_makes_a_finished_run_linked_to_its_checkpoint(project: Path):
-    summary = train(make_config(*TINY))
+    summary = train(make_config(*TINY, "publish=true"))
 
     [run] = all_runs(project)
     run_id = run.info.run_id
@@ -77,7 +78,23 @@ def test_one_short_training_makes_a_finished_run_linked_to_its_checkpoint(projec
     module = load_trained(project / "models" / "latest" / "model.ckpt")  # weights_only=True
     assert module.lineage["run_id"] == run_id
     assert module.hparams.latent_dim == 4
-    assert (project / "metrics" / "train.json").is_file()
+    assert json.loads((project / "metrics" / "train.json").read_text())["run_id"] == run_id
+    assert (project / "plots" / "train" / "curve.csv").is_file()
+
+
+@pytest.mark.integration
+def test_a_direct_training_keeps_to_its_run_folder_and_leaves_dvcs_outputs_alone(project: Path):
+    """models/latest/, metrics/ and plots/ describe the run DVC's stages published: a direct run that wrote them
+    would pair one run's parameters with another's metrics in `dvc exp show`."""
+    summary = train(make_config(*TINY))
+
+    run_folder = project / "outputs" / summary["run_id"]
+    assert json.loads((run_folder / "train.json").read_text())["val/elbo"] == pytest.approx(summary["val/elbo"])
+    assert (run_folder / "checkpoints" / "best.ckpt").is_file()
+    for published in ("models", "metrics", "plots"):
+        assert not (project / published).exists(), published
+    [run] = all_runs(project)
+    assert "time/publish_s" not in run.data.metrics
 
 
 class FailAtFitStart(Callback):
@@ -106,7 +123,7 @@ class PoisonBatch(Callback):
 @pytest.mark.integration
 def test_a_nan_loss_fails_the_run_with_the_reason(project: Path):
     with pytest.raises(NonFiniteLossError):
-        train(make_config(*TINY, "nan_policy=fail"), callbacks=[PoisonBatch()])
+        train(make_config(*TINY, "nan_policy=fail", "publish=true"), callbacks=[PoisonBatch()])
     [run] = all_runs(project)
     assert run.info.status == "FAILED"
     assert "NonFiniteLossError" in run.data.tags["vaelab.failure"]
@@ -121,7 +138,7 @@ def test_nan_policy_skip_drops_the_step_and_finishes(project: Path):
     assert run.info.status == "FINISHED"
     history = mlflow_client(project).get_metric_history(run.info.run_id, "train/skipped_steps")
     assert [m.value for m in history] == [1.0]  # logged in the epoch that skipped, once
-    for parameter in load_trained(project / "models" / "latest" / "model.ckpt").parameters():
+    for parameter in load_trained(project / "outputs" / run.info.run_id / "checkpoints" / "best.ckpt").parameters():
         assert torch.isfinite(parameter).all()
 
 
@@ -133,8 +150,10 @@ def test_train_then_evaluate_on_fashion_mnist_log_into_one_run(project: Path, fa
     assert "nll_iw" in done.stdout
 
     [run] = all_runs(project)
-    latest = project / "models" / "latest" / "model.ckpt"
-    assert f"vaelab: evaluating run {run.info.run_id}: {latest} (the default, models/latest/)" in done.stdout
+    # nothing was published, so evaluate takes the newest finished training run, and says so
+    best = project / "outputs" / run.info.run_id / "checkpoints" / "best.ckpt"
+    newest = "the newest finished training run: models/latest/ holds no published model"
+    assert f"vaelab: evaluating run {run.info.run_id}: {best} ({newest})" in done.stdout
     metrics = run.data.metrics
     assert run.info.status == "FINISHED"
     assert metrics["test/nll_iw"] <= -metrics["test/elbo"]  # the IW bound is the tighter one
@@ -150,7 +169,11 @@ def test_train_then_evaluate_on_fashion_mnist_log_into_one_run(project: Path, fa
         "evaluation/latent_scatter.png",
         "evaluation/kl_per_dim.csv",
     } <= (artifact_paths(mlflow_client(project), run.info.run_id))
-    assert (project / "metrics" / "eval.json").is_file()
+    # its results are the run's own: metrics/ and plots/ stay DVC's
+    evaluation = json.loads((project / "outputs" / run.info.run_id / "eval.json").read_text())
+    assert evaluation["run_id"] == run.info.run_id and evaluation["test/nll_iw"] == metrics["test/nll_iw"]
+    assert (project / "outputs" / run.info.run_id / "evaluation" / "reconstructions.png").is_file()
+    assert not (project / "metrics").exists() and not (project / "plots").exists()
 
 
 @pytest.mark.integration
@@ -201,7 +224,7 @@ def test_epochs_of_the_kl_warmup_its_last_included_are_never_the_best_checkpoint
     assert spy.values[:first_candidate] == [float("-inf")] * first_candidate
     assert all(math.isfinite(v) for v in spy.values[first_candidate:])
     assert first_candidate <= summary["best_epoch"] <= 3
-    best = torch.load(project / "models" / "latest" / "model.ckpt", weights_only=True)
+    best = torch.load(project / "outputs" / summary["run_id"] / "checkpoints" / "best.ckpt", weights_only=True)
     assert best["epoch"] == summary["best_epoch"]
 
 
@@ -221,7 +244,7 @@ def test_the_candidates_for_the_best_checkpoint_are_the_epochs_trained_wholly_af
 
 @pytest.mark.integration
 def test_a_nested_run_sits_under_its_parent_and_publishes_nothing_shared(project: Path):
-    cfg = make_config(*TINY)
+    cfg = make_config(*TINY, "publish=true")  # a nested run publishes nothing, even asked to
     parent = Run.create(cfg, stage="sweep", overrides=[], tags={}, log_params=False)
     summary = train(cfg, parent_run_id=parent.run_id)
     child = mlflow_client(project).get_run(summary["run_id"])

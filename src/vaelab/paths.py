@@ -49,6 +49,9 @@ PUBLISHED_MODEL = "model.ckpt"  # models/latest/'s copy of the published run's b
 RUN_ID = r"[0-9a-f]{32}"  # MLflow's run ids; runs without MLflow get one of the same form
 RUN_ID_FILE = "run_id"  # models/latest/'s, and a multirun job folder's, pointer to its run
 FIGURES = "figures"  # the run's figures on val images
+TRAIN_SUMMARY = "train.json"  # the run's summary metrics (metrics/train.json's content, when published)
+EVALUATION = "evaluation"  # the run's test figures and kl_per_dim.csv (plots/eval/'s, when published)
+EVAL_SUMMARY = "eval.json"  # the run's test metrics (metrics/eval.json's, when published)
 PYFUNC_MODEL = "model"  # the MLflow pyfunc model folder, also the run's artifact path (runs:/<run_id>/model)
 
 

@@ -421,6 +421,7 @@ class Config(Section):
     run_id: optional(text(RUN_ID_TEXT, lambda v: re.fullmatch(RUN_ID, v)), RUN_ID_TEXT) = None
     resume: Annotated[RESUME_RUN | Resume, Field(description=RESUME_FORMS)] = None
     sweep: dict[str, Any] | None = None
+    publish: FLAG = False
 
     @model_validator(mode="after")
     def _across_keys(self) -> Config:

@@ -1,7 +1,8 @@
-"""The evaluate stage: a trained checkpoint's test metrics (vaelab.model.estimators), figures and DVC outputs, logged
-into the run that trained it.
+"""The evaluate stage: a trained checkpoint's test metrics (vaelab.model.estimators) and figures, in the run's folder
+(outputs/<run_id>/evaluation/, eval.json) and logged into the run that trained it; with `publish=true` (DVC's
+evaluate stage) also DVC's outputs, metrics/eval.json and plots/eval/.
 
-    python pipelines/evaluate.py                     # models/latest/
+    python pipelines/evaluate.py                     # models/latest/, else the newest finished training run
     python pipelines/evaluate.py ckpt=path/to.ckpt   # or a folder (outputs/<run_id>/), or run_id=<mlflow run id>
 """
 
@@ -111,8 +112,8 @@ MODEL_KEYS = ("arch", "likelihood", "posterior", "prior", "model", "data")
 
 
 def resolve_checkpoint(cfg: DictConfig) -> tuple[Path, str]:
-    """`ckpt=<file or folder>`, else the best checkpoint of `run_id=<id>`, else models/latest/model.ckpt; and how it
-    was asked for."""
+    """`ckpt=<file or folder>`, else the best checkpoint of `run_id=<id>`, else the published model (models/latest/),
+    else the best checkpoint of the newest finished training run; and how it was asked for."""
     if cfg.get("ckpt"):
         path, asked = Path(cfg.ckpt), f"ckpt={cfg.ckpt}"
         if path.is_dir():
@@ -122,8 +123,12 @@ def resolve_checkpoint(cfg: DictConfig) -> tuple[Path, str]:
             path = inside[0]
     elif cfg.get("run_id"):
         path, asked = paths.best_checkpoint(cfg.run_id), f"run_id={cfg.run_id}"
-    else:
+    elif paths.published_model().is_file():
         path, asked = paths.published_model(), "the default, models/latest/"
+    else:
+        run_id = newest_finished_run(cfg)
+        asked = "the newest finished training run: models/latest/ holds no published model"
+        path = paths.best_checkpoint(run_id)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} ({asked}; train a model first, or pass ckpt=<path>)")
     return path, asked
@@ -189,21 +194,45 @@ def check_checkpoint_fits(path: Path, model: TrainedModel, cfg: DictConfig, keys
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float | str | None]:
-    """Evaluate a checkpoint on the test split; write metrics/eval.json and plots/eval/; log into its run.
+    """Evaluate a checkpoint on the test split, saying which; write its results (and with `publish=true` DVC's
+    metrics/eval.json and plots/eval/); log into its run.
 
     An interrupt (Ctrl-C, SIGTERM) changes nothing it has not finished: the training run keeps its status, and
-    metrics/eval.json and plots/eval/ are each replaced whole or not at all."""
+    each results folder and file is replaced whole or not at all."""
     try:
-        return evaluate_checkpoint(cfg)
+        return evaluate_checkpoint(cfg, publish=bool(cfg.get("publish")), announce=True)
     except KeyboardInterrupt:
         raise EvaluationInterrupted(
-            "evaluation interrupted; the trained run keeps its status, and metrics/eval.json and plots/eval/ hold "
-            "what they held before unless they were already written. `python pipelines/evaluate.py` with the same "
-            "arguments evaluates again"
+            "evaluation interrupted; the trained run keeps its status, and its evaluation files hold what they held "
+            "before unless they were already written. `python pipelines/evaluate.py` with the same arguments "
+            "evaluates again"
         ) from None
 
 
-def evaluate_checkpoint(cfg: DictConfig, publish: bool = True) -> dict[str, float | str | None]:
+def newest_finished_run(cfg: DictConfig) -> str:
+    """The newest FINISHED training run of the configured experiment whose best checkpoint is in outputs/."""
+    from vaelab.tracking.store import newest_train_runs, resolve_uri
+
+    nothing_published = "models/latest/ holds no published model (DVC's train stage publishes one)"
+    if cfg.get("logger") is None:
+        raise CheckpointError(
+            f"{nothing_published}, and logger=none keeps no runs to choose from; pass run_id=<id> or ckpt=<path>"
+        )
+    uri = resolve_uri(cfg.tracking.uri)
+    for run_id in newest_train_runs(uri, cfg.tracking.experiment, status="FINISHED"):
+        if paths.best_checkpoint(run_id).is_file():
+            return run_id
+    raise CheckpointError(
+        f"{nothing_published}, and experiment '{cfg.tracking.experiment}' has no finished training run with a "
+        f"checkpoint under {paths.outputs_dir()}; train a model first, or pass run_id=<id> or ckpt=<path>"
+    )
+
+
+def evaluate_checkpoint(
+    cfg: DictConfig, publish: bool = False, announce: bool = False
+) -> dict[str, float | str | None]:
+    """`publish`: also write DVC's outputs. `announce`: first say which run and checkpoint it evaluates (a run
+    evaluated right after its training needs no introduction)."""
     from vaelab.charts import save_gap_split
     from vaelab.figures import save_figures
     from vaelab.tracking.run import Run
@@ -217,7 +246,7 @@ def evaluate_checkpoint(cfg: DictConfig, publish: bool = True) -> dict[str, floa
     device = "cuda" if torch.cuda.is_available() else "cpu"
     trained = load_trained(path, map_location=device)
     lineage = trained.lineage
-    if publish:  # the evaluate stage (after training, the run says it is evaluating itself)
+    if announce:
         print(f"vaelab: evaluating run {lineage.get('run_id') or '(unknown)'}: {path} ({asked})", flush=True)
     prepared = read_prepared(check_checkpoint_fits(path, trained, cfg, asked_keys(cfg)), splits=("test",))
     folder, manifest = prepared.folder, prepared.manifest
@@ -243,10 +272,10 @@ def evaluate_checkpoint(cfg: DictConfig, publish: bool = True) -> dict[str, floa
         if cfg.eval.gaps:
             metrics.update(split_the_gap(trained.vae, images[: cfg.eval.gaps_limit], cfg.eval))
 
-    # `publish`: the project's DVC outputs (plots/eval/, metrics/eval.json) are the evaluate stage's. A sweep's job
-    # evaluated after training keeps its figures in its own run folder and writes no shared file.
-    own_folder = not publish and lineage.get("run_id")
-    plots = paths.run_dir(lineage["run_id"]) / "evaluation" if own_folder else paths.plots_dir() / "eval"
+    # The run's own folder keeps its results, where parallel evaluations (a sweep's jobs) never overwrite each
+    # other's; published figures go to DVC's plots/eval/ instead.
+    run_folder = paths.run_dir(lineage["run_id"]) if lineage.get("run_id") else paths.outputs_dir()
+    plots = paths.plots_dir() / "eval" if publish else run_folder / paths.EVALUATION
     with phases("test_figures"), replacing_dir(plots) as fresh:  # no figure of an earlier evaluation survives
         save_figures(trained.vae, images, test["labels"][: len(images)], result.kl_per_dim, fresh, seed=cfg.seed)
         write_kl_per_dim(result.kl_per_dim, fresh / "kl_per_dim.csv")
@@ -257,6 +286,7 @@ def evaluate_checkpoint(cfg: DictConfig, publish: bool = True) -> dict[str, floa
                 fresh / "gap_split.png",
             )
     summary = {**metrics, "eval/iw_k": cfg.eval.iw_k, "eval/n_images": result.n_images}
+    write_json_atomic(run_folder / paths.EVAL_SUMMARY, {**summary, "run_id": lineage.get("run_id")})
     if publish:
         write_json_atomic(paths.metrics_dir() / "eval.json", {**summary, "run_id": lineage.get("run_id")})
 

@@ -27,7 +27,7 @@ from vaelab.checkpoints import read_checkpoint
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.redaction import is_redacted
 from vaelab.tracking.run import Run, flatten
-from vaelab.tracking.store import ensure_experiment, resolve_uri
+from vaelab.tracking.store import newest_train_runs, resolve_uri
 from vaelab.training.builder import TRUSTED_TEXT, untrusted_targets
 
 # Overrides that may come with resume=: which run, what of it the user trusts, and where to find it. Anything else
@@ -75,19 +75,9 @@ def last_checkpoint(run_id: str) -> Path:
 
 def newest_resumable(uri: str, experiment: str) -> str:
     """The most recently started train run of the experiment that has a last checkpoint here."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    experiment_id = ensure_experiment(uri, experiment)
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string="tags.`vaelab.stage` = 'train'",
-        order_by=["attributes.start_time DESC"],
-        max_results=200,
-    )
-    for run in runs:
-        if last_checkpoint(run.info.run_id).is_file():
-            return run.info.run_id
+    for run_id in newest_train_runs(uri, experiment):
+        if last_checkpoint(run_id).is_file():
+            return run_id
     raise VaelabError(
         f"resume=last: no train run of experiment '{experiment}' in {uri} has a last checkpoint "
         f"(outputs/<run_id>/checkpoints/last.ckpt under {paths.project_root()})"
@@ -171,6 +161,8 @@ def check_trusted(run_id: str, source: Path, values: object, trusted: list[str])
         f"cannot resume run {run_id}: {source} names {where}, which is not {TRUSTED_TEXT}; nothing from it was run. "
         f"If you trust it, name it again when resuming: +resume.run={run_id} '+resume.trust=[{','.join(names)}]'"
     )
+
+
 def check_secrets_at_hand(run_id: str, stored: DictConfig) -> None:
     """A secret given as `${oc.env:VAR}` was stored as such: VAR must be set again. One given in plain text was
     never stored (the config file holds `***`): tracking.uri may be given again, any other cannot."""

@@ -30,7 +30,7 @@ from vaelab.data.datamodule import ImageData
 from vaelab.data.settings import Settings
 from vaelab.errors import TrainingInterrupted, VaelabError, storage_problem
 from vaelab.figures import save_figures, save_training_curves
-from vaelab.files import check_writable, replacing_dir, write_text_atomic
+from vaelab.files import check_writable, replacing_dir, write_json_atomic, write_text_atomic
 from vaelab.model.estimators import evaluate_images
 from vaelab.redaction import redact_text
 from vaelab.stages.budget import check_estimate, warn_if_slow_step
@@ -106,9 +106,10 @@ def train(
     `pruned`: exceptions a callback raises to stop a trial that will not pay off (a search's pruner); the run then
     ends KILLED with the tag optuna.state=PRUNED (vaelab.tracking.lifecycle).
 
-    A top-level run publishes models/latest/, metrics/train.json and plots/train/ for DVC. A nested run (a sweep's
-    job or a search's trial, `parent_run_id` set) publishes nothing shared: its checkpoint and figures stay in
-    outputs/<run_id>/ and its MLflow run, so parallel jobs never overwrite each other's results.
+    Every run keeps its files in outputs/<run_id>/ and its MLflow run. With `publish=true` (DVC's train stage) a
+    top-level run also publishes models/latest/, metrics/train.json and plots/train/, DVC's outputs: a direct run
+    leaves them alone, so they never pair one run's parameters with another's metrics. A nested run (a sweep's job
+    or a search's trial, `parent_run_id` set) never publishes, so parallel jobs never overwrite each other's results.
     """
     began = perf_counter()
     phases = Phases()
@@ -132,7 +133,8 @@ def train(
         module.vae.encoder.compile()
         module.vae.decoder.compile()
 
-    check_outputs_writable(publish=parent_run_id is None)
+    publish = parent_run_id is None and bool(cfg.get("publish"))
+    check_outputs_writable(publish)
     val_images = data.eval_images("val", cfg.eval.val_limit)
     check_estimate(module.vae, val_images, cfg.eval.val_iw_k, "eval.val_iw_k", cfg.eval.max_minutes, "val NLL")
     warn_if_slow_step(module.vae, val_images, cfg)
@@ -176,7 +178,7 @@ def train(
                     data,
                     run,
                     callbacks,
-                    publish=parent_run_id is None,
+                    publish=publish,
                     resume=resume,
                     fitted=fitted,
                     phases=phases,
@@ -363,6 +365,7 @@ def finish(
             log_model(cfg, run, best, out_dir / paths.PYFUNC_MODEL, data, module)
 
     summary["run_id"] = module.lineage["run_id"]
+    write_json_atomic(out_dir / paths.TRAIN_SUMMARY, summary)
     if publish:
         with phases("publish"):
             publish_outputs(best, module.lineage["run_id"], config_file, summary, history.rows)

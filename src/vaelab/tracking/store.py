@@ -183,6 +183,23 @@ def ensure_experiment(uri: str, experiment: str, lock_timeout_s: float = STORE_L
         )
 
 
+def newest_train_runs(uri: str, experiment: str, status: str | None = None, limit: int = 200) -> list[str]:
+    """The ids of the experiment's training runs, most recently started first (`status`: only those that ended so,
+    e.g. FINISHED). None when there is no store or no such experiment yet: looking creates neither."""
+    db = _sqlite_path(uri)
+    if db is not None and not db.exists():
+        return []
+    client = StoreClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    where = "tags.`vaelab.stage` = 'train'" + (f" and attributes.status = '{status}'" if status else "")
+    runs = client.search_runs(
+        [found.experiment_id], filter_string=where, order_by=["attributes.start_time DESC"], max_results=limit
+    )
+    return [run.info.run_id for run in runs]
+
+
 def copy_new_store(db: Path) -> None:
     """A new sqlite store at `db`, copied from an empty one that this MLflow made and migrated.
 
