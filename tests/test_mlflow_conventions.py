@@ -25,6 +25,7 @@ from vaelab.tracking.run import Run
 
 READABLE_NAME = re.compile(r"[a-z]+-[a-z]+-\d{1,3}")
 MODEL = "conventions-vae"
+CONTEXT = "mlflow.data.context"
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +131,23 @@ def test_a_training_run_takes_the_prepared_dataset_as_its_input(trained: tuple[P
     assert tags["mlflow.data.context"] == "training"
     assert tags["vaelab.data_hash"] == data_hash
     assert tags["vaelab.data_source"]
+
+
+@pytest.mark.integration
+def test_an_evaluated_run_also_takes_the_test_split_it_was_evaluated_on_as_an_input(project: Path):
+    summary = train(make_config(*TINY, "trainer.max_epochs=1", "eval.after_train=true", "eval.limit=50"))
+
+    run = mlflow_client(project).get_run(str(summary["run_id"]))
+    used = {tag.value: entry for entry in run.inputs.dataset_inputs for tag in entry.tags if tag.key == CONTEXT}
+    assert set(used) == {"training", "evaluation"}
+    training, evaluation = used["training"].dataset, used["evaluation"].dataset
+    assert (training.name, evaluation.name) == ("digits", "digits/test")
+    manifest = json.loads((project / "data" / "processed" / "digits" / "manifest.json").read_text())
+    assert evaluation.digest == manifest["splits"]["test"]["sha256"][:32] != training.digest
+    assert json.loads(evaluation.profile)["images"] == {"test": 300}
+    assert json.loads(evaluation.profile)["images_used"] == 50
+    tags = {tag.key: tag.value for tag in used["evaluation"].tags}
+    assert tags["vaelab.data_hash"] == run.data.tags["vaelab.data_hash"]
 
 
 @pytest.mark.integration

@@ -248,7 +248,8 @@ def evaluate_checkpoint(
     lineage = trained.lineage
     if announce:
         print(f"vaelab: evaluating run {lineage.get('run_id') or '(unknown)'}: {path} ({asked})", flush=True)
-    prepared = read_prepared(check_checkpoint_fits(path, trained, cfg, asked_keys(cfg)), splits=("test",))
+    settings = check_checkpoint_fits(path, trained, cfg, asked_keys(cfg))
+    prepared = read_prepared(settings, splits=("test",))
     folder, manifest = prepared.folder, prepared.manifest
     if list(manifest["image_shape"]) != list(trained.hparams["image_shape"]):
         raise CheckpointError(
@@ -299,6 +300,7 @@ def evaluate_checkpoint(
                 print(f"vaelab: results not logged to MLflow (run {run_id}: {error})")
             else:
                 run.log_metrics(summary, step=0)
+                run.log_dataset(settings.name, folder, manifest, "evaluation", split="test", images=result.n_images)
                 run.log_artifact(plots, "evaluation")
                 tags = {"vaelab.eval.checkpoint": str(path), "vaelab.eval.iw_k": str(cfg.eval.iw_k)}
                 if trained.vae.posterior.mutual_info_from:

@@ -226,20 +226,36 @@ class Run:
         monitor.start()
         return monitor
 
-    def log_dataset(self, name: str, folder: Path, manifest: dict[str, Any], context: str) -> None:
+    def log_dataset(
+        self,
+        name: str,
+        folder: Path,
+        manifest: dict[str, Any],
+        context: str,
+        split: str | None = None,
+        images: int | None = None,
+    ) -> None:
         """The prepared dataset as the run's input: the MLflow UI's Dataset column, and a link between the runs that
         used the same data. Its digest is the start of the data hash; the input's tags hold the whole hash and
-        where the raw data came from, and `context` says what the run used it for (`training`)."""
+        where the raw data came from, and `context` says what the run used it for (`training`, `evaluation`).
+
+        `split`: only that split (an evaluation's test images, the first `images` of them), as a dataset of its own,
+        `<name>/<split>`, whose digest is the start of the split's content hash. MLflow keeps one input per dataset
+        and run, so the training's input could not also say `evaluation`."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
+        splits = {split: manifest["splits"][split]} if split else manifest["splits"]
         profile = {
             "image_shape": manifest["image_shape"],
             "grey_levels": manifest["grey_levels"],
-            "images": {split: entry["count"] for split, entry in manifest["splits"].items()},
+            "images": {each: entry["count"] for each, entry in splits.items()},
         }
+        if images is not None:
+            profile["images_used"] = images
+        digest = manifest["splits"][split]["sha256"] if split else manifest["data_hash"]
         dataset = Dataset(
-            name=name,
-            digest=manifest["data_hash"][:DIGEST_LENGTH],
+            name=f"{name}/{split}" if split else name,
+            digest=digest[:DIGEST_LENGTH],
             source_type="local",
             source=json.dumps({"uri": Path(folder).resolve().as_uri()}),
             profile=json.dumps(profile),
