@@ -82,6 +82,7 @@ async function choose(page, select, option) {
     report.step = 'the experiment runs table';
     await open(page, job.runs_url, job.run_names);
     report.runs_page = await page.locator('body').innerText();
+    report.runs_page_url = page.url();
 
     report.step = 'ticking all runs, then Compare';
     await page.locator('.ag-header .ag-checkbox-input').first().click({ force: true, timeout });  // select all
@@ -254,7 +255,9 @@ def test_the_mlflow_ui_compares_three_runs_in_a_real_browser(
             {
                 "chromium": str(chromium),
                 "timeout_ms": 60_000,
-                "runs_url": f"{uri}/#/experiments/{experiment}/runs?workflowType=machine_learning",
+                # The experiment as a user opens it, with no view asked for: its kind (a model-training experiment)
+                # must open the runs table, not MLflow's GenAI view with the runs under "Evaluation runs".
+                "runs_url": f"{uri}/#/experiments/{experiment}",
                 # MLflow's own link to the view (getCompareRunPageRoute): JSON lists of run and experiment ids.
                 "compare_url": f"{uri}/#/compare-runs?runs={compact(run_ids)}&experiments={compact([experiment])}"
                 "&workflowType=machine_learning",
@@ -272,6 +275,7 @@ def test_the_mlflow_ui_compares_three_runs_in_a_real_browser(
     # The experiment's runs table lists the three runs; the compare view shows them with the metric, in the
     # parallel-coordinates plot and in the metrics table, with the values the store holds (in the URL's run order).
     assert all(name in report["runs_page"] for name in names), report["runs_page"][:2000]
+    assert "/traces" not in report["runs_page_url"] and "Evaluation runs" not in report["runs_page"]
     clicked = parse_qs(urlsplit(unquote(urlsplit(report["clicked_compare_url"]).fragment)).query)
     assert sorted(json.loads(clicked["runs"][0])) == sorted(run_ids)  # the UI's Compare button opens our URL
     assert json.loads(clicked["experiments"][0]) == [experiment]

@@ -74,7 +74,8 @@ SLOW = pytest.mark.slow  # the other variants of a case the default tier runs on
     "phase", [pytest.param(phase, marks=() if phase == "the figures" else SLOW) for phase in AFTER_FIT]
 )
 def test_sigterm_after_training_ends_the_run_killed_and_exits_130_with_the_resume_command(project: Path, phase: str):
-    done = run_entry("train.py", *TINY, root=project, check=False, env=signalled((AFTER_FIT[phase], "SIGTERM")))
+    stopped = signalled((AFTER_FIT[phase], "SIGTERM"))
+    done = run_entry("train.py", *TINY, "publish=true", root=project, check=False, env=stopped)  # every phase
 
     [run] = all_runs(project)
     assert_stopped_cleanly(done, f"resume={run.info.run_id}")
