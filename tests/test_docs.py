@@ -246,8 +246,11 @@ def failure_report(block: Block, script: str, returncode: int, output: str) -> s
     noted = re.findall(rf"^{FAILED} (\d+) exit \d+: (.*)$", output, flags=re.MULTILINE)
     if noted:
         script_line, as_run = int(noted[-1][0]), noted[-1][1]
-        line = block.line + script_line - 1
-        written = block.lines[script_line - 2].strip() if 2 <= script_line <= len(block.lines) + 1 else ""
+        index = script_line - 2  # the script's line 1 is the prelude
+        # bash names one line of a command continued over several (the first, or the last): report all of them
+        group = next((g for g in commands(list(block.lines)) if index in g), [index])
+        line = block.line + 1 + group[0]
+        written = " ".join(block.lines[i].strip() for i in group if 0 <= i < len(block.lines))
     else:  # killed before bash could say where
         line, written, as_run = block.line, "(the block)", script.splitlines()[-1]
     return (
@@ -255,6 +258,18 @@ def failure_report(block: Block, script: str, returncode: int, output: str) -> s
         f"  run as: {as_run}\n"
         f"--- output tail ---\n{output[-OUTPUT_TAIL:]}"
     )
+
+
+def unsuccessful_searches(output: str) -> list[str]:
+    """The summary lines of searches with a failed trial or no completed one. A search exits 0 however its trials
+    ended (a failed trial is one of its results), so the exit status alone would let such a block pass."""
+    return [
+        line
+        for line, complete, fail in re.findall(
+            r"^(search: study .*\((\d+) complete, \d+ pruned, (\d+) fail\).*)$", output, re.M
+        )
+        if int(fail) or not int(complete)
+    ]
 
 
 def run_block(block: Block, root: Path, env: dict[str, str]) -> float:
@@ -277,6 +292,10 @@ def run_block(block: Block, root: Path, env: dict[str, str]) -> float:
         pytest.fail(f"{block.where}: still running after {BLOCK_TIMEOUT_S} s\n{output[-OUTPUT_TAIL:]}")
     if done.returncode != 0:
         pytest.fail(failure_report(block, script, done.returncode, done.stdout), pytrace=False)
+    failed_searches = unsuccessful_searches(done.stdout)
+    if failed_searches:
+        lines = "\n".join(failed_searches)
+        pytest.fail(f"{block.where}: a search in this block did not succeed:\n{lines}\n{done.stdout[-OUTPUT_TAIL:]}")
     return time.monotonic() - start
 
 
@@ -355,6 +374,20 @@ def test_a_not_run_comment_that_is_not_directly_above_a_bash_block_is_refused():
 @pytest.mark.parametrize("document", DOCUMENTS)
 def test_every_document_follows_the_docs_test_rules(document: str):
     document_blocks(document)  # raises DocsError
+
+
+def test_a_search_with_a_failed_trial_or_none_completed_counts_as_a_failure():
+    study = "search: study 'default' in sqlite:////p/optuna.db: 2 finished trials of n_trials=2 "
+    ended = ["(2 complete, 0 pruned, 0 fail)", "(1 complete, 0 pruned, 1 fail)", "(0 complete, 2 pruned, 0 fail)"]
+    assert unsuccessful_searches("\n".join(study + counts for counts in ended)) == [study + c for c in ended[1:]]
+
+
+def test_a_failure_in_a_continued_command_is_reported_at_its_first_line_with_all_of_it():
+    block = Block("docs/d.md", 10, ("make params", "python pipelines/train.py \\", "  data=nope   # wrong"), None)
+    output = f"vaelab: invalid config\n{FAILED} 4 exit 2: python pipelines/train.py data=nope\n"
+    report = failure_report(block, tiny_script(block), 2, output)
+    assert report.startswith("docs/d.md:12: `python pipelines/train.py \\ data=nope   # wrong` failed (exit 2)")
+    assert "run as: python pipelines/train.py data=nope" in report and "vaelab: invalid config" in report
 
 
 def test_train_commands_get_the_caps_they_lack_and_keep_what_they_choose():
