@@ -13,16 +13,19 @@ nothing else:
 - `python pipelines/{train,evaluate,search}.py ...` gets the size caps of `CAPS` (and, when it is a search, of
   `SEARCH_CAPS`): a key the command does not set is appended, a key it sets above its cap is lowered in place, a
   key it sets at or below its cap stays. Which data, model, objective, experiment, sweep, search space or launcher
-  the command chooses is never touched, so the command still takes its own code path; only the number of images,
-  epochs, importance samples, gap-refinement steps and trials shrink. (Fashion-MNIST, the default data, comes from
-  Debian's package, so it needs no download.) A `resume=` command gets no caps: it accepts no overrides, and the
-  run it continues already has them.
+  the command chooses is never touched, so the command still takes its own code path; only the number of training
+  and validation images, epochs, importance samples, test images, gap-refinement steps and trials shrink. (Hydra
+  takes the last value of a key given twice; lowering a value in place keeps the command readable in a report.)
+  Fashion-MNIST, the default data, comes from Debian's package, so it needs no download. A `resume=` command gets
+  no caps: it accepts no overrides, and the run it continues already has them.
 - `python pipelines/prepare.py ...` is run as written (about 5 s for Fashion-MNIST).
 - `dvc exp run ...` gets the same caps as `-S key=value`, so the stages it runs train and evaluate on tiny data too.
 - `dvc queue start ...` is followed by a wait until the queue has run every experiment, which fails if one failed:
   the block would otherwise end while its experiments still run, in a copy that is about to be deleted.
 
-A failure names the document, the line and the command (as written there and as run), with the output's tail.
+A block fails when a command exits non-zero, and also when a search in it reports a failed trial or no completed
+one (a search exits 0 however its trials ended). A failure names the document, the line and the command (as written
+there and as run), with the output's tail.
 """
 
 from __future__ import annotations
