@@ -45,7 +45,7 @@ def main(cfg: DictConfig) -> float:
         return None  # a DDP rank other than zero: rank zero reports
     print(
         f"trained (best epoch {summary['best_epoch']:.0f}): val/elbo {summary['val/elbo']:.2f}, "
-        f"val/nll_iw {summary['val/nll_iw']:.2f} nats (k={cfg.eval.val_iw_k}, "
+        f"val/nll_iw {summary['val/nll_iw']:.2f} nats (k={summary['val/iw_k']:.0f}, "
         f"gap {summary['val/inference_gap']:.2f}); {summary['train/images_per_sec']:.0f} training images/s"
     )
     return summary["val/elbo"]

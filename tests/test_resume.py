@@ -25,8 +25,9 @@ def test_a_sigkilled_run_resumes_in_the_same_mlflow_run(project: Path):
     [run] = all_runs(project)
     assert run.info.status == "RUNNING"  # SIGKILL leaves no chance to say otherwise
 
-    run_entry("train.py", "resume=last", root=project)
+    done = run_entry("train.py", "resume=last", root=project)
 
+    assert "val/nll_iw" in done.stdout and "(k=4, " in done.stdout  # the run's own eval.val_iw_k, not the default 16
     [resumed] = all_runs(project)
     run_id = resumed.info.run_id
     assert run_id == run.info.run_id
