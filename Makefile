@@ -52,7 +52,7 @@ UI_PORT = 5000
 ui: setup
 	@if [ "$(UI_HOST)" != 127.0.0.1 ] && [ "$(UI_HOST)" != localhost ]; then \
 	  echo "vaelab: warning: the MLflow UI has no authentication; anyone who reaches $(UI_HOST):$(UI_PORT) can read and change runs"; fi
-	@echo "MLflow UI: open http://$(UI_HOST):$(UI_PORT), pick the experiment, tick the runs, then Compare (Ctrl-C stops it)"
+	@$(PYTHON) -m vaelab.tracking.ui --store sqlite:///$(CURDIR)/mlflow.db --address http://$(UI_HOST):$(UI_PORT)
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host $(UI_HOST) --port $(UI_PORT)
 
 # optuna-dashboard on the searches' study storage (hydra.sweeper.storage), with the plots each search's report

@@ -26,6 +26,7 @@ from helpers.config import REPO, TINY, make_config
 from helpers.processes import running_mlflow_server
 from helpers.stores import mlflow_client
 from vaelab.stages.train import train
+from vaelab.tracking.ui import experiment_links
 
 pytestmark = pytest.mark.subprocess
 
@@ -79,7 +80,7 @@ async function choose(page, select, option) {
   });
   const page = await context.newPage();
   try {
-    report.step = 'the experiment runs table';
+    report.step = 'the experiment runs table, from the link make ui prints';
     await open(page, job.runs_url, job.run_names);
     report.runs_page = await page.locator('body').innerText();
     report.runs_page_url = page.url();
@@ -255,9 +256,9 @@ def test_the_mlflow_ui_compares_three_runs_in_a_real_browser(
             {
                 "chromium": str(chromium),
                 "timeout_ms": 60_000,
-                # The experiment as a user opens it, with no view asked for: its kind (a model-training experiment)
-                # must open the runs table, not MLflow's GenAI view with the runs under "Evaluation runs".
-                "runs_url": f"{uri}/#/experiments/{experiment}",
+                # The experiment's link as `make ui` prints it: it must open on the runs table, not on MLflow's
+                # GenAI overview with the runs under "Evaluation runs".
+                "runs_url": next(link.url for link in experiment_links(store, uri) if link.name == "vaelab"),
                 # MLflow's own link to the view (getCompareRunPageRoute): JSON lists of run and experiment ids.
                 "compare_url": f"{uri}/#/compare-runs?runs={compact(run_ids)}&experiments={compact([experiment])}"
                 "&workflowType=machine_learning",

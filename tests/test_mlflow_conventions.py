@@ -234,3 +234,26 @@ def test_a_run_that_a_dvc_experiment_started_names_the_experiment_and_its_baseli
     monkeypatch.setenv("DVC_EXP_NAME", "later-yews")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0123abc")
     assert dvc_experiment_tags() == {"vaelab.dvc_experiment": "later-yews", "vaelab.dvc_baseline_rev": "0123abc"}
+
+
+@pytest.mark.integration
+def test_make_ui_links_each_experiment_with_runs_to_its_runs_table_in_the_model_training_view(project: Path):
+    """MLflow 3's UI opens an experiment in its GenAI view unless the address asks for Model training (the browser
+    test opens such a link); `make ui` prints one per experiment, and looking at a store creates nothing."""
+    from vaelab.tracking.store import ensure_experiment, resolve_uri
+    from vaelab.tracking.ui import describe, experiment_links
+
+    uri, address = resolve_uri(None), "http://127.0.0.1:5000"
+    assert experiment_links(uri, address) == [] and not (project / "mlflow.db").exists()
+    assert f"{address}/#/experiments?workflowType=machine_learning" in describe([], address)
+
+    client = mlflow_client(project)
+    used, empty, trashed = (ensure_experiment(uri, name) for name in ("used", "empty", "trashed"))
+    for experiment in (used, used, trashed):
+        client.create_run(experiment)
+    client.delete_experiment(trashed)
+
+    [link] = experiment_links(uri, address)
+    assert (link.name, link.runs) == ("used", "2")
+    assert link.url == f"{address}/#/experiments/{used}/runs?workflowType=machine_learning"
+    assert link.url in describe([link], address)
