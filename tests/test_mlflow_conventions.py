@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import random
 import re
 import sys
@@ -135,7 +136,12 @@ def test_a_training_run_takes_the_prepared_dataset_as_its_input(trained: tuple[P
 
 @pytest.mark.integration
 def test_an_evaluated_run_also_takes_the_test_split_it_was_evaluated_on_as_an_input(project: Path):
+    import mlflow
+
+    where = (mlflow.is_tracking_uri_set(), mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
     summary = train(make_config(*TINY, "trainer.max_epochs=1", "eval.after_train=true", "eval.limit=50"))
+    # Lightning's logger pointed MLflow's process-wide URI at this project's store; a caller's is back as it was
+    assert (mlflow.is_tracking_uri_set(), mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")) == where
 
     run = mlflow_client(project).get_run(str(summary["run_id"]))
     used = {tag.value: entry for entry in run.inputs.dataset_inputs for tag in entry.tags if tag.key == CONTEXT}

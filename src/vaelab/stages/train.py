@@ -46,7 +46,7 @@ from vaelab.stages.resume import Resumption, resumption
 from vaelab.sweep.runs import EVAL_FAILURE_TAG
 from vaelab.tracking.lifecycle import ending_of, run_lifecycle
 from vaelab.tracking.run import Run, public_config
-from vaelab.tracking.store import check_store
+from vaelab.tracking.store import check_store, process_tracking_uri
 from vaelab.training.builder import resolve
 from vaelab.training.callbacks import (
     AtomicCheckpointIO,
@@ -170,7 +170,8 @@ def train(
     monitor = run.monitor_system(resume=resume is not None) if run and cfg.tracking.system_metrics else None
     fitted: list[bool] = []  # set once Trainer.fit has returned: an interrupt after it needs no more training
     try:
-        with run_lifecycle(run, pruned=pruned, interrupt_tags=where_saved):
+        # Lightning's MLflow logger points MLflow's process-wide tracking URI at this run's store: put back after.
+        with process_tracking_uri(), run_lifecycle(run, pruned=pruned, interrupt_tags=where_saved):
             try:
                 return fit_and_publish(
                     cfg,

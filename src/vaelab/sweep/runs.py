@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +31,7 @@ from omegaconf import DictConfig
 from vaelab.paths import RUN_ID_FILE
 from vaelab.redaction import redact_override, redact_text
 from vaelab.tracking.run import TAG_PREFIX
+from vaelab.tracking.store import process_tracking_uri
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -126,7 +125,7 @@ def child_runs(uri: str, parent: str, deleted: bool = False) -> pd.DataFrame:
     from mlflow.entities import ViewType
 
     query = {"filter_string": f"tags.mlflow.parentRunId = '{parent}'", "search_all_experiments": True}
-    with tracking_uri(uri):
+    with process_tracking_uri(uri):
         if not deleted:
             return mlflow.search_runs(**query)
         runs = mlflow.search_runs(**query, run_view_type=ViewType.ALL)
@@ -165,15 +164,3 @@ def job_pointers(sweep_dir: str | Path) -> dict[int, str]:
     return found
 
 
-@contextmanager
-def tracking_uri(uri: str) -> Iterator[None]:
-    """mlflow.search_runs reads MLflow's process-wide tracking URI: point it at `uri` for the call only, so a sweep
-    leaves no store behind for later MLflow calls in the same process."""
-    import mlflow
-
-    before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before)  # None: back to unset, as MLflow's own scoped switch does

@@ -10,7 +10,8 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from contextlib import closing, nullcontext
+from collections.abc import Iterator
+from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -198,6 +199,22 @@ def newest_train_runs(uri: str, experiment: str, status: str | None = None, limi
         [found.experiment_id], filter_string=where, order_by=["attributes.start_time DESC"], max_results=limit
     )
     return [run.info.run_id for run in runs]
+
+
+@contextmanager
+def process_tracking_uri(uri: str | None = None) -> Iterator[None]:
+    """MLflow's process-wide tracking URI pointed at `uri` for the block (None: left to the block, where Lightning's
+    MLflow logger sets it to its run's store), then put back as it was, with MLFLOW_TRACKING_URI, which MLflow sets
+    beside it. So a sweep's or a training's store is not where a caller's later MLflow calls go."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    if uri is not None:
+        mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None: back to unset, as MLflow's own scoped switch does
 
 
 def copy_new_store(db: Path) -> None:
