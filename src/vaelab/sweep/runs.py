@@ -162,5 +162,3 @@ def job_pointers(sweep_dir: str | Path) -> dict[int, str]:
         if pointer.parent.name.isdigit():
             found[int(pointer.parent.name)] = pointer.read_text().strip()
     return found
-
-
