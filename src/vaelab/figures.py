@@ -88,6 +88,7 @@ def grid_figure(
     top = 0.25 + 0.22 * (title.count("\n") + 1)
     bottom = 0.15 + 0.3 * bool(column_labels) + 0.25 * bool(xlabel)
     fig_width = max(MIN_WIDTH_INCHES, left + grid_width + 0.25)
+    left += (fig_width - (left + grid_width + 0.25)) / 2  # a narrow grid and its labels in the middle, under the title
     fig_height = top + grid_height + bottom
     fig = Figure(figsize=(fig_width, fig_height))
     ax = fig.add_axes((left / fig_width, bottom / fig_height, grid_width / fig_width, grid_height / fig_height))
@@ -125,9 +126,8 @@ def reconstruction_figure(vae, x: torch.Tensor, split: str, nrow: int = 8) -> Fi
     nrow = min(nrow, len(x))
     grid = reconstruction_grid(vae, x, nrow)
     pairs = len(grid) // (2 * nrow)
-    labels = [
-        label for row in range(pairs) for label in (f"input #{row * nrow}–{(row + 1) * nrow - 1}", "reconstruction")
-    ]
+    inputs = [f"#{row * nrow}" + (f"–{(row + 1) * nrow - 1}" if nrow > 1 else "") for row in range(pairs)]
+    labels = [label for images in inputs for label in (f"input {images}", "reconstruction")]
     title = (
         f"Reconstructions of {split_name(split)} images:\n"
         "each row of inputs above their reconstructions E[x | z = E[z|x]]"
