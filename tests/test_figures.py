@@ -1,4 +1,4 @@
-"""Every figure is written, and is a valid PNG of the expected size."""
+"""Every figure is written, and is a valid PNG large enough to read in the MLflow UI."""
 
 from pathlib import Path
 
@@ -6,23 +6,19 @@ import pytest
 import torch
 from PIL import Image
 
-from vaelab.figures import MIN_SIDE, save_figures, save_training_curves, tile
+from vaelab.figures import draw_figures, save_figures, save_training_curves, tile
 from vaelab.model.likelihoods import Bernoulli
 from vaelab.model.networks import build_mlp
 from vaelab.model.vae import VAE
 
 
-def grid_side(cells: int, image: int, padding: int = 2) -> int:
-    return cells * (image + padding) + padding
-
-
-def test_every_figure_is_a_png_of_the_expected_size(tmp_path: Path):
+def test_every_figure_is_a_png_large_enough_to_read(tmp_path: Path):
     torch.manual_seed(0)
     encoder, decoder = build_mlp((1, 8, 8), latent_dim=3, params_per_channel=1, hidden=[16])
     vae = VAE(encoder, decoder, Bernoulli(), latent_dim=3).eval()
     images = torch.bernoulli(torch.rand(100, 1, 8, 8))
     labels = torch.arange(100) % 10
-    paths = save_figures(vae, images, labels, kl_per_dim=[0.5, 2.0, 1.0], folder=tmp_path)
+    paths = save_figures(vae, images, labels, kl_per_dim=[0.5, 2.0, 1.0], folder=tmp_path, split="val")
     paths.append(save_training_curves([{"epoch": 0, "train/elbo": -40.0, "val/elbo": -39.0}], tmp_path / "c.png"))
 
     names = {p.name for p in paths}
@@ -35,20 +31,14 @@ def test_every_figure_is_a_png_of_the_expected_size(tmp_path: Path):
         "kl_per_dim.png",
         "c.png",
     }
-    side = (MIN_SIDE // 8) * 8  # 8x8 digits are upscaled for readability
-    expected = {
-        "reconstructions.png": (grid_side(8, side), grid_side(8, side)),  # 4 rows of inputs + 4 of reconstructions
-        "samples.png": (grid_side(8, side), grid_side(8, side)),
-        "traversals.png": (grid_side(9, side), grid_side(3, side)),  # 9 steps x all 3 latent dims
-        "interpolations.png": (grid_side(10, side), grid_side(8, side)),  # 10 steps x 8 pairs
-    }
+    grids = {"reconstructions.png", "samples.png", "traversals.png", "interpolations.png"}
     for path in paths:
         with Image.open(path) as picture:
             picture.verify()
         with Image.open(path) as picture:
             assert picture.format == "PNG"
-            if path.name in expected:
-                assert picture.size == expected[path.name], path.name
+            if path.name in grids:  # 8x8 digits, each drawn about 90 pixels wide
+                assert picture.size[0] >= 800 and picture.size[1] >= 300, path.name
             else:
                 assert picture.size[0] > 300 and picture.size[1] > 200, path.name
 
@@ -64,16 +54,15 @@ def test_a_handful_of_images_or_a_single_latent_still_draws_every_figure(tmp_pat
     encoder, decoder = build_mlp((1, 8, 8), latent_dim=latent_dim, params_per_channel=1, hidden=[16])
     vae = VAE(encoder, decoder, Bernoulli(), latent_dim=latent_dim).eval()
     images = torch.bernoulli(torch.rand(n_images, 1, 8, 8))
-    paths = save_figures(vae, images, torch.arange(n_images) % 10, [1.0] * latent_dim, tmp_path)
+    paths = save_figures(vae, images, torch.arange(n_images) % 10, [1.0] * latent_dim, tmp_path, split="val")
 
     assert len(paths) == 6
-    side = (MIN_SIDE // 8) * 8
-    per_row = min(8, n_images)  # rows of inputs, each above its reconstructions
-    with Image.open(tmp_path / "reconstructions.png") as picture:
-        assert picture.size == (grid_side(per_row, side), grid_side(2 * (min(n_images, 32) // per_row), side))
     for path in paths:
         with Image.open(path) as picture:
             picture.verify()
+    per_row = min(8, n_images)  # rows of inputs, each above its reconstructions
+    figures = draw_figures(vae, images, torch.arange(n_images) % 10, [1.0] * latent_dim, "val")
+    assert len(figures["reconstructions.png"].axes[0].texts) == 2 * (min(n_images, 32) // per_row)
 
 
 def test_a_grid_puts_nrow_images_to_a_row_each_framed_by_two_white_pixels():

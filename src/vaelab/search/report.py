@@ -9,6 +9,7 @@ import shlex
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from vaelab.tracking.run import public_config
 
 if TYPE_CHECKING:
     import optuna
+    from matplotlib.figure import Figure
 
     from vaelab.tracking.run import Run
 
@@ -154,39 +156,117 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
     return counts
 
 
-def save_study_plots(study: optuna.Study, folder: Path) -> list[Path]:
-    """Optimization history, learning curves, parallel coordinates and parameter importances as PNGs
-    (optuna.visualization.matplotlib: plotly's PNG export would need kaleido and a browser). A plot that
-    cannot be drawn yet (too few completed trials, a single parameter value) is left out, with a note."""
+# Below this many complete trials, fANOVA's importances rest on too few points to rank parameters reliably.
+RELIABLE_IMPORTANCE_TRIALS = 20
+
+
+def metric_label(metric: str) -> str:
+    """A searched metric with its unit: bits per dimension for val/bpd, nats per image for the others."""
+    return f"{metric} (bits/dim)" if metric.endswith("bpd") else f"{metric} (nats)"
+
+
+def whole_numbers(axis) -> None:
+    """Ticks at whole numbers only (trials, epochs), where Optuna's axes may tick at 0.5."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def label_history(ax, metric: str, complete: int) -> None:
+    ax.set_title(f"{metric} of each trial, and the best so far", fontsize=10)
+    ax.set_xlabel("trial")
+    whole_numbers(ax.xaxis)
+
+
+def label_intermediate_values(ax, metric: str, complete: int) -> None:
+    ax.set_title(f"{metric} after each epoch of each trial (a pruned trial stops early)", fontsize=10)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric_label(metric))
+    whole_numbers(ax.xaxis)
+
+
+def label_parallel_coordinate(ax, metric: str, complete: int) -> None:
+    """Names slanted away from each other on a figure as wide as they need; a colormap without Optuna's near-white
+    end, so that the line of every trial shows (the best trials darkest, as Optuna has them)."""
+    ax.set_title(f"Parameters of each complete trial, coloured by {metric}", fontsize=10, y=1.03)
+    names = ax.get_xticklabels()
+    ax.figure.set_size_inches(max(6.4, 1.7 * len(names) + 2.5), 4.8)
+    for name in names:
+        name.set(rotation=-25, ha="left", rotation_mode="anchor", fontsize=8)
+    for lines in ax.collections:
+        lines.set_cmap("viridis" if lines.get_cmap().name.endswith("_r") else "viridis_r")
+        lines.set_linewidth(1.5)
+        lines.set_clip_on(False)  # the worst and best trials' lines lie on the frame: drawn whole, not halved
+
+
+def label_param_importances(ax, metric: str, complete: int) -> None:
+    caution = (
+        f"\nfrom only {complete} complete trials: unreliable below about {RELIABLE_IMPORTANCE_TRIALS}"
+        if complete < RELIABLE_IMPORTANCE_TRIALS
+        else f" ({complete} complete trials)"
+    )
+    ax.set_title(f"Importance of each parameter for {metric} (fANOVA){caution}", loc="left", fontsize=10)
+    ax.figure.set_size_inches(max(7.5, ax.figure.get_size_inches()[0]), 4.8)
+    ax.set_xlabel(f"share of the variance of {metric}")
+    ax.set_ylabel("parameter")
+
+
+def study_figures(study: optuna.Study, metric: str) -> dict[str, Figure]:
+    """Optimization history, learning curves, parallel coordinates and parameter importances, by name, each
+    labelled with the searched `metric` and its unit. A plot that cannot be drawn yet (too few complete trials,
+    a single parameter value) is left out, with a note."""
     import matplotlib
     import optuna
 
     matplotlib.use("Agg")  # Optuna draws through pyplot: no window on a desktop, no display needed on a server
-    import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as optuna_plots
 
-    from vaelab.charts import save_figure
-
     complete = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    target = metric_label(metric)
     plots = {
-        "optimization_history": (optuna_plots.plot_optimization_history, 1),
-        "intermediate_values": (optuna_plots.plot_intermediate_values, 1),
-        "parallel_coordinate": (optuna_plots.plot_parallel_coordinate, 1),
-        "param_importances": (optuna_plots.plot_param_importances, 2),
+        "optimization_history": (partial(optuna_plots.plot_optimization_history, target_name=target), label_history, 1),
+        "intermediate_values": (optuna_plots.plot_intermediate_values, label_intermediate_values, 1),
+        "parallel_coordinate": (
+            partial(optuna_plots.plot_parallel_coordinate, target_name=target),
+            label_parallel_coordinate,
+            1,
+        ),
+        "param_importances": (
+            partial(optuna_plots.plot_param_importances, target_name=target),
+            label_param_importances,
+            2,
+        ),
     }
-    saved = []
-    for name, (plot, needs) in plots.items():
+    figures = {}
+    for name, (plot, label, needs) in plots.items():
         if complete < needs:
             continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "experimental" plots; flat axes when a parameter has one value
                 axes = plot(study)
-            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-            saved.append(save_figure(figure, folder / f"{name}.png"))
-            plt.close(figure)  # pyplot keeps every figure it made until it is closed
+            label(axes, metric, complete)
+            figures[name] = axes.figure
         except Exception as error:  # a missing plot must not cost the study's report
             print(f"search: note: no {name} plot ({type(error).__name__}: {error})")
+    return figures
+
+
+def save_study_plots(study: optuna.Study, folder: Path, metric: str) -> list[Path]:
+    """`study_figures` as PNGs in `folder` (optuna.visualization.matplotlib: plotly's PNG export would need
+    kaleido and a browser)."""
+    import matplotlib.pyplot as plt
+
+    from vaelab.charts import save_figure
+
+    saved = []
+    for name, figure in study_figures(study, metric).items():
+        try:
+            saved.append(save_figure(figure, folder / f"{name}.png"))
+        except Exception as error:  # a missing plot must not cost the study's report
+            print(f"search: note: no {name} plot ({type(error).__name__}: {error})")
+        finally:
+            plt.close(figure)  # pyplot keeps every figure it made until it is closed
     return saved
 
 
@@ -229,7 +309,7 @@ def write_report(study: optuna.Study, settings: Settings, config_dir: Path, pare
     table = out_dir / "trials.csv"
     study.trials_dataframe().to_csv(table, index=False)
     parent.log_artifact(table)
-    plots = save_study_plots(study, out_dir / "plots")
+    plots = save_study_plots(study, out_dir / "plots", settings.metric)
     if plots:
         parent.log_artifact(out_dir / "plots", "plots")
         upload_to_study(study, plots)

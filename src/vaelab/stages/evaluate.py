@@ -234,7 +234,7 @@ def evaluate_checkpoint(
     """`publish`: also write DVC's outputs. `announce`: first say which run and checkpoint it evaluates (a run
     evaluated right after its training needs no introduction)."""
     from vaelab.charts import save_gap_split
-    from vaelab.figures import save_figures
+    from vaelab.figures import class_names, save_figures
     from vaelab.tracking.run import Run
     from vaelab.tracking.store import check_store
 
@@ -278,7 +278,10 @@ def evaluate_checkpoint(
     run_folder = paths.run_dir(lineage["run_id"]) if lineage.get("run_id") else paths.outputs_dir()
     plots = paths.plots_dir() / "eval" if publish else run_folder / paths.EVALUATION
     with phases("test_figures"), replacing_dir(plots) as fresh:  # no figure of an earlier evaluation survives
-        save_figures(trained.vae, images, test["labels"][: len(images)], result.kl_per_dim, fresh, seed=cfg.seed)
+        labels, names = test["labels"][: len(images)], class_names(manifest)
+        save_figures(
+            trained.vae, images, labels, result.kl_per_dim, fresh, seed=cfg.seed, split="test", class_names=names
+        )
         write_kl_per_dim(result.kl_per_dim, fresh / "kl_per_dim.csv")
         if "test/approximation_gap" in metrics:
             save_gap_split(

@@ -29,7 +29,7 @@ from vaelab.config import validate
 from vaelab.data.datamodule import ImageData
 from vaelab.data.settings import Settings
 from vaelab.errors import TrainingInterrupted, VaelabError, storage_problem
-from vaelab.figures import save_figures, save_training_curves
+from vaelab.figures import class_names, save_figures, save_training_curves
 from vaelab.files import check_writable, replacing_dir, write_json_atomic, write_text_atomic
 from vaelab.model.estimators import evaluate_images
 from vaelab.redaction import redact_text
@@ -343,7 +343,10 @@ def finish(
     figures = out_dir / paths.FIGURES
     with phases("figures"):
         val_labels = data.split("val")["labels"][: len(val_images)]
-        save_figures(module.vae, val_images, val_labels, val_iw.kl_per_dim, figures, seed=cfg.seed)
+        kl_per_dim, names = val_iw.kl_per_dim, class_names(data.manifest)
+        save_figures(
+            module.vae, val_images, val_labels, kl_per_dim, figures, seed=cfg.seed, split="val", class_names=names
+        )
         save_training_curves(history.rows, figures / "training_curves.png")
 
     best_row = next(row for row in history.rows if row["epoch"] == state["epoch"])

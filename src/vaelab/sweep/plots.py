@@ -6,10 +6,13 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vaelab.sweep.runs import GAP_SPLIT, SELECTION
 from vaelab.sweep.tables import is_number
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def axis_values(values: list[str]) -> tuple[list[float], list[str], bool]:
@@ -52,27 +55,42 @@ def plot_metric_by_axis(rows: list[dict[str, Any]], axes: list[str], path: Path)
     return [save_figure(fig, path)]
 
 
-def plot_rate_distortion(rows: list[dict[str, Any]], path: Path) -> list[Path]:
-    """Rate (val/kl) against distortion (val/rec), one point per finished job, labelled by beta.
+def swept_values(overrides: dict[str, str], axes: list[str]) -> str:
+    """A job's swept values, one `key=value` a line (β for objective.beta): what tells its point from the others."""
+    return "\n".join(f"{'β' if axis == 'objective.beta' else axis}={overrides.get(axis, '')}" for axis in axes)
+
+
+def rate_distortion_figure(rows: list[dict[str, Any]], axes: list[str]) -> Figure | None:
+    """Rate (val/kl) against distortion (val/rec) in nats, one point per finished job, coloured by β and labelled
+    by every swept value in `axes`; None when no job finished.
 
     Each dashed line is one ELBO value: -elbo = rate + distortion, so moving along it trades one for the other.
     """
     done = [row for row in rows if row["status"] == "FINISHED" and math.isfinite(row["val/kl"])]
     if not done:
-        return []
+        return None
     from matplotlib.figure import Figure
-
-    from vaelab.charts import save_figure
 
     rate = [row["val/kl"] for row in done]
     distortion = [row["val/rec"] for row in done]
     beta = [float(row["overrides"].get("objective.beta", "nan")) for row in done]
-    fig = Figure(figsize=(5.5, 4.5))
+    fig = Figure(figsize=(6.5, 5.0))
     ax = fig.subplots()
     points = ax.scatter(rate, distortion, c=beta, cmap="viridis", zorder=3)
     fig.colorbar(points, ax=ax, label="β")
-    for r, d, b in zip(rate, distortion, beta, strict=True):
-        ax.annotate(f"β={b:g}", (r, d), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for r, d, row in zip(rate, distortion, done, strict=True):
+        label = swept_values(row["overrides"], axes or ["objective.beta"])
+        right_half = r > max(rate) * 0.6  # its label to the left, where the colour bar leaves no room to the right
+        ax.annotate(
+            label,
+            (r, d),
+            textcoords="offset points",
+            xytext=(-4 if right_half else 4, 4),
+            ha="right" if right_half else "left",
+            multialignment="right" if right_half else "left",
+            va="bottom",
+            fontsize=7,
+        )
     totals = [r + d for r, d in zip(rate, distortion, strict=True)]
     for total in {min(totals), max(totals)}:
         ax.plot([0, total], [total, 0], ls="--", lw=0.8, color="grey")
@@ -80,8 +98,18 @@ def plot_rate_distortion(rows: list[dict[str, Any]], path: Path) -> list[Path]:
     ax.set_ylim(min(distortion) * 0.95, max(distortion) * 1.05)
     ax.set_xlabel("rate: val/kl (nats)")
     ax.set_ylabel("distortion: val/rec (nats)")
-    ax.set_title("Rate–distortion (dashed: constant ELBO)")
-    return [save_figure(fig, path)]
+    ax.set_title("Rate–distortion of each job (dashed: constant ELBO)")
+    return fig
+
+
+def plot_rate_distortion(rows: list[dict[str, Any]], axes: list[str], path: Path) -> list[Path]:
+    """`rate_distortion_figure` as a PNG; nothing when no job finished."""
+    figure = rate_distortion_figure(rows, axes)
+    if figure is None:
+        return []
+    from vaelab.charts import save_figure
+
+    return [save_figure(figure, path)]
 
 
 def plot_gap_split(rows: list[dict[str, Any]], axes: list[str], path: Path) -> list[Path]:

@@ -294,6 +294,6 @@ def write_figures(summary: Summary, folder: Path) -> list[Path]:
     """val/elbo by swept value; rate against distortion when β was swept; the gap split when jobs logged it."""
     files = plot_metric_by_axis(summary.rows, summary.axes, folder / "val_elbo_by_axis.png")
     if "objective.beta" in summary.axes:
-        files += plot_rate_distortion(summary.rows, folder / "rate_distortion.png")
+        files += plot_rate_distortion(summary.rows, summary.axes, folder / "rate_distortion.png")
     files += plot_gap_split(summary.rows, summary.axes, folder / "gap_split.png")
     return files
