@@ -38,9 +38,17 @@ def main(cfg: DictConfig) -> float:
         warn_of_plain_secrets(OmegaConf.to_container(cfg, resolve=False))
     with exit_on_user_error():
         validate(cfg)  # before the heavy imports: a typo fails in a second
+        resumed = None
+        if cfg.get("resume") is not None:  # a refused resume, or one with nothing left to do, also before them
+            from vaelab.stages.resume import resumption
+
+            resumed = resumption(cfg, list(HydraConfig.get().overrides.task))
+            if resumed.already_finished:
+                print(resumed.finished_line())
+                return resumed.summary().get("val/elbo")
         from vaelab.stages.train import train
 
-        summary = train(cfg)
+        summary = train(cfg, resumed=resumed)
     if not summary:
         return None  # a DDP rank other than zero: rank zero reports
     print(
