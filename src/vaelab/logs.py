@@ -40,6 +40,6 @@ def quiet_third_party() -> None:
         logging.getLogger(name).addFilter(_DropAdverts())
         logging.getLogger(name).addFilter(_DropCheckpointNotices())
     logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").addFilter(_DropCheckpointNotices())
-    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty\.", category=UserWarning)
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty", category=UserWarning)
     # MLflow's system-metrics monitor announces at INFO that it starts, stops and finds no GPU, at every run.
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)

@@ -249,8 +249,8 @@ def check_extension(run_id: str, stored: DictConfig, epochs_done: int, asked: in
     further, or that its learning-rate schedule was not set for."""
     if asked <= epochs_done:
         raise VaelabError(
-            f"cannot resume run {run_id} with trainer.max_epochs={asked}: allowed more than the {epochs_done} epochs "
-            "it has trained (the epochs it trains in all)"
+            f"cannot resume run {run_id} with trainer.max_epochs={asked}: allowed more than {epochs_done}, the epochs "
+            "it has trained already (trainer.max_epochs counts them all)"
         )
     if stored.get("scheduler") is not None and asked != stored.trainer.max_epochs:
         raise VaelabError(
