@@ -38,7 +38,6 @@ def test_a_sigkilled_run_resumes_in_the_same_mlflow_run(project: Path):
     assert resumed.data.tags["vaelab.resumes"] == "1"
     assert resumed.data.params == run.data.params  # logged once, never again
     history = mlflow_client(project).get_metric_history(run_id, "val/elbo")
-    assert not (project / "models").exists()  # evaluate below finds the run by its id, not in models/latest
     steps = [m.step for m in history]
     assert len(steps) == len(set(steps)) == SIGNAL_EPOCHS  # every epoch once: none lost, none repeated
     assert all(-100 < m.value < 0 for m in history)  # nats per 8x8 digit: a normal range
