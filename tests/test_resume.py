@@ -11,7 +11,7 @@ import torch
 from helpers.config import SIGNAL_EPOCHS, SIGNALLABLE, TINY, make_config
 from helpers.processes import run_entry, signal_after_first_checkpoint, start_training
 from helpers.stores import all_runs, artifact_paths, mlflow_client
-from vaelab.errors import ConfigError, VaelabError
+from vaelab.errors import ConfigError, TrainingInterrupted, VaelabError
 from vaelab.stages import train as train_stage
 from vaelab.stages.evaluate import evaluate
 from vaelab.stages.resume import resumption
@@ -178,3 +178,31 @@ def test_the_console_of_a_resume_names_the_run_once_and_a_refusal_or_a_finished_
     lines = [line for line in finished.stdout.splitlines() if line]
     assert len(lines) == 1 and lines[0].startswith(f"vaelab: run {run_id} already finished all its 2 epochs")
     assert "lightning" not in imported(finished.stderr)
+
+
+@pytest.mark.integration
+def test_an_extension_stopped_while_it_was_being_finished_is_finished_by_the_next_resume(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    run_id = train(make_config(*TINY, "trainer.max_epochs=1"))["run_id"]
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as during_figures:
+        during_figures.setattr(train_stage, "save_figures", stopped)
+        with pytest.raises(TrainingInterrupted, match="without training again"):
+            train(resume_command(during_figures, f"resume={run_id}", "trainer.max_epochs=2"))
+    [put_back] = all_runs(project)
+    assert put_back.info.status == "FINISHED"  # as it was before the extension: its finishing covers one epoch
+    capsys.readouterr()
+
+    again = train(resume_command(monkeypatch, f"resume={run_id}"))
+
+    checkpoint = project / "outputs" / run_id / "checkpoints" / "last.ckpt"
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("vaelab:")]
+    finishing = "(epoch 2 of 2: training is done, finishing the run)"
+    assert said == [f"vaelab: resuming run {run_id} from {checkpoint} {finishing}"]
+    assert "already_finished" not in again and again["epochs"] == 2
+    [run] = all_runs(project)
+    assert run.info.status == "FINISHED" and run.data.tags["vaelab.extended_to"] == "2"

@@ -59,6 +59,7 @@ class Resumption:
     epochs_done: int = 0
     extended_from: int | None = None
     status: str | None = None  # its MLflow status before the resume; None when it is not tracked
+    summarised_epochs: int | None = None  # the epochs its summary file covers: those its last finishing saw
     finished: RunInfo | None = None  # a FINISHED run's status and tags before it was reopened
 
     @property
@@ -67,8 +68,15 @@ class Resumption:
 
     @property
     def already_finished(self) -> bool:
-        """The run ended FINISHED after all its epochs: its end-of-training work is done, and nothing is left."""
-        return self.status == "FINISHED" and self.extended_from is None and self.epochs_done >= self.max_epochs
+        """The run ended FINISHED after all its epochs, and its end-of-training work covered them all: nothing is
+        left. (An extension stopped while it was being finished leaves the run FINISHED as it was before, with more
+        epochs in its checkpoint than in its summary: resuming it finishes it.)"""
+        return (
+            self.status == "FINISHED"
+            and self.extended_from is None
+            and self.epochs_done >= self.max_epochs
+            and self.summarised_epochs == self.epochs_done
+        )
 
     def announcement(self) -> str:
         """The one line a resumed run starts with."""
@@ -237,6 +245,7 @@ def resumption(cfg: DictConfig, overrides: list[str]) -> Resumption:
         epochs_done=epochs_done,
         extended_from=extended_from,
         status=run_status(stored, run_id),
+        summarised_epochs=read_summary(run_id).get("epochs"),
     )
     if not resumed.already_finished:
         check_trusted(run_id, config_file, values, trusted)
