@@ -39,18 +39,17 @@ def main(cfg: DictConfig) -> float:
     with exit_on_user_error():
         validate(cfg)  # before the heavy imports: a typo fails in a second
         resumed = None
-        if cfg.get("resume") is not None:  # a refused resume, or one with nothing left to do, also before them
+        if cfg.get("resume") is not None:  # and so does a refused resume
             from vaelab.stages.resume import resumption
 
             resumed = resumption(cfg, list(HydraConfig.get().overrides.task))
-            if resumed.already_finished:
-                print(resumed.finished_line())
-                return resumed.summary().get("val/elbo")
         from vaelab.stages.train import train
 
         summary = train(cfg, resumed=resumed)
     if not summary:
         return None  # a DDP rank other than zero: rank zero reports
+    if summary.get("already_finished"):
+        return summary.get("val/elbo")  # train() said the run had finished: nothing was trained
     print(
         f"trained (best epoch {summary['best_epoch']:.0f}): val/elbo {summary['val/elbo']:.2f}, "
         f"val/nll_iw {summary['val/nll_iw']:.2f} nats (k={summary['val/iw_k']:.0f}, "

@@ -200,9 +200,9 @@ def resumption(cfg: DictConfig, overrides: list[str]) -> Resumption:
     any is missing, and a refusal, before anything is built from them, when they name a `_target_` that neither
     vaelab nor the user trusts, or when `trainer.max_epochs` (among `overrides`) would not extend the run.
 
-    The refusals come in the order of their cost: the command line (no import), the run's files and checkpoint
-    (torch), its status (MLflow), then what its files name (importing those, Lightning among them). A run that already
-    finished is reported before that last step: nothing of it will run."""
+    The refusals come in the order of their cost: the command line (no import), the run's files, its checkpoint and
+    the extension (torch), then what its files name (importing those, Lightning among them). A run folder that names
+    an untrusted target is refused even when the run has finished: its files were changed by someone."""
     check_overrides(cfg, overrides)
     from vaelab.checkpoints import read_checkpoint  # torch: imported once the command line has passed
 
@@ -247,9 +247,8 @@ def resumption(cfg: DictConfig, overrides: list[str]) -> Resumption:
         status=run_status(stored, run_id),
         summarised_epochs=read_summary(run_id).get("epochs"),
     )
-    if not resumed.already_finished:
-        check_trusted(run_id, config_file, values, trusted)
-        check_trusted(run_id, checkpoint, {k: state.get(k) for k in ("hyper_parameters", "vaelab")}, trusted)
+    check_trusted(run_id, config_file, values, trusted)
+    check_trusted(run_id, checkpoint, {k: state.get(k) for k in ("hyper_parameters", "vaelab")}, trusted)
     return resumed
 
 

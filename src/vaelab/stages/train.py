@@ -123,15 +123,15 @@ def train(
     validate(cfg)
     if cfg.get("resume") is not None:
         resume = resumed or resumption(cfg, hydra_overrides())
-        if resume.already_finished:  # nothing to train or finish: say so, and leave the run as it is
-            print(resume.finished_line(), flush=True)
-            return {**resume.summary(), ALREADY_FINISHED: "true"}
         cfg = resume.cfg
         validate(cfg)  # the run's stored config is a file on disk: checked like any other
     if cfg.get("logger") is not None:
         check_store(cfg.tracking.uri)
     skip_gpu_probe_without_gpu()
     check_buildable(cfg)  # the Trainer's and the optimizer's arguments, judged by Lightning and torch
+    if resume and resume.already_finished:  # nothing to train or finish: say so, and leave the run as it is
+        print(resume.finished_line(), flush=True)
+        return {**resume.summary(), ALREADY_FINISHED: "true"}
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = build_data(cfg)
     if resume:
