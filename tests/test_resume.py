@@ -87,7 +87,7 @@ def test_trainer_max_epochs_extends_a_finished_run_in_the_same_mlflow_run_with_i
 
     checkpoint = project / "outputs" / run_id / "checkpoints" / "last.ckpt"
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("vaelab: resuming")]
-    assert said == [f"vaelab: resuming run {run_id} from {checkpoint} (epoch 2, extended from 2 to 4 epochs)"]
+    assert said == [f"vaelab: resuming run {run_id} from {checkpoint} (epoch 2 of 4; trainer.max_epochs was 2)"]
     assert again["run_id"] == run_id and again["epochs"] == 4
     [run] = all_runs(project)
     assert run.info.status == "FINISHED" and run.data.params["model.latent_dim"] == "3"
@@ -169,7 +169,7 @@ def test_the_console_of_a_resume_names_the_run_once_and_a_refused_resume_answers
 
     done = run_entry("train.py", f"resume={run_id}", "trainer.max_epochs=2", root=project)
     said = [line for line in done.stdout.splitlines() if run_id in line or "resum" in line]
-    assert said == [f"vaelab: resuming run {run_id} from {checkpoint} (epoch 1, extended from 1 to 2 epochs)"]
+    assert said == [f"vaelab: resuming run {run_id} from {checkpoint} (epoch 1 of 2; trainer.max_epochs was 1)"]
     assert "trained (best epoch" in done.stdout
     for notice in ("exists and is not empty", "Restoring states", "Restored all states", "weights_only"):
         assert notice not in done.stdout + done.stderr

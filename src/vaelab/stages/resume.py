@@ -51,7 +51,7 @@ ALREADY_FINISHED = "already_finished"  # in train()'s summary of a resume that f
 @dataclass
 class Resumption:
     """A run to continue, as its own files describe it. `epochs_done`: the complete epochs its last checkpoint holds;
-    `extended_from`: the trainer.max_epochs it was stopped or finished with, when this command extends it."""
+    `extended_from`: the trainer.max_epochs it was stopped or finished with, when this command changes it."""
 
     run_id: str
     checkpoint: Path
@@ -81,7 +81,7 @@ class Resumption:
     def announcement(self) -> str:
         """The one line a resumed run starts with."""
         if self.extended_from is not None:
-            where = f"epoch {self.epochs_done}, extended from {self.extended_from} to {self.max_epochs} epochs"
+            where = f"epoch {self.epochs_done} of {self.max_epochs}; trainer.max_epochs was {self.extended_from}"
         elif self.epochs_done >= self.max_epochs:
             where = f"epoch {self.epochs_done} of {self.max_epochs}: training is done, finishing the run"
         else:
@@ -179,8 +179,8 @@ def is_allowed_with_resume(override: str) -> bool:
 
 
 def check_overrides(cfg: DictConfig, overrides: list[str]) -> None:
-    """Refuse the overrides a resume does not allow. Reads nothing but the command line, so an entry point calls it
-    before its heavy imports, and a refused command answers in about a second."""
+    """Refuse the overrides a resume does not allow. It reads nothing but the command line, and resumption() calls
+    it before importing torch: a refused command answers in about a second."""
     extra = [o for o in overrides if not is_allowed_with_resume(o)]
     if extra:
         raise ConfigError(
@@ -235,21 +235,22 @@ def resumption(cfg: DictConfig, overrides: list[str]) -> Resumption:
     epochs_done = int(state.get("epoch", -1)) + 1
     extended_from = None
     if any(override_key(o) == "trainer.max_epochs" for o in overrides):
-        extended_from = int(stored.trainer.max_epochs)
         check_extension(run_id, stored, epochs_done, int(cfg.trainer.max_epochs))
-        stored.trainer.max_epochs = int(cfg.trainer.max_epochs)
-    resumed = Resumption(
+        if cfg.trainer.max_epochs != stored.trainer.max_epochs:
+            extended_from = int(stored.trainer.max_epochs)
+            stored.trainer.max_epochs = int(cfg.trainer.max_epochs)
+    status = run_status(stored, run_id)
+    check_trusted(run_id, config_file, values, trusted)
+    check_trusted(run_id, checkpoint, {k: state.get(k) for k in ("hyper_parameters", "vaelab")}, trusted)
+    return Resumption(
         run_id=run_id,
         checkpoint=checkpoint,
         cfg=stored,
         epochs_done=epochs_done,
         extended_from=extended_from,
-        status=run_status(stored, run_id),
+        status=status,
         summarised_epochs=read_summary(run_id).get("epochs"),
     )
-    check_trusted(run_id, config_file, values, trusted)
-    check_trusted(run_id, checkpoint, {k: state.get(k) for k in ("hyper_parameters", "vaelab")}, trusted)
-    return resumed
 
 
 def check_extension(run_id: str, stored: DictConfig, epochs_done: int, asked: int) -> None:
