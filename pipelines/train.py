@@ -38,11 +38,18 @@ def main(cfg: DictConfig) -> float:
         warn_of_plain_secrets(OmegaConf.to_container(cfg, resolve=False))
     with exit_on_user_error():
         validate(cfg)  # before the heavy imports: a typo fails in a second
+        resumed = None
+        if cfg.get("resume") is not None:  # and so does a refused resume
+            from vaelab.stages.resume import resumption
+
+            resumed = resumption(cfg, list(HydraConfig.get().overrides.task))
         from vaelab.stages.train import train
 
-        summary = train(cfg)
+        summary = train(cfg, resumed=resumed)
     if not summary:
         return None  # a DDP rank other than zero: rank zero reports
+    if summary.get("already_finished"):
+        return summary.get("val/elbo")  # train() said the run had finished: nothing was trained
     print(
         f"trained (best epoch {summary['best_epoch']:.0f}): val/elbo {summary['val/elbo']:.2f}, "
         f"val/nll_iw {summary['val/nll_iw']:.2f} nats (k={summary['val/iw_k']:.0f}, "

@@ -1,4 +1,6 @@
-"""Resume: a run SIGKILLed mid-training continues from its last checkpoint, in the same MLflow run."""
+"""Resume: a run SIGKILLed mid-training continues from its last checkpoint, in the same MLflow run; a finished run
+is extended with trainer.max_epochs, or says it has nothing left to do; the console says which run goes on from
+where, and a refused resume answers before the heavy imports."""
 
 import signal
 from pathlib import Path
@@ -8,8 +10,9 @@ import torch
 
 from helpers.config import SIGNAL_EPOCHS, SIGNALLABLE, TINY, make_config
 from helpers.processes import run_entry, signal_after_first_checkpoint, start_training
-from helpers.stores import all_runs, mlflow_client
-from vaelab.errors import ConfigError, VaelabError
+from helpers.stores import all_runs, artifact_paths, mlflow_client
+from vaelab.errors import ConfigError, TrainingInterrupted, VaelabError
+from vaelab.stages import train as train_stage
 from vaelab.stages.evaluate import evaluate
 from vaelab.stages.resume import resumption
 from vaelab.stages.train import train
@@ -56,17 +59,149 @@ def test_resume_refuses_other_overrides_and_unknown_runs(project: Path):
     assert done.returncode == 2 and "resume='not-a-run'" in done.stderr and "Traceback" not in done.stderr
 
 
+def resume_command(monkeypatch: pytest.MonkeyPatch, *overrides: str):
+    """The config `python pipelines/train.py <overrides>` composes, with `overrides` as the command line train() reads
+    (in-process, Hydra's own record of it is not there)."""
+    monkeypatch.setattr(train_stage, "hydra_overrides", lambda: list(overrides))
+    return make_config(*overrides)
+
+
+def imported(stderr: str) -> set[str]:
+    """The top-level packages a process imported, from its PYTHONPROFILEIMPORTTIME report."""
+    return {
+        line.rsplit("|", 1)[1].strip().split(".")[0] for line in stderr.splitlines() if line.startswith("import time:")
+    }
+
+
 @pytest.mark.integration
-def test_resume_continues_a_finished_run_with_its_own_config_and_evaluate_finds_it_by_run_id(project: Path):
-    """Resuming uses the run's stored config, not the defaults the resume command composes."""
-    first = train(make_config(*TINY, "model.latent_dim=3", "publish=true"))
-    again = train(make_config(f"resume={first['run_id']}"))
-    assert again["run_id"] == first["run_id"]
-    assert again["epochs"] == first["epochs"]  # max_epochs was reached already: nothing more to train
+def test_trainer_max_epochs_extends_a_finished_run_in_the_same_mlflow_run_with_its_own_config(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    """The run's stored config is used (latent_dim=3, not the default), with only max_epochs replaced; Lightning
+    goes on from last.ckpt to the new length, and every epoch is logged once."""
+    first = train(make_config(*TINY, "model.latent_dim=3"))
+    run_id = first["run_id"]
+    capsys.readouterr()
+
+    again = train(resume_command(monkeypatch, f"resume={run_id}", "trainer.max_epochs=4"))
+
+    checkpoint = project / "outputs" / run_id / "checkpoints" / "last.ckpt"
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("vaelab: resuming")]
+    assert said == [f"vaelab: resuming run {run_id} from {checkpoint} (epoch 2 of 4; trainer.max_epochs was 2)"]
+    assert again["run_id"] == run_id and again["epochs"] == 4
     [run] = all_runs(project)
     assert run.info.status == "FINISHED" and run.data.params["model.latent_dim"] == "3"
+    assert run.data.params["trainer.max_epochs"] == "2"  # MLflow params are written once: the tag has the new length
+    assert run.data.tags["vaelab.extended_to"] == "4"
+    assert "max_epochs: 4" in (project / "outputs" / run_id / "config.yaml").read_text()
+    assert not (project / "models").exists()  # evaluate below finds the run by its id, not in models/latest
+    steps = [m.step for m in mlflow_client(project).get_metric_history(run_id, "val/elbo")]
+    assert len(steps) == len(set(steps)) == 4 and steps == sorted(steps)
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 3  # the 0-based index of the fourth epoch
 
-    (project / "models").rename(project / "elsewhere")  # evaluate must not fall back on models/latest
-    metrics = evaluate(make_config(*TINY, f"run_id={first['run_id']}"))
-    assert metrics["run_id"] == first["run_id"]
-    assert "test/nll_iw" in mlflow_client(project).get_run(first["run_id"]).data.metrics
+    metrics = evaluate(make_config(*TINY, f"run_id={run_id}"))
+    assert metrics["run_id"] == run_id
+    assert "test/nll_iw" in mlflow_client(project).get_run(run_id).data.metrics
+
+
+@pytest.mark.integration
+def test_an_extension_that_would_not_train_on_is_refused_in_one_line_before_the_run_changes(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """No more epochs than the run has trained, or more than a learning-rate schedule was set for: refused."""
+    first = train(make_config(*TINY, "trainer.max_epochs=1", "scheduler=cosine"))
+    run_id = first["run_id"]
+    [before] = all_runs(project)
+
+    for asked, allowed in [(1, "allowed more than 1, the epochs it has trained already"), (3, r"scheduler.T_max=1")]:
+        with pytest.raises(VaelabError, match=f"run {run_id} with trainer.max_epochs={asked}: .*{allowed}") as refused:
+            train(resume_command(monkeypatch, f"resume={run_id}", f"trainer.max_epochs={asked}"))
+        assert "\n" not in str(refused.value)
+
+    [after] = all_runs(project)
+    assert (after.info.status, after.info.end_time, after.data.tags) == (
+        before.info.status,
+        before.info.end_time,
+        before.data.tags,
+    )
+    assert "max_epochs: 1" in (project / "outputs" / run_id / "config.yaml").read_text()
+
+
+@pytest.mark.integration
+def test_resuming_a_run_that_finished_all_its_epochs_says_so_and_changes_nothing(project: Path, capsys):
+    first = train(make_config(*TINY, "publish=true"))
+    run_id = first["run_id"]
+    [before] = all_runs(project)
+    artifacts = artifact_paths(mlflow_client(project), run_id)
+    capsys.readouterr()
+
+    again = train(make_config("resume=last"))
+
+    out = capsys.readouterr().out
+    assert out.splitlines() == [
+        f"vaelab: run {run_id} already finished all its 2 epochs (best epoch {first['best_epoch']:.0f}: "
+        f"val/elbo {first['val/elbo']:.2f}); nothing to resume. `resume={run_id} trainer.max_epochs=<more>` "
+        "trains it further"
+    ]
+    assert again["already_finished"] and again["run_id"] == run_id and again["val/elbo"] == first["val/elbo"]
+    [after] = all_runs(project)
+    assert (after.info.status, after.info.end_time, after.data.tags) == (
+        before.info.status,
+        before.info.end_time,
+        before.data.tags,
+    )
+    assert after.data.metrics == before.data.metrics
+    assert artifact_paths(mlflow_client(project), run_id) == artifacts
+
+
+@pytest.mark.subprocess
+def test_the_console_of_a_resume_names_the_run_once_and_a_refused_resume_answers_before_the_heavy_imports(
+    project: Path,
+):
+    first = train(make_config(*TINY, "trainer.max_epochs=1"))
+    run_id = first["run_id"]
+    checkpoint = project / "outputs" / run_id / "checkpoints" / "last.ckpt"
+    profiled = {"PYTHONPROFILEIMPORTTIME": "1"}
+
+    refused = run_entry("train.py", f"resume={run_id}", "objective.beta=4", root=project, check=False, env=profiled)
+    assert refused.returncode == 2 and "no other overrides (objective.beta=4)" in refused.stderr
+    assert not {"torch", "lightning", "mlflow"} & imported(refused.stderr)
+
+    done = run_entry("train.py", f"resume={run_id}", "trainer.max_epochs=2", root=project)
+    said = [line for line in done.stdout.splitlines() if run_id in line or "resum" in line]
+    assert said == [f"vaelab: resuming run {run_id} from {checkpoint} (epoch 1 of 2; trainer.max_epochs was 1)"]
+    assert "trained (best epoch" in done.stdout
+    for notice in ("exists and is not empty", "Restoring states", "Restored all states", "weights_only"):
+        assert notice not in done.stdout + done.stderr
+
+    finished = run_entry("train.py", "resume=last", root=project)
+    lines = [line for line in finished.stdout.splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith(f"vaelab: run {run_id} already finished all its 2 epochs")
+
+
+@pytest.mark.integration
+def test_an_extension_stopped_while_it_was_being_finished_is_finished_by_the_next_resume(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    run_id = train(make_config(*TINY, "trainer.max_epochs=1"))["run_id"]
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as during_figures:
+        during_figures.setattr(train_stage, "save_figures", stopped)
+        with pytest.raises(TrainingInterrupted, match="without training again"):
+            train(resume_command(during_figures, f"resume={run_id}", "trainer.max_epochs=2"))
+    [put_back] = all_runs(project)
+    assert put_back.info.status == "FINISHED"  # as it was before the extension: its finishing covers one epoch
+    capsys.readouterr()
+
+    again = train(resume_command(monkeypatch, f"resume={run_id}"))
+
+    checkpoint = project / "outputs" / run_id / "checkpoints" / "last.ckpt"
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("vaelab:")]
+    finishing = "(epoch 2 of 2: training is done, finishing the run)"
+    assert said == [f"vaelab: resuming run {run_id} from {checkpoint} {finishing}"]
+    assert "already_finished" not in again and again["epochs"] == 2
+    [run] = all_runs(project)
+    assert run.info.status == "FINISHED" and run.data.tags["vaelab.extended_to"] == "2"

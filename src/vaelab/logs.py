@@ -14,6 +14,21 @@ class _DropAdverts(logging.Filter):
         return "Tip: For seamless cloud logging" not in record.getMessage()
 
 
+# What Lightning says about the checkpoints vaelab itself restores and saves. A resumed run says in one line which
+# checkpoint it goes on from (vaelab.stages.resume), and its checkpoint folder holds the run's earlier checkpoints
+# by design; vaelab chooses weights_only at every load and save, where Lightning's default is the one it announces.
+_CHECKPOINT_NOTICES = (
+    "Restoring states from the checkpoint path at ",
+    "Restored all states from the checkpoint at ",
+    "`weights_only` was not set, defaulting to `False`.",
+)
+
+
+class _DropCheckpointNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_CHECKPOINT_NOTICES)
+
+
 def quiet_third_party() -> None:
     # lightning 2.6 on torch >= 2.14 warns about torch.utils._pytree.LeafSpec; it is harmless.
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
@@ -23,5 +38,8 @@ def quiet_third_party() -> None:
     logging.getLogger("lightning").propagate = False
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropAdverts())
+        logging.getLogger(name).addFilter(_DropCheckpointNotices())
+    logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").addFilter(_DropCheckpointNotices())
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty", category=UserWarning)
     # MLflow's system-metrics monitor announces at INFO that it starts, stops and finds no GPU, at every run.
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)

@@ -3,7 +3,19 @@
 A resumed run is the same run, continued: it trains with the config it was started with (its
 outputs/<run_id>/config.yaml), from its last checkpoint (weights, optimizer, scheduler, epoch, callbacks and
 RNG state), on the same data (the data hash must match), and logs into the same MLflow run without logging
-its params again (MLflow refuses changed param values).
+its params again (MLflow refuses changed param values). It says so in one line: the run, the checkpoint, and the
+epoch it goes on from.
+
+`resume=<run_id> trainer.max_epochs=N` extends a run, stopped or finished, to N epochs in all: the one change to
+its config a resume allows. N must be more than the epochs it has trained, and a run whose learning rate follows a
+schedule set for its first length (scheduler=cosine) is not extended, since the schedule would run past its end.
+The run's param trainer.max_epochs keeps the value it was started with (MLflow params are written once); the tag
+`vaelab.extended_to` holds the length it was extended to, and its config.yaml (and the config artifact) the config
+it now trains with.
+
+A run that FINISHED all its epochs has nothing left to do: resuming it says so, with its best epoch and val/elbo,
+and changes nothing. A run stopped after its last epoch, while it was being finished (the end-of-training
+estimates, figures, model logging, publishing), is finished by resuming it, without training again.
 
 Nothing read back from the run's folder runs unless trusted: every `_target_` in its config.yaml and in its last
 checkpoint (hyper-parameters and lineage) must be on vaelab.training.builder's trusted list, or named again by the
@@ -16,6 +28,7 @@ again; a tracking.uri's password is given again.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,32 +36,88 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from vaelab import __version__, paths
-from vaelab.checkpoints import read_checkpoint
 from vaelab.errors import ConfigError, VaelabError
 from vaelab.redaction import is_redacted
-from vaelab.tracking.run import Run, flatten
-from vaelab.tracking.store import newest_train_runs, resolve_uri
-from vaelab.training.builder import TRUSTED_TEXT, untrusted_targets
+from vaelab.tracking.run import TAG_PREFIX, Run, flatten
+from vaelab.tracking.store import SQLITE, StoreClient, check_store, newest_train_runs, resolve_uri
 
-# Overrides that may come with resume=: which run, what of it the user trusts, and where to find it. Anything else
-# would change a run in flight.
-ALLOWED_WITH_RESUME = ("resume", "tracking.uri", "tracking.experiment")
+# Overrides that may come with resume=: which run, what of it the user trusts, where to find it, and how long it
+# trains in all (an extension). Anything else would change a run in flight.
+ALLOWED_WITH_RESUME = ("resume", "tracking.uri", "tracking.experiment", "trainer.max_epochs")
+EXTENDED_TO_TAG = f"{TAG_PREFIX}extended_to"  # the trainer.max_epochs a resume extended the run to
+ALREADY_FINISHED = "already_finished"  # in train()'s summary of a resume that found nothing left to do
 
 
 @dataclass
 class Resumption:
+    """A run to continue, as its own files describe it. `epochs_done`: the complete epochs its last checkpoint holds;
+    `extended_from`: the trainer.max_epochs it was stopped or finished with, when this command changes it."""
+
     run_id: str
     checkpoint: Path
-    cfg: DictConfig  # the run's own config
+    cfg: DictConfig  # the run's own config (trainer.max_epochs the extension's, when it is one)
+    epochs_done: int = 0
+    extended_from: int | None = None
+    status: str | None = None  # its MLflow status before the resume; None when it is not tracked
+    summarised_epochs: int | None = None  # the epochs its summary file covers: those its last finishing saw
     finished: RunInfo | None = None  # a FINISHED run's status and tags before it was reopened
 
+    @property
+    def max_epochs(self) -> int:
+        return int(self.cfg.trainer.max_epochs)
+
+    @property
+    def already_finished(self) -> bool:
+        """The run ended FINISHED after all its epochs, and its end-of-training work covered them all: nothing is
+        left. (An extension stopped while it was being finished leaves the run FINISHED as it was before, with more
+        epochs in its checkpoint than in its summary: resuming it finishes it.)"""
+        return (
+            self.status == "FINISHED"
+            and self.extended_from is None
+            and self.epochs_done >= self.max_epochs
+            and self.summarised_epochs == self.epochs_done
+        )
+
+    def announcement(self) -> str:
+        """The one line a resumed run starts with."""
+        if self.extended_from is not None:
+            where = f"epoch {self.epochs_done} of {self.max_epochs}; trainer.max_epochs was {self.extended_from}"
+        elif self.epochs_done >= self.max_epochs:
+            where = f"epoch {self.epochs_done} of {self.max_epochs}: training is done, finishing the run"
+        else:
+            where = f"epoch {self.epochs_done} of {self.max_epochs}"
+        return f"vaelab: resuming run {self.run_id} from {self.checkpoint} ({where})"
+
+    def finished_line(self) -> str:
+        """What resuming a run that already finished says: its best epoch and val/elbo (from its summary file, when
+        it has one), and how to train it further."""
+        summary = read_summary(self.run_id)
+        best = (
+            f" (best epoch {summary['best_epoch']:.0f}: val/elbo {summary['val/elbo']:.2f})"
+            if {"best_epoch", "val/elbo"} <= summary.keys()
+            else ""
+        )
+        return (
+            f"vaelab: run {self.run_id} already finished all its {self.max_epochs} epochs{best}; nothing to resume. "
+            f"`resume={self.run_id} trainer.max_epochs=<more>` trains it further"
+        )
+
+    def summary(self) -> dict[str, float | str]:
+        """The summary of a run that already finished, as its end of training wrote it, and its `run_id`."""
+        return {**read_summary(self.run_id), "run_id": self.run_id}
+
     def reopen(self, uri: str | None) -> Run:
-        """The run, RUNNING again; a FINISHED one's record is kept, so that a failed resume can put it back."""
+        """The run, RUNNING again; a FINISHED one's record is kept, so that a failed resume can put it back. A run
+        that now trains to another length than its param trainer.max_epochs says (written once, when it was
+        created) gets the tag `vaelab.extended_to`."""
         before = Run.attach(uri, self.run_id)
         record = before.client.get_run(self.run_id)
         if record.info.status == "FINISHED":
             self.finished = RunInfo(record.info.status, record.info.end_time, dict(record.data.tags))
-        return Run.reopen(uri, self.run_id)
+        run = Run.reopen(uri, self.run_id)
+        if record.data.params.get("trainer.max_epochs", str(self.max_epochs)) != str(self.max_epochs):
+            run.set_tags({EXTENDED_TO_TAG: str(self.max_epochs)})
+        return run
 
     def put_back(self, run: Run) -> None:
         """A resume of a FINISHED run that failed or was stopped leaves the run as it was: FINISHED, with its tags;
@@ -73,6 +142,14 @@ def last_checkpoint(run_id: str) -> Path:
     return paths.last_checkpoint(run_id)
 
 
+def read_summary(run_id: str) -> dict:
+    """The run's summary file (outputs/<run_id>/train.json), or nothing when it has none or it does not parse."""
+    try:
+        return json.loads((paths.run_dir(run_id) / paths.TRAIN_SUMMARY).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def newest_resumable(uri: str, experiment: str) -> str:
     """The most recently started train run of the experiment that has a last checkpoint here."""
     for run_id in newest_train_runs(uri, experiment):
@@ -92,28 +169,44 @@ def requested(cfg: DictConfig) -> tuple[str | None, list[str]]:
     return resume, []
 
 
+def override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def is_allowed_with_resume(override: str) -> bool:
-    key = override.split("=", 1)[0].lstrip("+~")
+    key = override_key(override)
     return key in ALLOWED_WITH_RESUME or key.startswith("resume.")
 
 
-def resumption(cfg: DictConfig, overrides: list[str]) -> Resumption:
-    """Which run `cfg.resume` names, its last checkpoint and its own config; a clear error when any is missing, and
-    a refusal, before anything is built from them, when they name a `_target_` that neither vaelab nor the user
-    trusts."""
-    asked, trusted = requested(cfg)
+def check_overrides(cfg: DictConfig, overrides: list[str]) -> None:
+    """Refuse the overrides a resume does not allow. It reads nothing but the command line, and resumption() calls
+    it before importing torch: a refused command answers in about a second."""
     extra = [o for o in overrides if not is_allowed_with_resume(o)]
     if extra:
         raise ConfigError(
             [
                 (
                     "resume",
-                    asked,
+                    requested(cfg)[0],
                     f"no other overrides ({' '.join(extra)}): a resumed run continues with its own config; "
                     f"only resume.trust, {', '.join(ALLOWED_WITH_RESUME[1:])} may come with it",
                 )
             ]
         )
+
+
+def resumption(cfg: DictConfig, overrides: list[str]) -> Resumption:
+    """Which run `cfg.resume` names, its last checkpoint, its own config and its MLflow status; a clear error when
+    any is missing, and a refusal, before anything is built from them, when they name a `_target_` that neither
+    vaelab nor the user trusts, or when `trainer.max_epochs` (among `overrides`) would not extend the run.
+
+    The refusals come in the order of their cost: the command line (no import), the run's files, its checkpoint and
+    the extension (torch), then what its files name (importing those, Lightning among them). A run folder that names
+    an untrusted target is refused even when the run has finished: its files were changed by someone."""
+    check_overrides(cfg, overrides)
+    from vaelab.checkpoints import read_checkpoint  # torch: imported once the command line has passed
+
+    asked, trusted = requested(cfg)
     if asked is None:
         raise ConfigError([("resume.run", None, "`last` or an MLflow run id when resume.trust is given")])
     if asked == "last":
@@ -132,14 +225,63 @@ def resumption(cfg: DictConfig, overrides: list[str]) -> Resumption:
             "cannot continue (the objective, posterior and prior became components); start a new run"
         )
     stored.resume = run_id
-    if any(o.lstrip("+").startswith("tracking.uri=") for o in overrides):
+    if any(override_key(o) == "tracking.uri" for o in overrides):
         stored.tracking.uri = cfg.tracking.uri  # the store moved, e.g. to a server: this command says where
     check_secrets_at_hand(run_id, stored)
-    check_trusted(run_id, config_file, stored_values(run_id, config_file, stored), trusted)
+    values = stored_values(run_id, config_file, stored)
     # weights_only: a pickle with code is refused here, before anything is built or reopened.
     state = read_checkpoint(checkpoint)
+    # Lightning saves last.ckpt at the end of an epoch, before counting it: its `epoch` is that epoch's 0-based index.
+    epochs_done = int(state.get("epoch", -1)) + 1
+    extended_from = None
+    if any(override_key(o) == "trainer.max_epochs" for o in overrides):
+        check_extension(run_id, stored, epochs_done, int(cfg.trainer.max_epochs))
+        if cfg.trainer.max_epochs != stored.trainer.max_epochs:
+            extended_from = int(stored.trainer.max_epochs)
+            stored.trainer.max_epochs = int(cfg.trainer.max_epochs)
+    status = run_status(stored, run_id)
+    check_trusted(run_id, config_file, values, trusted)
     check_trusted(run_id, checkpoint, {k: state.get(k) for k in ("hyper_parameters", "vaelab")}, trusted)
-    return Resumption(run_id=run_id, checkpoint=checkpoint, cfg=stored)
+    return Resumption(
+        run_id=run_id,
+        checkpoint=checkpoint,
+        cfg=stored,
+        epochs_done=epochs_done,
+        extended_from=extended_from,
+        status=status,
+        summarised_epochs=read_summary(run_id).get("epochs"),
+    )
+
+
+def check_extension(run_id: str, stored: DictConfig, epochs_done: int, asked: int) -> None:
+    """Refuse, in one line and before anything is written, a trainer.max_epochs that would not train the run any
+    further, or that its learning-rate schedule was not set for."""
+    if asked <= epochs_done:
+        raise VaelabError(
+            f"cannot resume run {run_id} with trainer.max_epochs={asked}: allowed more than {epochs_done}, the epochs "
+            "it has trained already (trainer.max_epochs counts them all)"
+        )
+    if stored.get("scheduler") is not None and asked != stored.trainer.max_epochs:
+        raise VaelabError(
+            f"cannot resume run {run_id} with trainer.max_epochs={asked}: its learning rate follows a schedule set "
+            f"for its {stored.trainer.max_epochs} epochs (scheduler.T_max={stored.scheduler.get('T_max')}), which "
+            "would run past its end; only a run without a scheduler can be extended"
+        )
+
+
+def run_status(stored: DictConfig, run_id: str) -> str | None:
+    """The run's MLflow status (FINISHED, KILLED, ...), or None when it is not tracked or its store does not have it
+    (resuming it then says why, as before)."""
+    if stored.get("logger") is None:
+        return None
+    check_store(stored.tracking.uri)  # a server that does not answer is named now, not after MLflow's retries
+    uri = resolve_uri(stored.tracking.uri)
+    if uri.startswith(SQLITE) and not Path(uri.removeprefix(SQLITE).partition("?")[0]).is_file():
+        return None  # no store yet: looking must not create one
+    try:
+        return StoreClient(uri).get_run(run_id).info.status
+    except Exception:  # noqa: BLE001 - e.g. a run this store does not have: reopening it says so
+        return None
 
 
 def stored_values(run_id: str, config_file: Path, stored: DictConfig) -> dict:
@@ -152,6 +294,8 @@ def stored_values(run_id: str, config_file: Path, stored: DictConfig) -> dict:
 
 def check_trusted(run_id: str, source: Path, values: object, trusted: list[str]) -> None:
     """Refuse, in one line, when `values` (read from `source`) name a `_target_` nobody trusts."""
+    from vaelab.training.builder import TRUSTED_TEXT, untrusted_targets
+
     found = untrusted_targets(values, trusted)
     if not found:
         return

@@ -42,7 +42,7 @@ from vaelab.stages.phases import Phases, is_rank_zero
 from vaelab.stages.preflight import check_buildable
 from vaelab.stages.progress import progress_bar
 from vaelab.stages.publish import publish as publish_outputs
-from vaelab.stages.resume import Resumption, resumption
+from vaelab.stages.resume import ALREADY_FINISHED, Resumption, resumption
 from vaelab.sweep.runs import EVAL_FAILURE_TAG
 from vaelab.tracking.lifecycle import ending_of, run_lifecycle
 from vaelab.tracking.run import Run, public_config
@@ -99,9 +99,14 @@ def train(
     parent_run_id: str | None = None,
     pruned: Sequence[type[BaseException]] = (),
     tags: Mapping[str, str] | None = None,
+    resumed: Resumption | None = None,
 ) -> dict[str, float | str]:
     """Train one VAE as configured; return the summary metrics plus its `run_id`. `tags`: more `vaelab.*` tags for
     a new run (named without the prefix), set as it is created (a sweep's job number, say).
+
+    With `resume` set, the run it names goes on (vaelab.stages.resume; `resumed`: what an entry point already read of
+    it, so that its refusals came before the heavy imports). When that run had already finished all its epochs,
+    nothing runs: its summary as it was comes back, with `already_finished` set.
 
     `pruned`: exceptions a callback raises to stop a trial that will not pay off (a search's pruner); the run then
     ends KILLED with the tag optuna.state=PRUNED (vaelab.tracking.lifecycle).
@@ -117,13 +122,16 @@ def train(
     resume = None
     validate(cfg)
     if cfg.get("resume") is not None:
-        resume = resumption(cfg, hydra_overrides())
+        resume = resumed or resumption(cfg, hydra_overrides())
         cfg = resume.cfg
         validate(cfg)  # the run's stored config is a file on disk: checked like any other
     if cfg.get("logger") is not None:
         check_store(cfg.tracking.uri)
     skip_gpu_probe_without_gpu()
     check_buildable(cfg)  # the Trainer's and the optimizer's arguments, judged by Lightning and torch
+    if resume and resume.already_finished:  # nothing to train or finish: say so, and leave the run as it is
+        print(resume.finished_line(), flush=True)
+        return {**resume.summary(), ALREADY_FINISHED: "true"}
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = build_data(cfg)
     if resume:
@@ -144,6 +152,8 @@ def train(
 
     run = None
     tracked = cfg.get("logger") is not None and is_rank_zero()  # under DDP, one run: rank zero's
+    if resume and is_rank_zero():
+        print(resume.announcement(), flush=True)  # every check passed: the run is reopened now
     if tracked and resume:
         run = resume.reopen(cfg.tracking.uri)
     elif tracked:
