@@ -58,6 +58,7 @@ def trains_evaluates_resumes_and_loads(project: Path, posterior: str, prior: str
     assert nll <= -elbo + 3 * metrics["test/elbo_se"]  # the IW bound is above the ELBO
     assert metrics["test/active_units"] >= 0 and math.isfinite(metrics["test/mutual_info"])
 
+    mlflow_client(project).set_terminated(run_id, "KILLED")  # as if stopped while finishing the run
     again = train(make_config(f"resume={run_id}"))  # rebuilds the family and prior from the run's checkpoint
     assert again["run_id"] == run_id
     run = mlflow_client(project).get_run(run_id)

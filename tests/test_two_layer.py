@@ -157,6 +157,8 @@ def test_a_two_layer_model_trains_evaluates_resumes_and_loads_as_the_pyfunc_mode
     assert math.isfinite(metrics["test/nll_iw"]) and math.isfinite(metrics["test/approximation_gap"])
     assert metrics["test/nll_iw"] <= -metrics["test/elbo"] + 3 * metrics["test/elbo_se"]
 
+    # as if stopped while finishing: a resume rebuilds the model from the run's checkpoint and finishes it again
+    mlflow_client(project).set_terminated(run_id, "KILLED")
     again = train(make_config(f"resume={run_id}"))
     assert again["run_id"] == run_id
     run = mlflow_client(project).get_run(run_id)
