@@ -54,13 +54,16 @@ def test_lightnings_notices_about_restoring_and_saving_checkpoints_do_not_reach_
     assert console.lines == ["`Trainer.fit` stopped: `max_epochs=4` reached."]
 
 
-def test_lightnings_warning_that_the_checkpoint_folder_is_not_empty_is_quieted_and_its_other_warnings_are_not(
+def test_lightnings_warnings_about_the_checkpoint_folder_and_the_logging_interval_are_quieted_and_others_are_not(
     console,
 ):
+    kept = "The 'train_dataloader' does not have many workers which may be a bottleneck."
     with warnings.catch_warnings(record=True) as seen:
         warnings.warn("Checkpoint directory /project/outputs/0123/checkpoints exists and is not empty.", stacklevel=1)
-        warnings.warn("The number of training batches (21) is smaller than the logging interval", stacklevel=1)
+        warnings.warn(
+            "The number of training batches (21) is smaller than the logging interval Trainer(log_every_n_steps=50).",
+            stacklevel=1,
+        )
+        warnings.warn(kept, stacklevel=1)
 
-    assert [str(warning.message) for warning in seen] == [
-        "The number of training batches (21) is smaller than the logging interval"
-    ]
+    assert [str(warning.message) for warning in seen] == [kept]

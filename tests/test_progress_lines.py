@@ -146,3 +146,15 @@ def test_a_run_whose_output_is_not_a_terminal_logs_a_line_per_epoch_and_per_phas
         for name in ("setup", "fit")
     }
     assert at["setup"] < out.index(epochs[0]) and out.index(epochs[-1]) < at["fit"]
+
+
+def test_the_terminal_bar_counts_epochs_from_one_to_max_epochs_and_leaves_out_the_loggers_version(tmp_path: Path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    bar = ThrottledRichProgressBar()
+    trainer = pl.Trainer(max_epochs=2, logger=CSVLogger(tmp_path), callbacks=[bar], enable_checkpointing=False)
+    bar.setup(trainer, None, stage="fit")
+    assert bar._get_train_description(1).strip() == "Epoch 2/2"  # the second of two (Lightning: "Epoch 1/1")
+    shown = bar.get_metrics(trainer, None)
+    assert "v_num" not in shown
+    assert "v_num" in pl.callbacks.RichProgressBar.get_metrics(bar, trainer, None)  # what the bar leaves out

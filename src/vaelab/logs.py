@@ -41,5 +41,8 @@ def quiet_third_party() -> None:
         logging.getLogger(name).addFilter(_DropCheckpointNotices())
     logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").addFilter(_DropCheckpointNotices())
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty", category=UserWarning)
+    # Every small run has fewer batches per epoch than Lightning's per-step logging interval. vaelab's curves are
+    # per epoch (EpochHistory), so the per-step points this warns about are never missed.
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
     # MLflow's system-metrics monitor announces at INFO that it starts, stops and finds no GPU, at every run.
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)

@@ -202,6 +202,18 @@ class ThrottledRichProgressBar(RichProgressBar):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             self._drawn_at = perf_counter()
 
+    def _get_train_description(self, current_epoch: int) -> str:
+        # Lightning shows the epoch index against max_epochs - 1 ("Epoch 1/1" in the second of two epochs); the
+        # bar counts as people and the off-terminal epoch lines do, from 1 to max_epochs.
+        description = f"Epoch {current_epoch + 1}"
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs >= 0:
+            description += f"/{self.trainer.max_epochs}"
+        return f"{description:{len(self.validation_description)}}"  # padded as Lightning pads it: no flicker
+
+    def get_metrics(self, trainer, pl_module) -> dict[str, Any]:
+        # v_num is the logger's version, an MLflow run id here: the run's own lines already name it.
+        return {name: value for name, value in super().get_metrics(trainer, pl_module).items() if name != "v_num"}
+
     # Its per-step hooks other than on_train_batch_end do nothing: skipped, as for EpochCallback.
     on_train_batch_start = None
     on_before_backward = None
