@@ -3,6 +3,8 @@ the tests import live in tests/helpers/."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,14 +14,23 @@ from helpers.processes import run_entry, running_mlflow_server
 
 
 @pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty project root: data, outputs, models, metrics and mlflow.db all land here."""
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty project root: data, outputs, models, metrics and mlflow.db all land here. MLflow's process-wide
+    tracking URI starts and ends unset, so no test's store is where another test's MLflow calls go."""
     root = tmp_path / "project"
     root.mkdir()
     monkeypatch.setenv("VAELAB_ROOT", str(root))
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return root
+    unset_mlflow_tracking_uri()
+    yield root
+    unset_mlflow_tracking_uri()
+
+
+def unset_mlflow_tracking_uri() -> None:
+    mlflow = sys.modules.get("mlflow")  # not imported yet: nothing is set, and the quick tier need not import it
+    if mlflow is not None:
+        mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="session")

@@ -263,3 +263,28 @@ def test_make_ui_links_each_experiment_with_runs_to_its_runs_table_in_the_model_
     assert (link.name, link.runs) == ("used", "2")
     assert link.url == f"{address}/#/experiments/{used}/runs?workflowType=machine_learning"
     assert link.url in describe([link], address)
+
+
+@pytest.mark.parametrize("set_in", ["code", "environment", "nowhere"])
+def test_mlflows_process_wide_tracking_uri_is_put_back_however_the_caller_had_set_it(
+    set_in: str, tmp_path: Path, monkeypatch
+):
+    import mlflow
+
+    from vaelab.tracking.store import process_tracking_uri
+
+    caller, store = f"sqlite:///{tmp_path / 'caller.db'}", f"sqlite:///{tmp_path / 'run.db'}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(None)
+    try:
+        if set_in == "code":  # mlflow.set_tracking_uri also writes the variable: remove it, as a test's fixture may
+            mlflow.set_tracking_uri(caller)
+            os.environ.pop("MLFLOW_TRACKING_URI")
+        elif set_in == "environment":
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", caller)
+        where = (mlflow.is_tracking_uri_set(), mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
+        with process_tracking_uri():
+            mlflow.set_tracking_uri(store)  # what Lightning's MLflow logger does
+        assert (mlflow.is_tracking_uri_set(), mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")) == where
+    finally:
+        mlflow.set_tracking_uri(None)

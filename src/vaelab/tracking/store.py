@@ -25,6 +25,7 @@ from vaelab.tracking.deferral import deferring_interrupts
 
 STORE_LOCK_TIMEOUT_S = 30.0  # default of tracking.lock_timeout_s
 SQLITE = "sqlite:///"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 MAX_FOLDER_NAME = 200  # bytes: below the 255 most filesystems allow, with room for a hash
 # The MLflow UI shows an experiment of this kind as model training (runs, metrics, models), not as a GenAI app's
 # traces, and does not ask which kind it is.
@@ -209,12 +210,18 @@ def process_tracking_uri(uri: str | None = None) -> Iterator[None]:
     import mlflow
 
     before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    before_env = os.environ.get(TRACKING_URI_ENV)
     if uri is not None:
         mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
         mlflow.set_tracking_uri(before)  # None: back to unset, as MLflow's own scoped switch does
+        # set_tracking_uri also writes the variable, which the caller may not have had (a URI set in code only)
+        if before_env is None:
+            os.environ.pop(TRACKING_URI_ENV, None)
+        else:
+            os.environ[TRACKING_URI_ENV] = before_env
 
 
 def copy_new_store(db: Path) -> None:
