@@ -52,13 +52,13 @@ UI_PORT = 5000
 UI_STORE = sqlite:///$(CURDIR)/mlflow.db
 # One worker: enough for one person browsing, where MLflow's default of four would each hold a copy of the app.
 UI_WORKERS = 1
+# The server's libraries warn of their own deprecations (starlette's WSGI middleware), which no user can act on.
+ui: export PYTHONWARNINGS = ignore::DeprecationWarning,ignore:starlette.middleware.wsgi is deprecated
 ui: setup
 	@if [ "$(UI_HOST)" != 127.0.0.1 ] && [ "$(UI_HOST)" != localhost ]; then \
 	  echo "vaelab: warning: the MLflow UI has no authentication; anyone who reaches $(UI_HOST):$(UI_PORT) can read and change runs"; fi
 	@$(PYTHON) -m vaelab.tracking.ui --store $(UI_STORE) --address http://$(UI_HOST):$(UI_PORT)
-	@# The server's libraries warn of their own deprecations (starlette's WSGI middleware), which no user can act on.
-	PYTHONWARNINGS='ignore::DeprecationWarning,ignore:starlette.middleware.wsgi is deprecated' mlflow ui --backend-store-uri $(UI_STORE) \
-	  --host $(UI_HOST) --port $(UI_PORT) --workers $(UI_WORKERS)
+	mlflow ui --backend-store-uri $(UI_STORE) --host $(UI_HOST) --port $(UI_PORT) --workers $(UI_WORKERS)
 
 # optuna-dashboard on the searches' study storage (hydra.sweeper.storage), with the plots each search's report
 # uploads as study artifacts. Like the MLflow UI it has no login, so it listens on this machine only.
