@@ -290,9 +290,10 @@ def evaluate_checkpoint(
                 fresh / "gap_split.png",
             )
     summary = {**metrics, "eval/iw_k": cfg.eval.iw_k, "eval/n_images": result.n_images}
-    write_json_atomic(run_folder / paths.EVAL_SUMMARY, {**summary, "run_id": lineage.get("run_id")})
+    results = {**summary, "run_id": lineage.get("run_id")}
+    write_json_atomic(run_folder / paths.EVAL_SUMMARY, results)
     if publish:
-        write_json_atomic(paths.metrics_dir() / "eval.json", {**summary, "run_id": lineage.get("run_id")})
+        write_json_atomic(paths.metrics_dir() / "eval.json", results)
 
     run_id, run = lineage.get("run_id"), None
     if cfg.get("logger") is not None and run_id:
