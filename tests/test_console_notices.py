@@ -1,5 +1,6 @@
 """The entry points' console: Lightning's notices about the checkpoints vaelab restores and saves itself are quieted
-(a resumed run names its checkpoint in its own line), and everything else Lightning says still reaches the user."""
+(a resumed run names its checkpoint in its own line), as are the lines at every fit that a user cannot act on (no
+accelerator here, the last epoch reached, an advert); everything else Lightning says still reaches the user."""
 
 from __future__ import annotations
 
@@ -49,9 +50,28 @@ def test_lightnings_notices_about_restoring_and_saving_checkpoints_do_not_reach_
     logging.getLogger(RANK_ZERO).info(f"Restoring states from the checkpoint path at {checkpoint}")
     logging.getLogger(RANK_ZERO).info(f"Restored all states from the checkpoint at {checkpoint}")
     logging.getLogger(CHECKPOINT_CONNECTOR).info("`weights_only` was not set, defaulting to `False`.")
-    logging.getLogger(RANK_ZERO).info("`Trainer.fit` stopped: `max_epochs=4` reached.")
+    logging.getLogger(RANK_ZERO).info("Trainer already configured with model summary callbacks")
 
-    assert console.lines == ["`Trainer.fit` stopped: `max_epochs=4` reached."]
+    assert console.lines == ["Trainer already configured with model summary callbacks"]
+
+
+def test_at_each_fit_only_what_a_user_can_act_on_reaches_the_console(console):
+    said = [
+        "GPU available: False, used: False",
+        "TPU available: False, using: 0 TPU cores",
+        "HPU available: False, using: 0 HPUs",
+        "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger](...)",
+        "💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels](...)",
+        "`Trainer.fit` stopped: `max_epochs=4` reached.",
+        # The ones that say something: a GPU there is (used or not), a run stopped before its last epoch.
+        "GPU available: True (cuda), used: True",
+        "GPU available: True (cuda), used: False",
+        "`Trainer.fit` stopped: `max_steps=100` reached.",
+    ]
+    for line in said:
+        logging.getLogger(RANK_ZERO).info(line)
+
+    assert console.lines == said[-3:]
 
 
 def test_lightnings_warnings_about_the_checkpoint_folder_and_the_logging_interval_are_quieted_and_others_are_not(

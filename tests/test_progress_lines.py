@@ -124,10 +124,21 @@ def test_a_fit_prints_one_line_per_epoch_as_it_ends(tmp_path: Path, capsys: pyte
 
 
 @pytest.mark.subprocess
-def test_a_run_whose_output_is_not_a_terminal_logs_a_line_per_epoch_and_per_phase(project: Path):
+def test_a_run_whose_output_is_not_a_terminal_logs_a_line_per_epoch_and_per_phase_and_nothing_else(
+    project: Path, tmp_path: Path
+):
     asked = ("trainer.max_epochs=3", "eval.after_train=true", "publish=true")  # every phase there is
-    done = run_entry("train.py", *TINY, *asked, root=project)
+    # A machine's first run: an empty cache, where MLflow makes its first store and matplotlib its font list.
+    first_run = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "MPLCONFIGDIR": str(tmp_path / "matplotlib")}
+    done = run_entry("train.py", *TINY, *asked, root=project, env=first_run)
     out = done.stdout.splitlines()
+    assert (tmp_path / "cache" / "vaelab").is_dir()  # the first store was made here
+
+    # Nothing a user cannot act on: vaelab's own lines only (the tiny model's collapse warning is one to act on).
+    assert done.stderr == ""
+    vaelab_line = re.compile(rf"{EPOCH_LINE.pattern}|phase \w+ (\.\.\.|done in .*)|vaelab: .*|trained \(best .*")
+    assert [line for line in out if not vaelab_line.fullmatch(line)] == []
+    assert out[-1].startswith("trained (best epoch ") and " of 3): val/elbo " in out[-1]  # counted as the epochs
 
     epochs = [line for line in out if line.startswith("epoch ")]
     assert [EPOCH_LINE.fullmatch(line).groups() for line in epochs] == [("1", "3"), ("2", "3"), ("3", "3")]

@@ -139,7 +139,7 @@ def test_resuming_a_run_that_finished_all_its_epochs_says_so_and_changes_nothing
 
     out = capsys.readouterr().out
     assert out.splitlines() == [
-        f"vaelab: run {run_id} already finished all its 2 epochs (best epoch {first['best_epoch']:.0f}: "
+        f"vaelab: run {run_id} already finished all its 2 epochs (best epoch {first['best_epoch'] + 1:.0f} of 2: "
         f"val/elbo {first['val/elbo']:.2f}); nothing to resume. `resume={run_id} trainer.max_epochs=<more>` "
         "trains it further"
     ]

@@ -93,8 +93,9 @@ class Resumption:
         it has one), and how to train it further."""
         summary = read_summary(self.run_id)
         best = (
-            f" (best epoch {summary['best_epoch']:.0f}: val/elbo {summary['val/elbo']:.2f})"
-            if {"best_epoch", "val/elbo"} <= summary.keys()
+            f" (best epoch {summary['best_epoch'] + 1:.0f} of {summary['epochs']:.0f}: "
+            f"val/elbo {summary['val/elbo']:.2f})"
+            if {"best_epoch", "epochs", "val/elbo"} <= summary.keys()
             else ""
         )
         return (
