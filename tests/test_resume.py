@@ -153,6 +153,59 @@ def test_resuming_a_run_that_finished_all_its_epochs_says_so_and_changes_nothing
     assert after.data.metrics == before.data.metrics
     assert artifact_paths(mlflow_client(project), run_id) == artifacts
 
+    # A run from before runs kept a summary file: MLflow says its finishing covered every epoch it trained.
+    (project / "outputs" / run_id / "train.json").unlink()
+    train(make_config("resume=last"))
+    assert capsys.readouterr().out.splitlines() == [
+        f"vaelab: run {run_id} already finished all its 2 epochs; nothing to resume. "
+        f"`resume={run_id} trainer.max_epochs=<more>` trains it further"
+    ]
+    [after] = all_runs(project)
+    assert (after.info.status, after.info.end_time, after.data.metrics) == (
+        before.info.status,
+        before.info.end_time,
+        before.data.metrics,
+    )
+
+
+# Lightning's EarlyStopping, told to stop once val/elbo is above a floor every run clears: it stops after an epoch.
+STOP_AT_ONCE = (
+    "+callbacks.stop={_target_:lightning.pytorch.callbacks.EarlyStopping,"
+    "monitor:'val/elbo',mode:max,stopping_threshold:-1e9}"
+)
+
+
+@pytest.mark.integration
+def test_a_run_a_callback_stopped_early_is_finished_and_trainer_max_epochs_trains_it_on(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    first = train(make_config(*TINY, "trainer.max_epochs=3", STOP_AT_ONCE))
+    run_id = first["run_id"]
+    assert first["epochs"] == 1
+    [before] = all_runs(project)
+    assert before.info.status == "FINISHED"
+    capsys.readouterr()
+
+    again = train(make_config(f"resume={run_id}"))
+
+    assert capsys.readouterr().out.splitlines() == [
+        f"vaelab: run {run_id} already finished: it stopped after 1 of its 3 epochs (a callback or a trainer limit "
+        f"ended it) (best epoch 1 of 1: val/elbo {first['val/elbo']:.2f}); nothing to resume. "
+        f"`resume={run_id} trainer.max_epochs=<N>` trains it on to N epochs"
+    ]
+    assert again["already_finished"]
+    [after] = all_runs(project)
+    assert (after.info.end_time, after.data.metrics) == (before.info.end_time, before.data.metrics)
+
+    # Asked for its own length again, it trains on; its restored EarlyStopping stops it after the next epoch.
+    on = train(resume_command(monkeypatch, f"resume={run_id}", "trainer.max_epochs=3"))
+
+    assert on["run_id"] == run_id and on["epochs"] == 2 and "already_finished" not in on
+    steps = [m.step for m in mlflow_client(project).get_metric_history(run_id, "val/elbo")]
+    assert len(steps) == len(set(steps)) == 2
+    [after] = all_runs(project)
+    assert after.info.status == "FINISHED" and "vaelab.extended_to" not in after.data.tags
+
 
 @pytest.mark.subprocess
 def test_the_console_of_a_resume_names_the_run_once_and_a_refused_resume_answers_before_the_heavy_imports(

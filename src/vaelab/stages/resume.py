@@ -13,9 +13,12 @@ The run's param trainer.max_epochs keeps the value it was started with (MLflow p
 `vaelab.extended_to` holds the length it was extended to, and its config.yaml (and the config artifact) the config
 it now trains with.
 
-A run that FINISHED all its epochs has nothing left to do: resuming it says so, with its best epoch and val/elbo,
-and changes nothing. A run stopped after its last epoch, while it was being finished (the end-of-training
-estimates, figures, model logging, publishing), is finished by resuming it, without training again.
+A run that FINISHED has nothing left to do, whether it trained all its epochs or a callback (EarlyStopping) or a
+trainer limit ended it sooner: resuming it says so, with its best epoch and val/elbo, and changes nothing;
+`trainer.max_epochs=N` on the command line trains it on. A run from before runs kept a summary file is known to be
+finished by MLflow: its end-of-training estimates were logged at the step its last checkpoint holds. A run stopped
+after its last epoch, while it was being finished (the end-of-training estimates, figures, model logging,
+publishing), is finished by resuming it, without training again.
 
 Nothing read back from the run's folder runs unless trusted: every `_target_` in its config.yaml and in its last
 checkpoint (hyper-parameters and lineage) must be on vaelab.training.builder's trusted list, or named again by the
@@ -59,7 +62,8 @@ class Resumption:
     epochs_done: int = 0
     extended_from: int | None = None
     status: str | None = None  # its MLflow status before the resume; None when it is not tracked
-    summarised_epochs: int | None = None  # the epochs its summary file covers: those its last finishing saw
+    summarised_epochs: float | None = None  # the epochs its last finishing covered (its summary file says)
+    asked_epochs: bool = False  # trainer.max_epochs came on the command line: train on, even to the same length
     finished: RunInfo | None = None  # a FINISHED run's status and tags before it was reopened
 
     @property
@@ -68,15 +72,11 @@ class Resumption:
 
     @property
     def already_finished(self) -> bool:
-        """The run ended FINISHED after all its epochs, and its end-of-training work covered them all: nothing is
-        left. (An extension stopped while it was being finished leaves the run FINISHED as it was before, with more
-        epochs in its checkpoint than in its summary: resuming it finishes it.)"""
-        return (
-            self.status == "FINISHED"
-            and self.extended_from is None
-            and self.epochs_done >= self.max_epochs
-            and self.summarised_epochs == self.epochs_done
-        )
+        """The run ended FINISHED, its end-of-training work covered every epoch its last checkpoint holds (all of
+        them, or fewer where a callback or a trainer limit stopped it), and this command asks for no more epochs:
+        nothing is left. (An extension stopped while it was being finished leaves the run FINISHED as it was before,
+        with more epochs in its checkpoint than in its summary: resuming it finishes it.)"""
+        return self.status == "FINISHED" and not self.asked_epochs and self.summarised_epochs == self.epochs_done
 
     def announcement(self) -> str:
         """The one line a resumed run starts with."""
@@ -98,9 +98,15 @@ class Resumption:
             if {"best_epoch", "epochs", "val/elbo"} <= summary.keys()
             else ""
         )
+        if self.epochs_done >= self.max_epochs:
+            return (
+                f"vaelab: run {self.run_id} already finished all its {self.max_epochs} epochs{best}; nothing to "
+                f"resume. `resume={self.run_id} trainer.max_epochs=<more>` trains it further"
+            )
         return (
-            f"vaelab: run {self.run_id} already finished all its {self.max_epochs} epochs{best}; nothing to resume. "
-            f"`resume={self.run_id} trainer.max_epochs=<more>` trains it further"
+            f"vaelab: run {self.run_id} already finished: it stopped after {self.epochs_done} of its {self.max_epochs} "
+            f"epochs (a callback or a trainer limit ended it){best}; nothing to resume. "
+            f"`resume={self.run_id} trainer.max_epochs=<N>` trains it on to N epochs"
         )
 
     def summary(self) -> dict[str, float | str]:
@@ -235,12 +241,14 @@ def resumption(cfg: DictConfig, overrides: list[str]) -> Resumption:
     # Lightning saves last.ckpt at the end of an epoch, before counting it: its `epoch` is that epoch's 0-based index.
     epochs_done = int(state.get("epoch", -1)) + 1
     extended_from = None
-    if any(override_key(o) == "trainer.max_epochs" for o in overrides):
+    asked_epochs = any(override_key(o) == "trainer.max_epochs" for o in overrides)
+    if asked_epochs:
         check_extension(run_id, stored, epochs_done, int(cfg.trainer.max_epochs))
         if cfg.trainer.max_epochs != stored.trainer.max_epochs:
             extended_from = int(stored.trainer.max_epochs)
             stored.trainer.max_epochs = int(cfg.trainer.max_epochs)
-    status = run_status(stored, run_id)
+    record = tracked_run(stored, run_id)
+    status = record.info.status if record else None
     check_trusted(run_id, config_file, values, trusted)
     check_trusted(run_id, checkpoint, {k: state.get(k) for k in ("hyper_parameters", "vaelab")}, trusted)
     return Resumption(
@@ -250,7 +258,8 @@ def resumption(cfg: DictConfig, overrides: list[str]) -> Resumption:
         epochs_done=epochs_done,
         extended_from=extended_from,
         status=status,
-        summarised_epochs=read_summary(run_id).get("epochs"),
+        summarised_epochs=summarised_epochs(run_id, stored, record, int(state.get("global_step", -1)), epochs_done),
+        asked_epochs=asked_epochs,
     )
 
 
@@ -270,9 +279,9 @@ def check_extension(run_id: str, stored: DictConfig, epochs_done: int, asked: in
         )
 
 
-def run_status(stored: DictConfig, run_id: str) -> str | None:
-    """The run's MLflow status (FINISHED, KILLED, ...), or None when it is not tracked or its store does not have it
-    (resuming it then says why, as before)."""
+def tracked_run(stored: DictConfig, run_id: str):
+    """The run's MLflow record (its status: FINISHED, KILLED, ...), or None when it is not tracked or its store does
+    not have it (resuming it then says why, as before)."""
     if stored.get("logger") is None:
         return None
     check_store(stored.tracking.uri)  # a server that does not answer is named now, not after MLflow's retries
@@ -280,9 +289,25 @@ def run_status(stored: DictConfig, run_id: str) -> str | None:
     if uri.startswith(SQLITE) and not Path(uri.removeprefix(SQLITE).partition("?")[0]).is_file():
         return None  # no store yet: looking must not create one
     try:
-        return StoreClient(uri).get_run(run_id).info.status
+        return StoreClient(uri).get_run(run_id)
     except Exception:  # noqa: BLE001 - e.g. a run this store does not have: reopening it says so
         return None
+
+
+# Logged once, by the end of training, at the global step it finished at.
+FINISHING_METRIC = "val/nll_iw_se"
+
+
+def summarised_epochs(run_id: str, stored: DictConfig, record, global_step: int, epochs_done: int) -> float | None:
+    """The epochs the run's last finishing covered. Its summary file says; for a FINISHED run without one (runs kept
+    none before), MLflow does: the end-of-training estimates were logged at the global step of the checkpoint they
+    came from, so they covered all `epochs_done` when that is the last checkpoint's step."""
+    summary = read_summary(run_id)
+    if "epochs" in summary or record is None or record.info.status != "FINISHED":
+        return summary.get("epochs")
+    client = StoreClient(resolve_uri(stored.tracking.uri))
+    steps = [metric.step for metric in client.get_metric_history(run_id, FINISHING_METRIC)]
+    return float(epochs_done) if steps and max(steps) == global_step else None
 
 
 def stored_values(run_id: str, config_file: Path, stored: DictConfig) -> dict:
