@@ -13,7 +13,7 @@ from helpers.config import DEBIAN_FASHION, make_config, needs_fashion_mnist
 from vaelab.data.datamodule import ImageData, TensorBatches
 from vaelab.data.prepare import ensure_prepared, prepare
 from vaelab.data.settings import Settings
-from vaelab.data.sources import FASHION_MNIST_MD5
+from vaelab.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_MD5, class_names
 from vaelab.errors import DataError
 
 
@@ -130,7 +130,7 @@ def test_without_debian_data_torchvision_downloads_and_a_failure_is_explained(
 
 
 @pytest.mark.subprocess
-def test_real_fashion_mnist_is_split_55k_5k_10k(fashion_processed: Path):
+def test_real_fashion_mnist_is_split_55k_5k_10k_and_its_manifest_names_its_classes(fashion_processed: Path):
     manifest = json.loads((fashion_processed / "manifest.json").read_text())
     assert {name: s["count"] for name, s in manifest["splits"].items()} == {
         "train": 55000,
@@ -140,3 +140,5 @@ def test_real_fashion_mnist_is_split_55k_5k_10k(fashion_processed: Path):
     assert manifest["grey_levels"] == 256 and manifest["image_shape"] == [1, 28, 28]
     assert manifest["raw_md5"] == FASHION_MNIST_MD5
     assert "debian" in manifest["source"]
+    assert manifest["source_details"]["classes"][:2] == ["T-shirt/top", "Trouser"]
+    assert class_names(manifest) == list(FASHION_MNIST_CLASSES) and len(FASHION_MNIST_CLASSES) == 10

@@ -7,14 +7,15 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from vaelab.figures import CLASS_NAMES, class_names, draw_figures, kl_per_dim_figure, latent_scatter_figure
+from vaelab.data.sources import FASHION_MNIST_CLASSES, class_names
+from vaelab.figures import draw_figures, kl_per_dim_figure, latent_scatter_figure
 from vaelab.model.likelihoods import Bernoulli
 from vaelab.model.networks import build_mlp
 from vaelab.model.vae import VAE
 from vaelab.search.report import study_figures
 from vaelab.sweep.plots import rate_distortion_figure
 
-FASHION = list(CLASS_NAMES["fashion_mnist"])
+FASHION = list(FASHION_MNIST_CLASSES)
 
 
 def tiny_vae(latent_dim: int = 3) -> VAE:

@@ -20,31 +20,6 @@ GRID_INCHES = 10.0  # the widest a grid gets: many columns share it
 MIN_WIDTH_INCHES = 8.0  # room for the title even when a tiny split gives a grid of one image
 SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
 
-# The datasets whose labels are not their own names, by the manifest's `dataset`; an image folder's classes are its
-# subfolders' names (the manifest's source_details), and digits' labels are the digits.
-CLASS_NAMES = {
-    "fashion_mnist": (
-        "T-shirt/top",
-        "Trouser",
-        "Pullover",
-        "Dress",
-        "Coat",
-        "Sandal",
-        "Shirt",
-        "Sneaker",
-        "Bag",
-        "Ankle boot",
-    ),
-}
-
-
-def class_names(manifest: dict) -> list[str] | None:
-    """The names of a prepared dataset's labels 0, 1, ... (from its manifest), or None where a label is its own name
-    (a digit) or the images have no classes."""
-    if manifest.get("dataset") in CLASS_NAMES:
-        return list(CLASS_NAMES[manifest["dataset"]])
-    return list(manifest.get("source_details", {}).get("classes") or []) or None
-
 
 def split_name(split: str) -> str:
     return SPLIT_NAMES.get(split, split)

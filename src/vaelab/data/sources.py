@@ -80,6 +80,7 @@ class IdxDataset:
     title: str  # for messages
     torchvision_name: str  # the torchvision.datasets class, which also names its folder
     md5: dict[str, str] | None  # of the decompressed files; None where unknown: the IDX structure is checked instead
+    classes: tuple[str, ...] = ()  # the names of labels 0, 1, ...; none where a label is its own name (a digit)
 
     def torchvision_class(self):
         import torchvision.datasets
@@ -87,7 +88,19 @@ class IdxDataset:
         return getattr(torchvision.datasets, self.torchvision_name)
 
 
-FASHION_MNIST = IdxDataset("Fashion-MNIST", "FashionMNIST", FASHION_MNIST_MD5)
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+FASHION_MNIST = IdxDataset("Fashion-MNIST", "FashionMNIST", FASHION_MNIST_MD5, FASHION_MNIST_CLASSES)
 # MNIST's decompressed md5s could not be measured offline, and a made-up checksum would reject the real data.
 MNIST = IdxDataset("MNIST", "MNIST", None)
 
@@ -241,6 +254,7 @@ def _load_idx_dataset(
         grey_levels=256,
         source=origin,
         raw_md5=raw_md5,
+        details={"classes": list(dataset.classes)} if dataset.classes else {},
     )
 
 
@@ -411,3 +425,13 @@ LOADERS: dict[str, Callable[[Settings], RawDataset]] = {
     "digits": load_digits,
     "image_folder": load_image_folder,
 }
+
+
+def class_names(manifest: dict) -> list[str] | None:
+    """The names of a prepared dataset's labels 0, 1, ..., as its manifest records them (`source_details.classes`:
+    Fashion-MNIST's ten, an image folder's subfolders), or None where a label is its own name (a digit) or the
+    images have no classes. Fashion-MNIST prepared before its manifest recorded them is named all the same."""
+    recorded = manifest.get("source_details", {}).get("classes")
+    if recorded is None and manifest.get("dataset") == "fashion_mnist":
+        recorded = FASHION_MNIST_CLASSES
+    return list(recorded or []) or None

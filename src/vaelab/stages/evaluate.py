@@ -234,7 +234,8 @@ def evaluate_checkpoint(
     """`publish`: also write DVC's outputs. `announce`: first say which run and checkpoint it evaluates (a run
     evaluated right after its training needs no introduction)."""
     from vaelab.charts import save_gap_split
-    from vaelab.figures import class_names, save_figures
+    from vaelab.data.sources import class_names
+    from vaelab.figures import save_figures
     from vaelab.tracking.run import Run
     from vaelab.tracking.store import check_store
 

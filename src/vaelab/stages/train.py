@@ -28,8 +28,9 @@ from vaelab.checkpoints import read_checkpoint
 from vaelab.config import validate
 from vaelab.data.datamodule import ImageData
 from vaelab.data.settings import Settings
+from vaelab.data.sources import class_names
 from vaelab.errors import TrainingInterrupted, VaelabError, storage_problem
-from vaelab.figures import class_names, save_figures, save_training_curves
+from vaelab.figures import save_figures, save_training_curves
 from vaelab.files import check_writable, replacing_dir, write_json_atomic, write_text_atomic
 from vaelab.model.estimators import evaluate_images
 from vaelab.redaction import redact_text
