@@ -184,8 +184,11 @@ def test_a_trial_whose_loss_becomes_nan_fails_and_the_study_completes_the_others
 
 
 @pytest.mark.integration
-def test_a_nan_objective_is_a_failed_trial_and_run_not_a_crash(project: Path, monkeypatch: pytest.MonkeyPatch):
-    """Training can finish with a NaN validation metric (nan_policy=skip, say): Optuna must not rank it."""
+def test_a_nan_objective_is_a_failed_trial_and_run_not_a_crash_and_a_search_with_no_completed_trial_fails(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    """Training can finish with a NaN validation metric (nan_policy=skip, say): Optuna must not rank it. With no
+    trial completed there is no best one: the search exits 1 saying why the first trial failed, its parent FAILED."""
 
     def train_to_nan(cfg, callbacks=(), parent_run_id=None, pruned=()):
         run = Run.create(cfg, stage="train", overrides=[], tags={}, parent_run_id=parent_run_id)
@@ -193,13 +196,20 @@ def test_a_nan_objective_is_a_failed_trial_and_run_not_a_crash(project: Path, mo
         return {"val/elbo": math.nan, "run_id": run.run_id}
 
     monkeypatch.setattr("vaelab.stages.train.train", train_to_nan)
-    result = search([*BASE, ONE_PARAMETER, "hydra.sweeper.n_trials=1"], CONF)
+    with pytest.raises(SystemExit) as stopped:
+        search([*BASE, ONE_PARAMETER, "hydra.sweeper.n_trials=1"], CONF)
 
     [trial] = load_study(project).trials
     assert trial.state == TrialState.FAIL and "non-finite val/elbo" in trial.user_attrs["failure"]
     run = mlflow_client(project).get_run(trial.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and "non-finite" in run.data.tags["vaelab.failure"]
-    assert result.best_number is None and result.counts["FAIL"] == 1
+    assert stopped.value.code == 1
+    out, err = capsys.readouterr()
+    assert "1 finished trials of n_trials=1 (0 complete, 0 pruned, 1 fail)" in out and "best trial" not in out
+    said = "no trial of study 'default' completed (1 fail); the first failure, trial 0: "
+    assert err.splitlines()[-1].startswith(f"search: {said}") and "non-finite val/elbo" in err.splitlines()[-1]
+    [parent], _ = runs_by_kind(project)
+    assert parent.info.status == "FAILED" and parent.data.tags["vaelab.failure"].startswith(said)
 
 
 @pytest.mark.integration

@@ -169,7 +169,8 @@ def launcher_workers(config: DictConfig, settings: Settings) -> int:
 
 def sweep(config: DictConfig, arguments: Sequence[str], hydra_context: HydraContext) -> SearchResult:
     """Run (or resume) the study that the config and command line describe, until it has n_trials finished trials;
-    a bad setting is one line and exit status 2, Ctrl-C or SIGTERM exit status 130."""
+    a bad setting is one line and exit status 2, Ctrl-C or SIGTERM exit status 130, a study in which no trial
+    completed (every one failed, say) exit status 1 with the first failure's reason."""
     from vaelab.errors import exit_on_user_error
     from vaelab.logs import quiet_third_party
 
@@ -181,6 +182,9 @@ def sweep(config: DictConfig, arguments: Sequence[str], hydra_context: HydraCont
             print("search: interrupted; rerun the same command to resume the study", file=sys.stderr, flush=True)
             sys.exit(INTERRUPTED_EXIT)
     print(result.describe(), flush=True)
+    if result.completed_none:
+        print(f"search: {result.failure()}", file=sys.stderr, flush=True)
+        sys.exit(1)
     return result
 
 

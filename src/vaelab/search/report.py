@@ -127,6 +127,18 @@ class SearchResult:
     command: str | None = None
     metric: str = "val/elbo"
     retries: int = 0  # of the trials counted, retries of trials whose worker died (not in hydra.sweeper.n_trials)
+    first_failure: str | None = None  # "trial N: <why>", for a study where no trial completed
+
+    @property
+    def completed_none(self) -> bool:
+        """No trial of the study completed: there is no best trial, and the search failed."""
+        return self.counts.get("COMPLETE", 0) == 0
+
+    def failure(self) -> str:
+        """What a search whose trials all failed or were pruned says: why the first failed."""
+        counts = ", ".join(f"{n} {state.lower()}" for state, n in self.counts.items() if n)
+        why = f"; the first failure, {self.first_failure}" if self.first_failure else ""
+        return f"no trial of study '{self.study_name}' completed ({counts or 'none finished'}){why}"
 
     def describe(self) -> str:
         counts = ", ".join(f"{n} {state.lower()}" for state, n in self.counts.items())
@@ -147,6 +159,16 @@ class SearchResult:
         if self.parent_run_id:
             lines.append(f"search: MLflow parent run {self.parent_run_id} (make ui)")
         return "\n".join(lines)
+
+
+def first_failure(study: optuna.Study) -> str | None:
+    """`trial N: <why>` for the study's first failed trial (the first line of its reason), or None."""
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        why = trial.user_attrs.get("failure") or trial.system_attrs.get("fail_reason") or "no reason recorded"
+        return f"trial {trial.number}: {why.splitlines()[0][:300]}"
+    return None
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:
@@ -301,6 +323,8 @@ def write_report(study: optuna.Study, settings: Settings, config_dir: Path, pare
         result.best_run_id = best.user_attrs.get("mlflow_run_id")
         overrides = best.user_attrs.get("overrides", [])
         result.command = shlex.join(["python", "pipelines/train.py", *overrides])
+    else:
+        result.first_failure = first_failure(study)
     if parent is None:
         return result
 

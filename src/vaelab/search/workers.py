@@ -278,7 +278,8 @@ class SharedParent:
             Run.reopen(self.run.uri, self.run.run_id)
 
     def finish(self, study: optuna.Study, settings: Settings, config_dir: Path) -> SearchResult:
-        """The last worker out writes the report and ends the parent FINISHED; the others only report."""
+        """The last worker out writes the report and ends the parent: FINISHED, or FAILED when no trial completed; the
+        others only report."""
         with self.lock:
             fail_stale_trials(study)
             if Tally.of(study).running or self.status() == "FINISHED":  # not the last, or the last already did it
@@ -290,7 +291,9 @@ class SharedParent:
             if closed:
                 print(f"search: closed {len(closed)} MLflow run(s) left RUNNING by dead workers: {closed}")
             result = write_report(study, settings, config_dir, self.run)
-            end_run(self.run)
+            # A search whose trials all failed found nothing: its parent says so, FAILED, as a sweep's does.
+            failure = result.failure() if result.completed_none else None
+            end_run(self.run, RuntimeError(failure) if failure else None, reason=failure)
             return result
 
     def abandon(self, study: optuna.Study, error: BaseException) -> None:
