@@ -93,6 +93,7 @@ def test_dvc_exp_run_set_param_reaches_the_training_code(repo_copy):
     assert run.data.tags["vaelab.dvc_experiment"] in sh("dvc", "exp", "list", "--name-only", cwd=root, env=env)
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_queued_dvc_experiments_run_two_at_a_time_each_with_its_values_into_the_repositorys_store(repo_copy):
     root, env = repo_copy
@@ -123,6 +124,7 @@ def test_the_committed_params_yaml_is_conf_composed(tmp_path: Path, monkeypatch:
     assert fresh.read_text() == (REPO / "params.yaml").read_text(), "run `make params` after editing conf/"
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_dvc_repro_after_the_raw_data_changed_reruns_every_stage_and_logs_the_new_data_hash(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

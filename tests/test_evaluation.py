@@ -205,6 +205,7 @@ print(resident_mb() - before)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_evaluating_more_images_takes_no_more_memory_than_a_few_batches():
     # Each batch's temporaries are ~25 MB here (k x images x 100 mixture components x 16 dimensions); a process that
