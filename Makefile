@@ -86,6 +86,7 @@ lock: setup
 # ruff, then the layer contracts in pyproject.toml (import-linter): which layer may import what.
 lint: setup
 	$(VENV)/bin/ruff check src pipelines tests
+	$(VENV)/bin/ruff format --check src pipelines tests
 	$(VENV)/bin/lint-imports
 
 clean:

@@ -56,4 +56,3 @@ def _hold_out_size(value) -> int | float:
 
 def _optional_int(value) -> int | None:
     return None if value is None else int(value)
-

@@ -64,6 +64,8 @@ def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
 def stop_signal() -> str | None:
     """The name of the first stop signal this process received (SIGINT or SIGTERM), if any."""
     return _received[0] if _received else None
+
+
 PRUNED_TAGS = {"optuna.state": "PRUNED"}
 INTERRUPTED = "interrupted (Ctrl-C or SIGTERM)"  # the vaelab.failure of a KILLED run
 
