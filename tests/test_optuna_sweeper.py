@@ -140,6 +140,8 @@ def test_any_optuna_pruner_can_be_configured_and_its_pruned_trials_are_tagged_so
     )
     assert [t.state.name for t in load_study(project).trials] == ["PRUNED", "PRUNED"]
     assert done.stdout.count("PRUNED at epoch 0") == 2
+    # No best trial, but nothing failed: the command exits 0 (tiny_search checks) and says why there is no best.
+    assert "search: no best trial: the pruner stopped every trial (see hydra.sweeper.pruner)" in done.stdout
     children = [r for r in all_runs(project) if PARENT_TAG in r.data.tags]
     assert len(children) == 2
     assert all(r.data.tags["optuna.state"] == "PRUNED" and r.info.status == "KILLED" for r in children)

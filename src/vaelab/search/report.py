@@ -131,11 +131,12 @@ class SearchResult:
 
     @property
     def completed_none(self) -> bool:
-        """No trial of the study completed: there is no best trial, and the search failed."""
-        return self.counts.get("COMPLETE", 0) == 0
+        """No trial of the study completed and some failed: there is no best trial, and the search failed. (Every
+        trial pruned is the pruner's decision, as configured: no best trial either, but nothing failed.)"""
+        return self.counts.get("COMPLETE", 0) == 0 and self.counts.get("FAIL", 0) > 0
 
     def failure(self) -> str:
-        """What a search whose trials all failed or were pruned says: why the first failed."""
+        """What a search in which no trial completed and some failed says: why the first failed."""
         counts = ", ".join(f"{n} {state.lower()}" for state, n in self.counts.items() if n)
         why = f"; the first failure, {self.first_failure}" if self.first_failure else ""
         return f"no trial of study '{self.study_name}' completed ({counts or 'none finished'}){why}"
@@ -152,6 +153,8 @@ class SearchResult:
                 f"search: best trial {self.best_number}: {self.metric} {_format(self.best_value)} "
                 f"(MLflow run {self.best_run_id})"
             )
+        elif self.counts.get("PRUNED", 0) and not self.completed_none:  # no best trial: none completed
+            lines.append("search: no best trial: the pruner stopped every trial (see hydra.sweeper.pruner)")
         if self.best_file:
             lines.append(f"search: best config: {self.best_file}")
         if self.command:
