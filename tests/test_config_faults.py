@@ -504,6 +504,18 @@ def test_search_refuses_before_any_study_or_run(project: Path, overrides, named)
 
 
 @pytest.mark.subprocess
+@pytest.mark.parametrize("ddp", [["trainer=ddp_cpu"], ["trainer=default,ddp_cpu"]], ids=["every-job", "one-job"])
+def test_a_sweep_of_ddp_jobs_whose_ranks_lightning_would_start_is_refused_before_its_parent_run(
+    project: Path, ddp: list[str]
+):
+    """Lightning starts a DDP job's further ranks with the command line it was given: here the whole sweep."""
+    done = run_entry("train.py", "-m", *TINY_TRIAL, "model.latent_dim=2,3", *ddp, root=project, check=False)
+    assert_refused_before_any_run(
+        done, project / "mlflow.db", "cannot start the sweep", "trainer.strategy='ddp'", "hydra/launcher=basic"
+    )
+
+
+@pytest.mark.subprocess
 @pytest.mark.parametrize("fault", ["not-a-database", "trashed-experiment"])
 def test_a_sweep_refuses_an_unusable_store_before_its_parent_run(project: Path, fault: str):
     if fault == "not-a-database":

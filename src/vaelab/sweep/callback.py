@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from vaelab import paths
 from vaelab.files import write_text_atomic
@@ -161,9 +161,30 @@ def check_jobs_compose(config: DictConfig) -> None:
         if override in first.values() or (key in first and not loader.get_group_options(key.lstrip("+~"))):
             continue
         variants.append(list({**first, key: override}.values()))
+    launcher = config.hydra.runtime.choices.get("hydra/launcher")
     for overrides in variants:
         with hydra_errors():
-            compose(config_name=config.hydra.job.config_name, overrides=overrides)
+            job = compose(config_name=config.hydra.job.config_name, overrides=overrides)
+        check_ranks_not_spawned(job, launcher)
+
+
+# The launcher whose jobs get their ranks from outside (srun's tasks): Lightning then starts no process itself.
+RANKS_FROM_THE_LAUNCHER = ("slurm",)
+
+
+def check_ranks_not_spawned(job: DictConfig, launcher: str | None) -> None:
+    """A DDP job of a sweep that Lightning would have to start its ranks for: Lightning starts each further rank
+    with the command line it was given, which here is the whole sweep, so every rank would run every job again."""
+    from vaelab.errors import ConfigError
+
+    strategy = OmegaConf.select(job, "trainer.strategy")
+    if isinstance(strategy, str) and "ddp" in strategy and launcher not in RANKS_FROM_THE_LAUNCHER:
+        allowed = (
+            f"no DDP strategy in a -m sweep on hydra/launcher={launcher}: Lightning would start each further rank "
+            "with the whole sweep's command line, and every rank would run every job. Train one job per GPU, or "
+            "use hydra/launcher=slurm with hydra.launcher.tasks_per_node equal to trainer.devices"
+        )
+        raise ConfigError([("trainer.strategy", strategy, allowed)])
 
 
 def swept_values(row: dict[str, Any], axes: list[str]) -> str:
