@@ -182,6 +182,11 @@ def test_a_run_a_callback_stopped_early_is_finished_and_trainer_max_epochs_train
     first = train(make_config(*TINY, "trainer.max_epochs=3", STOP_AT_ONCE))
     run_id = first["run_id"]
     assert first["epochs"] == 1
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("vaelab: training stopped")]
+    assert said == [
+        "vaelab: training stopped after 1 of its 3 epochs (a callback such as EarlyStopping, or a trainer limit, "
+        "ended it)"
+    ]
     [before] = all_runs(project)
     assert before.info.status == "FINISHED"
     capsys.readouterr()

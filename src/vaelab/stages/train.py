@@ -325,6 +325,7 @@ def fit_and_publish(
         fitted.append(True)
     if not rank_zero:
         return {}
+    say_if_stopped_early(trainer, int(cfg.trainer.max_epochs))
     summary = finish(cfg, trainer, module, data, checkpoint, history, run, config_file, publish, phases)
     if cfg.eval.after_train:
         with phases("evaluation"):
@@ -332,6 +333,17 @@ def fit_and_publish(
     if run:
         run.log_metrics(phases.metrics())
     return summary
+
+
+def say_if_stopped_early(trainer: pl.Trainer, max_epochs: int) -> None:
+    """The epoch lines end short of trainer.max_epochs when a callback (EarlyStopping) or a trainer limit stopped
+    the fit without an error: say so, once, before the run is finished as usual."""
+    if trainer.current_epoch < max_epochs:
+        print(
+            f"vaelab: training stopped after {trainer.current_epoch} of its {max_epochs} epochs "
+            "(a callback such as EarlyStopping, or a trainer limit, ended it)",
+            flush=True,
+        )
 
 
 def finish(
