@@ -43,6 +43,7 @@ def main(cfg: DictConfig) -> float:
             from vaelab.stages.resume import resumption
 
             resumed = resumption(cfg, list(HydraConfig.get().overrides.task))
+        from vaelab.stages.resume import best_epoch_text
         from vaelab.stages.train import train
 
         summary = train(cfg, resumed=resumed)
@@ -51,8 +52,7 @@ def main(cfg: DictConfig) -> float:
     if summary.get("already_finished"):
         return summary.get("val/elbo")  # train() said the run had finished: nothing was trained
     print(
-        f"trained (best epoch {summary['best_epoch'] + 1:.0f} of {summary['epochs']:.0f}): "
-        f"val/elbo {summary['val/elbo']:.2f}, "
+        f"trained ({best_epoch_text(summary)}): val/elbo {summary['val/elbo']:.2f}, "
         f"val/nll_iw {summary['val/nll_iw']:.2f} nats (k={summary['val/iw_k']:.0f}, "
         f"gap {summary['val/inference_gap']:.2f}); {summary['train/images_per_sec']:.0f} training images/s"
     )

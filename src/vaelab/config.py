@@ -105,6 +105,12 @@ def settle(cfg: DictConfig | dict) -> None:
         cfg.model.latent_dim = sum(layers)
 
 
+def is_ddp(strategy: object) -> bool:
+    """A DDP strategy (ddp, ddp_spawn, ddp_find_unused_parameters_true, ...): one that starts the script again in
+    every rank, unless a launcher outside it (srun, torchrun) has started them."""
+    return isinstance(strategy, str) and "ddp" in strategy
+
+
 def search_problems(cfg: DictConfig, sweeper: DictConfig) -> list[Problem]:
     """Violations of the `hydra.sweeper.*` keys of a search (the space's parameters are vaelab.search.space's to
     check), and what a search cannot do with the training config `cfg` that every trial starts from."""
@@ -115,7 +121,7 @@ def search_problems(cfg: DictConfig, sweeper: DictConfig) -> list[Problem]:
     if values.get("resume") is not None:
         found.append(("resume", values["resume"], "null in a search (every trial is a new run)"))
     strategy = (values.get("trainer") or {}).get("strategy")
-    if isinstance(strategy, str) and "ddp" in strategy:  # DDP starts the script again in every rank
+    if is_ddp(strategy):
         allowed = (
             "no DDP strategy in a search: each rank would run the whole search again. Train one trial per GPU "
             "instead, as several search workers on one study (docs/search.md)"

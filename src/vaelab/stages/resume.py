@@ -93,8 +93,7 @@ class Resumption:
         it has one), and how to train it further."""
         summary = read_summary(self.run_id)
         best = (
-            f" (best epoch {summary['best_epoch'] + 1:.0f} of {summary['epochs']:.0f}: "
-            f"val/elbo {summary['val/elbo']:.2f})"
+            f" ({best_epoch_text(summary)}: val/elbo {summary['val/elbo']:.2f})"
             if {"best_epoch", "epochs", "val/elbo"} <= summary.keys()
             else ""
         )
@@ -147,6 +146,12 @@ class RunInfo:
 
 def last_checkpoint(run_id: str) -> Path:
     return paths.last_checkpoint(run_id)
+
+
+def best_epoch_text(summary: dict) -> str:
+    """`best epoch 2 of 2`: a training summary's best epoch counted from 1, as the progress bar counts (the summary
+    keeps Lightning's 0-based index, as the checkpoints are named)."""
+    return f"best epoch {summary['best_epoch'] + 1:.0f} of {summary['epochs']:.0f}"
 
 
 def read_summary(run_id: str) -> dict:

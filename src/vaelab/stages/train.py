@@ -379,7 +379,7 @@ def finish(
         **{k: v for k, v in best_row.items() if k.startswith(("train/", "val/"))},
         **val_estimates,
         "val/iw_k": float(cfg.eval.val_iw_k),  # the run's own: a resumed run's, not the resume command's default
-        "best_epoch": float(best_row["epoch"]),  # counted from 0, as Lightning and the checkpoints count; shown from 1
+        "best_epoch": float(best_row["epoch"]),  # counted from 0 (shown from 1: stages.resume.best_epoch_text)
         "epochs": float(len(history.rows)),
         "train/images_per_sec": sum(r["train/images_per_sec"] for r in history.rows) / len(history.rows),
     }

@@ -175,10 +175,11 @@ RANKS_FROM_THE_LAUNCHER = ("slurm",)
 def check_ranks_not_spawned(job: DictConfig, launcher: str | None) -> None:
     """A DDP job of a sweep that Lightning would have to start its ranks for: Lightning starts each further rank
     with the command line it was given, which here is the whole sweep, so every rank would run every job again."""
+    from vaelab.config import is_ddp
     from vaelab.errors import ConfigError
 
     strategy = OmegaConf.select(job, "trainer.strategy")
-    if isinstance(strategy, str) and "ddp" in strategy and launcher not in RANKS_FROM_THE_LAUNCHER:
+    if is_ddp(strategy) and launcher not in RANKS_FROM_THE_LAUNCHER:
         allowed = (
             f"no DDP strategy in a -m sweep on hydra/launcher={launcher}: Lightning would start each further rank "
             "with the whole sweep's command line, and every rank would run every job. Train one job per GPU, or "

@@ -37,6 +37,7 @@ def run_job(cfg: DictConfig) -> float:
     a FAILED child run (with the job's params), so the summary lists every job.
     """
     from vaelab.config import validate
+    from vaelab.stages.resume import best_epoch_text
     from vaelab.tracking.run import Run
     from vaelab.tracking.store import resolve_uri
 
@@ -66,7 +67,7 @@ def run_job(cfg: DictConfig) -> float:
     tested = f", test/nll_iw {summary['test/nll_iw']:.2f}" if "test/nll_iw" in summary else ""  # eval.after_train
     print(
         f"vaelab: {label} finished: val/elbo {summary['val/elbo']:.2f}, val/nll_iw {summary['val/nll_iw']:.2f} "
-        f"(best epoch {summary['best_epoch'] + 1:.0f} of {summary['epochs']:.0f}){tested}, run {summary['run_id']}",
+        f"({best_epoch_text(summary)}){tested}, run {summary['run_id']}",
         flush=True,
     )
     return float(summary["val/elbo"])
